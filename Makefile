@@ -1,0 +1,44 @@
+# Two commands: `make run` and `make test` (README "Quick start").
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export OPENIMIS_USERNAME ?= Admin
+export OPENIMIS_PASSWORD ?= admin123
+
+.PHONY: run test install certs redis check lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip "setuptools>=68" wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+certs/server.crt: | $(BIN)/.installed
+	$(BIN)/openimis-mediator certs --out certs --client vendor-a --client vendor-b
+
+certs: certs/server.crt
+
+check: install
+	$(BIN)/openimis-mediator check --config .
+
+run: install certs check
+	@echo ""
+	@echo "openIMIS Mediator on https://localhost:8443/fhir/ in front of the embedded openIMIS stand-in (127.0.0.1:8000)."
+	@echo "Try:  curl --cacert certs/ca.crt https://localhost:8443/fhir/Medication/"
+	@echo "      curl --cacert certs/ca.crt 'https://localhost:8443/fhir/Patient?identifier=123456789'"
+	@echo ""
+	$(BIN)/openimis-mediator dev --config .
+
+redis:
+	@bash deploy/dev/ensure-redis.sh
+
+test: install redis
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check mediator tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,196 @@
+"""Application assembly: the runtime (compiled config + pipeline + upstreams) and the one FHIR handler.
+
+`build_app(config)` returns an aiohttp Application whose resources (upstream pools) live in its
+cleanup context. `RuntimeHolder.current` is swapped whole on reload; a request keeps the runtime it
+started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from mediator.config import Config
+from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
+from mediator.metrics import Metrics
+from mediator.pipeline import BodyTooLarge, Decision, Exchange, Pipeline, request_id_for
+from mediator.stages import build_stages
+from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("mediator")
+access_log = logging.getLogger("mediator.access")
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: Config
+    pipeline: Pipeline
+    upstreams: dict[str, OpenImisUpstream]
+
+    @classmethod
+    def build(cls, config: Config, metrics: Metrics) -> Runtime:
+        server = config.channels.server
+        upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
+                     for name, u in config.channels.upstreams.items()}
+        return cls(config, Pipeline(build_stages(config), metrics), upstreams)
+
+
+@dataclass(slots=True)
+class RuntimeHolder:
+    current: Runtime
+
+
+RUNTIME = web.AppKey("runtime", RuntimeHolder)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def _check_body(exchange: Exchange, body: bytes) -> Decision | None:
+    """Refuse bodies openIMIS would choke on (it answers 500 to most of them)."""
+    content_type = exchange.request.content_type
+    if content_type not in ACCEPTED_BODY_TYPES:
+        return Decision.denied("request.unsupported_media_type", 415,
+                               "send application/fhir+json or application/json")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return Decision.denied("request.malformed_json", 400, "the body is not valid JSON")
+    if not isinstance(document, dict) or not isinstance(document.get("resourceType"), str):
+        return Decision.denied("request.not_a_resource", 400, "the body is not a FHIR resource")
+    fhir = exchange.fhir
+    if fhir is not None and fhir.interaction in ("create", "update") and \
+            document["resourceType"] != fhir.resource_type:
+        return Decision.denied("request.resource_type_mismatch", 400,
+                               "the body's resourceType does not match the URL")
+    if fhir is not None and fhir.interaction == "update" and document.get("id") != fhir.resource_id:
+        return Decision.denied("request.id_mismatch", 400, "the body's id does not match the URL")
+    exchange.attributes["resource"] = document
+    return None
+
+
+async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> web.StreamResponse:
+    channel = exchange.channel
+    fhir = exchange.fhir
+    assert channel is not None and fhir is not None  # the channel stage allowed the request
+    request = exchange.request
+    limits = runtime.config.channels.server.limits
+    body: bytes | None = None
+    if request.method in BODY_METHODS:
+        body = await exchange.body(limits.max_body_bytes)
+        refusal = _check_body(exchange, body)
+        if refusal is not None:
+            exchange.decisions.append(("request", refusal))
+            return operation_outcome_response(refusal.status, refusal.reason, refusal.message)
+    upstream = runtime.upstreams[channel.config.upstream]
+    started = time.perf_counter()
+    try:
+        return await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
+                                      exchange.request_id, channel.config.timeout_s)
+    finally:
+        metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - started)
+
+
+def _final_reason(exchange: Exchange) -> str:
+    return exchange.decisions[-1][1].reason if exchange.decisions else "none"
+
+
+async def handle_fhir(request: web.Request) -> web.StreamResponse:
+    runtime = request.app[RUNTIME].current
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    exchange = Exchange(request, request_id_for(request))
+    response: web.StreamResponse
+    try:
+        denial = await runtime.pipeline.run(exchange)
+        if denial is not None:
+            response = operation_outcome_response(denial.status, denial.reason, denial.message,
+                                                  denial.headers)
+        else:
+            response = await _forward(exchange, runtime, metrics)
+            exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
+    except BodyTooLarge:
+        exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
+        response = operation_outcome_response(413, "request.body_too_large",
+                                              "the request body is larger than allowed")
+    except UpstreamTimeout:
+        exchange.decisions.append(("upstream", Decision.denied("upstream.timeout", 504, "")))
+        response = operation_outcome_response(504, "upstream.timeout", "openIMIS did not answer in time")
+    except UpstreamUnavailable as exc:
+        log.warning("upstream unavailable: %s", exc)
+        exchange.decisions.append(("upstream", Decision.denied("upstream.unavailable", 502, "")))
+        response = operation_outcome_response(502, "upstream.unavailable", "openIMIS is not reachable")
+    except Exception:  # nothing a request does may take the process down
+        log.exception("unhandled error, request %s", exchange.request_id)
+        exchange.decisions.append(("mediator", Decision.denied("mediator.internal_error", 500, "")))
+        response = operation_outcome_response(500, "mediator.internal_error",
+                                              f"internal error; quote request id {exchange.request_id}")
+    response.headers["X-Request-ID"] = exchange.request_id
+    channel = exchange.channel.name if exchange.channel is not None else "none"
+    reason = _final_reason(exchange)
+    elapsed = time.perf_counter() - started
+    metrics.requests.labels(channel, str(response.status), reason).inc()
+    metrics.request_seconds.labels(channel).observe(elapsed)
+    _log_access(exchange, channel, response.status, reason, elapsed)
+    return response
+
+
+def _log_access(exchange: Exchange, channel: str, status: int, reason: str, elapsed: float) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    fhir = exchange.fhir
+    record: dict[str, Any] = {
+        "request_id": exchange.request_id, "client_ip": str(exchange.client_ip),
+        "method": exchange.request.method, "channel": channel,
+        "interaction": fhir.interaction if fhir else None,
+        "resource_type": fhir.resource_type if fhir else None,
+        "status": status, "reason": reason, "ms": round(elapsed * 1000, 2),
+    }
+    # Query strings and bodies carry personal data (insuree numbers); they are never logged.
+    access_log.info(json.dumps(record, separators=(",", ":")))
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "up"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME].current
+    upstreams = {name: await u.reachable() for name, u in runtime.upstreams.items()}
+    ready = all(upstreams.values())
+    return web.json_response({"status": "ready" if ready else "not ready", "config": "loaded",
+                              "upstreams": upstreams}, status=200 if ready else 503)
+
+
+def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    metrics = metrics or Metrics()
+    limits = config.channels.server.limits
+    app = web.Application(client_max_size=limits.max_body_bytes)
+    app[METRICS] = metrics
+    app[RUNTIME] = RuntimeHolder(Runtime.build(config, metrics))
+
+    async def upstream_pools(app: web.Application):  # type: ignore[no-untyped-def]
+        runtime = app[RUNTIME].current
+        for upstream in runtime.upstreams.values():
+            await upstream.start()
+        yield
+        for upstream in app[RUNTIME].current.upstreams.values():
+            await upstream.close()
+
+    app.cleanup_ctx.append(upstream_pools)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_route("*", "/{tail:.*}", handle_fhir)
+    return app
+
+
+def handler_args(config: Config) -> dict[str, int]:
+    """Header limits for aiohttp's HTTP parser (it answers 400 beyond them, before any handler runs)."""
+    limits = config.channels.server.limits
+    return {"max_line_size": limits.max_request_line_bytes, "max_field_size": limits.max_header_field_bytes,
+            "max_headers": limits.max_headers}

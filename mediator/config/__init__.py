@@ -1,0 +1,125 @@
+"""Load and validate the whole configuration directory, once: `load_config(root) -> Config`.
+
+A configuration directory holds `channels.yaml` and `policies/*.yaml`. Every problem in every file is
+collected and reported as `file:line:col: path: message`; nothing is half-loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from mediator.config.models import ChannelsFile, IpAllowlistPolicy
+from mediator.config.yaml_source import SourcedDocument, load_yaml
+from mediator.errors import ConfigError, ConfigProblem
+
+__all__ = ["Config", "PolicyFile", "load_config", "POLICY_FILES"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFile:
+    """A policy file known to the loader: its name under policies/ and its schema."""
+
+    filename: str
+    model: type[BaseModel]
+    required: bool = True
+
+
+# Later stages register their policy files here; the order is the order errors are reported in.
+POLICY_FILES: dict[str, PolicyFile] = {
+    "ip_allowlist": PolicyFile("ip_allowlist.yaml", IpAllowlistPolicy),
+}
+
+CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
+CROSS_CHECKS: list[CrossCheck] = []
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    root: Path
+    channels: ChannelsFile
+    policies: dict[str, BaseModel]
+
+    def policy(self, key: str, model: type[M]) -> M:
+        value = self.policies[key]
+        if not isinstance(value, model):
+            raise TypeError(f"policy {key} is {type(value).__name__}, not {model.__name__}")
+        return value
+
+
+def _message(error: Any) -> str:
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg
+
+
+def _validate(doc: SourcedDocument, model: type[M]) -> tuple[M | None, list[ConfigProblem]]:
+    if doc.data is None:
+        return None, [ConfigProblem(doc.file, 1, 1, "file is empty")]
+    try:
+        return model.model_validate(doc.data), []
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = [p for p in error["loc"] if isinstance(p, str | int)]
+            problems.append(doc.problem(loc, _message(error)))
+        return None, problems
+
+
+def _load(path: Path, display: str, model: type[M],
+          docs: dict[str, SourcedDocument], key: str) -> tuple[M | None, list[ConfigProblem]]:
+    try:
+        doc = load_yaml(path, display)
+    except ConfigError as exc:
+        return None, exc.problems
+    docs[key] = doc
+    return _validate(doc, model)
+
+
+def load_config(root: Path | str) -> Config:
+    """Validate every file under `root`; raise ConfigError listing all problems, or return a Config."""
+    root = Path(root)
+    problems: list[ConfigProblem] = []
+    docs: dict[str, SourcedDocument] = {}
+    channels, found = _load(root / "channels.yaml", "channels.yaml", ChannelsFile, docs, "channels")
+    problems += found
+    policies: dict[str, BaseModel] = {}
+    for key, spec in POLICY_FILES.items():
+        display = f"policies/{spec.filename}"
+        path = root / "policies" / spec.filename
+        if not path.exists() and not spec.required:
+            continue
+        model, found = _load(path, display, spec.model, docs, key)
+        problems += found
+        if model is not None:
+            policies[key] = model
+    if channels is not None and not problems:
+        config = Config(root, channels, policies)
+        for check in CROSS_CHECKS:
+            problems += check(config, docs)
+        if not problems:
+            return config
+    raise ConfigError(problems)
+
+
+def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    ip_sets = config.policy("ip_allowlist", IpAllowlistPolicy).ip_sets
+    problems = []
+    for i, channel in enumerate(config.channels.channels):
+        for j, name in enumerate(channel.ip_allowlist or ()):
+            if name not in ip_sets:
+                problems.append(docs["channels"].problem(
+                    ("channels", i, "ip_allowlist", j),
+                    f"unknown ip set {name!r} (not in policies/ip_allowlist.yaml)"))
+    return problems
+
+
+CROSS_CHECKS.append(_channel_ip_sets_exist)

@@ -1,0 +1,121 @@
+"""The request pipeline: decisions as values, the per-request exchange, and the stage runner.
+
+A stage looks at the Exchange and returns a Decision. The runner stops at the first denial; one
+renderer (`mediator.fhir.operation_outcome_response`) turns it into a FHIR OperationOutcome. Stages
+never raise denials and never write responses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from mediator.fhir import FhirRequest
+    from mediator.stages.channel_match import Channel
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One stage's verdict. `reason` is a stable code `<stage>.<snake_case>` used in logs, metrics, tests."""
+
+    allow: bool
+    reason: str
+    status: int = 200
+    message: str = ""
+    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
+
+    @classmethod
+    def allowed(cls, reason: str, message: str = "") -> Decision:
+        return cls(True, reason, 200, message)
+
+    @classmethod
+    def denied(cls, reason: str, status: int, message: str,
+               headers: Mapping[str, str] | None = None) -> Decision:
+        return cls(False, reason, status, message, headers or _NO_HEADERS)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the pipeline knows about one request so far. Created per request; not shared."""
+
+    request: web.Request
+    request_id: str
+    client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    fhir: FhirRequest | None = None
+    channel: Channel | None = None
+    decisions: list[tuple[str, Decision]] = field(default_factory=list)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    _body: bytes | None = None
+
+    async def body(self, max_bytes: int) -> bytes:
+        """The request body, read once, never more than max_bytes (else BodyTooLarge)."""
+        if self._body is None:
+            declared = self.request.content_length
+            if declared is not None and declared > max_bytes:
+                raise BodyTooLarge()
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in self.request.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BodyTooLarge()
+                chunks.append(chunk)
+            self._body = b"".join(chunks)
+        return self._body
+
+
+class Stage(Protocol):
+    """A pipeline stage. `name` is the reason-code prefix and the metrics label."""
+
+    name: str
+
+    async def run(self, exchange: Exchange) -> Decision: ...
+
+
+class DecisionRecorder(Protocol):
+    def record(self, stage: str, decision: Decision) -> None: ...
+
+
+class Pipeline:
+    """Runs stages in their declared order; the first denial ends the request."""
+
+    def __init__(self, stages: Sequence[Stage], recorder: DecisionRecorder | None = None) -> None:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique: {names}")
+        self.stages = tuple(stages)
+        self._recorder = recorder
+
+    async def run(self, exchange: Exchange) -> Decision | None:
+        for stage in self.stages:
+            decision = await stage.run(exchange)
+            exchange.decisions.append((stage.name, decision))
+            if self._recorder is not None:
+                self._recorder.record(stage.name, decision)
+            if not decision.allow:
+                return decision
+        return None
+
+
+_REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def request_id_for(request: web.Request) -> str:
+    """Reuse a caller's X-Request-ID if it is short and plain (it ends up in logs), else make one."""
+    given = request.headers.get("X-Request-ID", "")
+    if 8 <= len(given) <= 64 and set(given) <= _REQUEST_ID_OK:
+        return given
+    return uuid.uuid4().hex

@@ -1,0 +1,186 @@
+"""A local openIMIS stand-in for `make run` on an empty machine. A development aid only.
+
+It serves the openIMIS FHIR R4 fixture resources (copied from openIMIS's own test data, AGPL-3.0,
+see fixtures/README.md) with openIMIS's URL layout and quirks: `POST login/` → {"token","exp"},
+Bearer tokens, trailing slashes (GET without one → 301, POST without one → 500), `_count` and
+`page-offset` paging, a bare resource (not a Bundle) for `?identifier=` and `?code=`, unknown
+search parameters ignored, 415/406 for application/fhir+json, and errors as OperationOutcome.
+The security of the mediator is proven against real openIMIS (tests/openimis), never against this.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import time
+import uuid
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+BASE_PATH = "/api/api_fhir_r4/"
+DEFAULT_USERS = {"Admin": "admin123"}
+TOKEN_LIFETIME_S = 86400  # openIMIS tokens live one day
+
+
+def _outcome(status: int, text: str) -> web.Response:
+    body = {"resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": "exception", "details": {"text": text}}]}
+    return web.json_response(body, status=status)
+
+
+def load_fixtures() -> dict[str, dict[str, dict[str, Any]]]:
+    """resourceType -> id -> resource. Fixtures without an id get a stable one from their identifier."""
+    store: dict[str, dict[str, dict[str, Any]]] = {}
+    folder = resources.files("mediator.sandbox") / "fixtures"
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        resource = json.loads(entry.read_text(encoding="utf-8"))
+        rtype = resource["resourceType"]
+        if rtype == "OperationOutcome":
+            continue
+        if not resource.get("id"):
+            resource["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, entry.name))
+        store.setdefault(rtype, {})[resource["id"]] = resource
+    return store
+
+
+def _codes(resource: dict[str, Any]) -> set[str]:
+    values = {i.get("value") for i in resource.get("identifier") or () if isinstance(i, dict)}
+    code = resource.get("code")
+    if isinstance(code, dict):
+        values |= {c.get("code") for c in code.get("coding") or () if isinstance(c, dict)}
+    return {v for v in values if isinstance(v, str)}
+
+
+class OpenImisSandbox:
+    """State of the stand-in: resources, issued tokens and a request log (for tests that inspect it)."""
+
+    def __init__(self, users: dict[str, str] | None = None) -> None:
+        self.users = users if users is not None else dict(DEFAULT_USERS)
+        self.store = load_fixtures()
+        self.tokens: dict[str, float] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.logins = 0
+
+    def _authorised(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return False
+        expiry = self.tokens.get(header[7:])
+        return expiry is not None and expiry > time.time()
+
+    async def login(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            return _outcome(500, "JSON parse error")
+        if not isinstance(data, dict) or self.users.get(data.get("username")) != data.get("password"):
+            return web.json_response({"detail": "Invalid credentials"}, status=401)
+        token = secrets.token_urlsafe(24)
+        exp = int(time.time()) + TOKEN_LIFETIME_S
+        self.tokens[token] = exp
+        self.logins += 1
+        return web.json_response({"token": token, "exp": exp})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rel = request.path[len(BASE_PATH):]
+        self.requests.append({"method": request.method, "path": request.path,
+                              "query": request.query_string, "headers": dict(request.headers)})
+        if rel == "login/" and request.method == "POST":
+            return await self.login(request)
+        if not request.path.endswith("/"):
+            if request.method == "GET":
+                raise web.HTTPMovedPermanently(request.path + "/" + (
+                    "?" + request.query_string if request.query_string else ""))
+            return _outcome(500, "RuntimeError: You called this URL via POST, but the URL doesn't end in a slash")
+        if "application/fhir+json" in request.headers.get("Accept", ""):
+            return _outcome(406, 'Could not satisfy the request Accept header.')
+        if not self._authorised(request):
+            return web.json_response({"detail": "Authentication credentials were not provided."}, status=401)
+        parts = [p for p in rel.split("/") if p]
+        if not parts:
+            return _outcome(404, "Not found.")
+        rtype = parts[0]
+        if rtype == "metadata" and request.method == "GET":
+            return web.json_response({"resourceType": "CapabilityStatement", "status": "active",
+                                      "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"]})
+        if request.method in ("POST", "PUT") and request.content_type == "application/fhir+json":
+            return _outcome(415, 'Unsupported media type "application/fhir+json" in request.')
+        if rtype not in self.store and rtype not in ("Claim", "CoverageEligibilityRequest"):
+            return _outcome(404, "Not found.")
+        if len(parts) == 1 and request.method == "GET":
+            return self.search(request, rtype)
+        if len(parts) == 1 and request.method == "POST":
+            return await self.create(request, rtype)
+        if len(parts) == 2 and request.method == "GET":
+            found = self.lookup(rtype, parts[1])
+            return web.json_response(found) if found else _outcome(404, f"{rtype} matching query does not exist.")
+        return _outcome(405, f'Method "{request.method}" not allowed.')
+
+    def lookup(self, rtype: str, key: str) -> dict[str, Any] | None:
+        resources_ = self.store.get(rtype, {})
+        if key in resources_:
+            return resources_[key]
+        lowered = key.lower()
+        for resource in resources_.values():
+            if lowered in {c.lower() for c in _codes(resource)}:
+                return resource
+        return None
+
+    def search(self, request: web.Request, rtype: str) -> web.Response:
+        key = request.query.get("identifier") or request.query.get("code")
+        if key is not None:
+            # openIMIS answers a bare resource here, not a searchset Bundle.
+            found = self.lookup(rtype, key.split("|")[-1])
+            return web.json_response(found) if found else _outcome(404, f"{rtype} matching query does not exist.")
+        everything = list(self.store.get(rtype, {}).values())
+        try:
+            count = max(1, min(int(request.query.get("_count", "10")), 100))
+            page = max(1, int(request.query.get("page-offset", "1")))
+        except ValueError:
+            return _outcome(500, "invalid literal for int() with base 10")
+        chunk = everything[(page - 1) * count: page * count]
+        base = f"{request.scheme}://{request.host}{BASE_PATH}{rtype}/"
+        links = [{"relation": "self", "url": f"{base}?_count={count}&page-offset={page}"}]
+        if page * count < len(everything):
+            links.append({"relation": "next", "url": f"{base}?_count={count}&page-offset={page + 1}"})
+        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(everything), "link": links,
+                  "entry": [{"fullUrl": f"{base}{r['id']}", "resource": r} for r in chunk]}
+        return web.json_response(bundle)
+
+    async def create(self, request: web.Request, rtype: str) -> web.Response:
+        try:
+            resource = await request.json()
+        except ValueError:
+            return _outcome(500, "JSON parse error - Expecting value")
+        if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
+            return _outcome(500, "KeyError: 'resourceType'")
+        if rtype == "CoverageEligibilityRequest":
+            answer = copy.deepcopy(next(iter(self.store["CoverageEligibilityResponse"].values())))
+            answer["id"] = str(uuid.uuid4())
+            return web.json_response(answer, status=201)
+        claim_id = str(uuid.uuid4())
+        resource["id"] = claim_id
+        self.store.setdefault(rtype, {})[claim_id] = resource
+        if rtype == "Claim":
+            response = copy.deepcopy(next(iter(self.store["ClaimResponse"].values())))
+            response["id"] = claim_id  # openIMIS: ClaimResponse id == Claim id
+            self.store["ClaimResponse"][claim_id] = response
+            return web.json_response(response, status=201)
+        return web.json_response(resource, status=201)
+
+
+SANDBOX = web.AppKey("sandbox", OpenImisSandbox)
+
+
+def build_sandbox_app(sandbox: OpenImisSandbox | None = None) -> web.Application:
+    sandbox = sandbox or OpenImisSandbox()
+    app = web.Application()
+    app[SANDBOX] = sandbox
+    app.router.add_route("*", BASE_PATH + "{tail:.*}", sandbox.handle)
+    return app
+

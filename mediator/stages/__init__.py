@@ -1,0 +1,26 @@
+"""The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
+
+client_ip → channel → ip → [authentication: issue 3] → [authorization: issue 4] → [rate limit: issue 5]
+→ route (cache/upstream, in mediator.app). A test asserts this order.
+"""
+
+from __future__ import annotations
+
+from mediator.config import Config
+from mediator.pipeline import Stage
+from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
+from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
+from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
+
+ORDER = ("client_ip", "channel", "ip")
+
+
+def build_stages(config: Config) -> list[Stage]:
+    stages: list[Stage] = [
+        ClientIpStage(ClientIpPolicy.from_config(config)),
+        ChannelMatchStage(ChannelTable.from_config(config)),
+        IpAllowlistStage(IpSetTable.from_config(config)),
+    ]
+    if tuple(s.name for s in stages) != ORDER:
+        raise RuntimeError("stage list and ORDER disagree")
+    return stages

@@ -1,0 +1,252 @@
+"""The openIMIS side: one pooled client per upstream, its own login, allowlisted headers both ways.
+
+openIMIS as it really is (see README "openIMIS facts"): `POST {base}login/` returns {"token","exp"};
+resource paths need a trailing slash; it answers 415/406 to application/fhir+json, so we always speak
+application/json to it and application/fhir+json to clients that ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from mediator.config.models import UpstreamConfig
+from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, wants_fhir_json
+
+log = logging.getLogger("mediator.upstream")
+
+# Request headers passed to openIMIS (lower case). Everything else is dropped: Authorization and Cookie
+# belong to the caller's session with us, not with openIMIS; hop-by-hop headers (RFC 9110 §7.6.1) end here.
+REQUEST_HEADERS_TO_KEEP = frozenset({
+    "accept-language",      # RFC 9110 §12.5.4
+    "if-match",             # FHIR versioned update, RFC 9110 §13.1.1
+    "if-none-match",        # FHIR conditional read, RFC 9110 §13.1.2
+    "if-modified-since",    # RFC 9110 §13.1.3
+    "prefer",               # FHIR return preference, hl7.org/fhir/R4/http.html#ops
+})
+# Response headers passed back to the caller. Content-Length and Transfer-Encoding are recomputed by aiohttp.
+RESPONSE_HEADERS_TO_KEEP = frozenset({
+    "etag", "last-modified", "content-language", "cache-control", "expires", "vary",
+    "retry-after",
+})
+
+MAX_UPSTREAM_BODY = 64 * 1_048_576
+
+
+class UpstreamUnavailable(Exception):
+    """openIMIS could not be reached or did not answer properly: 502."""
+
+
+class UpstreamTimeout(Exception):
+    """openIMIS did not answer within the channel's timeout: 504."""
+
+
+class UpstreamLoginFailed(UpstreamUnavailable):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    content_type: str
+
+
+def _token_expiry(token: str, exp: Any, now: float) -> float:
+    """openIMIS answers exp as epoch seconds; fall back to the JWT's own exp, then to one hour."""
+    if isinstance(exp, int | float) and exp > now:
+        return float(exp)
+    if isinstance(exp, str):
+        try:
+            return datetime.fromisoformat(exp).timestamp()
+        except ValueError:
+            pass
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        # Read only to schedule our own re-login; openIMIS verifies its token, we do not rely on it.
+        if isinstance(claims.get("exp"), int | float):
+            return float(claims["exp"])
+    except (IndexError, ValueError, UnicodeDecodeError):
+        pass
+    return now + 3600
+
+
+class OpenImisUpstream:
+    """A pooled connection to one openIMIS FHIR base, logged in as the mediator's own service user.
+
+    Created and closed inside the app's cleanup context; safe for concurrent use by many requests.
+    """
+
+    def __init__(self, name: str, config: UpstreamConfig, public_base_url: str,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.base = URL(config.base_url)
+        self.public_base_url = public_base_url
+        public = urlsplit(public_base_url)
+        self._forwarded_host = public.netloc
+        self._forwarded_proto = public.scheme
+        self.rewriter = BaseUrlRewriter(self.base.path, public_base_url)
+        self._environ = environ if environ is not None else os.environ
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._login_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.config.pool_size, keepalive_timeout=30,
+                                         enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                              cookie_jar=aiohttp.DummyCookieJar())
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("upstream not started")
+        return self._session
+
+    def _credentials(self) -> tuple[str, str]:
+        login = self.config.login
+        assert login is not None
+        username = login.username if login.username is not None else self._environ.get(login.username_env or "")
+        password = self._environ.get(login.password_env)
+        if not username or password is None:
+            raise UpstreamLoginFailed(f"upstream {self.name}: login credentials missing from environment")
+        return username, password
+
+    async def token(self, *, force: bool = False) -> str | None:
+        if self.config.login is None:
+            return None
+        margin = self.config.token_refresh_margin_s
+        if not force and self._token and time.time() < self._token_expires - margin:
+            return self._token
+        stale = self._token
+        async with self._login_lock:
+            # Another request may have logged in while we waited for the lock.
+            if self._token and self._token != stale and time.time() < self._token_expires - margin:
+                return self._token
+            self._token, self._token_expires = await self._login()
+            return self._token
+
+    async def _login(self) -> tuple[str, float]:
+        username, password = self._credentials()
+        timeout = aiohttp.ClientTimeout(total=max(self.config.connect_timeout_s * 2, 10),
+                                        sock_connect=self.config.connect_timeout_s)
+        try:
+            async with self.session.post(self.base / "login/", json={"username": username, "password": password},
+                                         timeout=timeout, headers={"Accept": PLAIN_JSON}) as resp:
+                if resp.status != 200:
+                    raise UpstreamLoginFailed(f"upstream {self.name}: login answered {resp.status}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamLoginFailed(f"upstream {self.name}: login failed: {type(exc).__name__}") from exc
+        token = data.get("token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            raise UpstreamLoginFailed(f"upstream {self.name}: login answer has no token")
+        log.info("logged in to upstream %s", self.name)
+        return token, _token_expiry(token, data.get("exp"), time.time())
+
+    def upstream_url(self, relative_path: str, raw_query: str) -> URL:
+        # openIMIS (Django APPEND_SLASH) answers 500 to a POST without the trailing slash.
+        path = relative_path.strip("/")
+        url = str(self.base) + (path + "/" if path else "")
+        if raw_query:
+            url += "?" + raw_query
+        return URL(url, encoded=True)
+
+    def _headers(self, request: web.Request, token: str | None, client_ip: str, request_id: str,
+                 has_body: bool) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS_TO_KEEP}
+        headers["Accept"] = PLAIN_JSON
+        if has_body:
+            headers["Content-Type"] = PLAIN_JSON
+        headers["X-Forwarded-For"] = client_ip
+        headers["X-Forwarded-Host"] = self._forwarded_host
+        headers["X-Forwarded-Proto"] = self._forwarded_proto
+        headers["X-Request-ID"] = request_id
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def send(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
+                   timeout_s: float) -> UpstreamReply:
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.config.connect_timeout_s)
+        try:
+            async with self.session.request(method, url, headers=headers, data=body, timeout=timeout,
+                                            allow_redirects=False) as resp:
+                if resp.content_length is not None and resp.content_length > MAX_UPSTREAM_BODY:
+                    raise UpstreamUnavailable("upstream answer too large")
+                data = await resp.content.read(MAX_UPSTREAM_BODY + 1)
+                if len(data) > MAX_UPSTREAM_BODY:
+                    raise UpstreamUnavailable("upstream answer too large")
+                return UpstreamReply(resp.status, resp.headers.copy(), data, resp.content_type)
+        except TimeoutError as exc:
+            raise UpstreamTimeout() from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(type(exc).__name__) from exc
+
+    async def forward(self, request: web.Request, relative_path: str, body: bytes | None,
+                      client_ip: str, request_id: str, timeout_s: float) -> web.Response:
+        url = self.upstream_url(relative_path, request.rel_url.raw_query_string)
+        token = await self.token()
+        headers = self._headers(request, token, client_ip, request_id, body is not None)
+        reply = await self.send(request.method, url, headers, body, timeout_s)
+        if reply.status == 401 and self.config.login is not None:
+            # Token revoked or openIMIS restarted with new keys: log in again once. A 401 means
+            # openIMIS processed nothing, so repeating even a POST cannot submit twice.
+            headers["Authorization"] = f"Bearer {await self.token(force=True)}"
+            reply = await self.send(request.method, url, headers, body, timeout_s)
+        return self.to_client(request, reply)
+
+    def to_client(self, request: web.Request, reply: UpstreamReply) -> web.Response:
+        headers = {k: v for k, v in reply.headers.items() if k.lower() in RESPONSE_HEADERS_TO_KEEP}
+        location = reply.headers.get("Location")
+        if location:
+            headers["Location"] = self.rewriter.rewrite_url(location)
+        body = reply.body
+        is_json = reply.content_type in (PLAIN_JSON, FHIR_JSON)
+        if is_json and body:
+            try:
+                document = json.loads(body)
+            except ValueError:
+                document = None
+            if isinstance(document, dict) and self.rewriter.rewrite_bundle(document):
+                body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        if is_json:
+            content_type = FHIR_JSON if wants_fhir_json(request) else PLAIN_JSON
+        else:
+            content_type = reply.content_type or "application/octet-stream"
+        return web.Response(status=reply.status, body=body, headers=headers, content_type=content_type,
+                            charset="utf-8" if is_json else None)
+
+    async def reachable(self, timeout_s: float = 3.0) -> bool:
+        """Readiness: openIMIS answers (and, if configured, accepts our login)."""
+        try:
+            if self.config.login is not None:
+                await asyncio.wait_for(self.token(), timeout_s)
+                return True
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self.session.get(self.base / "metadata/", timeout=timeout) as resp:
+                return resp.status < 500
+        except (UpstreamUnavailable, aiohttp.ClientError, TimeoutError):
+            return False

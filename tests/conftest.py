@@ -1,0 +1,123 @@
+"""Shared fixtures: configuration directories written per test, the openIMIS stand-in on a real
+socket, and the mediator in front of it on another real socket."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from mediator.app import build_app
+from mediator.config import Config, load_config
+from mediator.sandbox import OpenImisSandbox, build_sandbox_app
+
+SANDBOX_USER = {"OPENIMIS_USERNAME": "Admin", "OPENIMIS_PASSWORD": "admin123"}
+
+DEFAULT_IP_POLICY = """\
+version: 1
+trusted_proxies: []
+unlisted_channels: deny
+ip_sets:
+  local:
+    allow: ["127.0.0.0/8", "::1/128"]
+"""
+
+
+def channels_yaml(upstream: str, *, extra_server: str = "", channels: str | None = None) -> str:
+    if channels is None:
+        channels = """\
+          - name: master-data
+            path: ^/fhir/(ActivityDefinition|Medication|Location|Organization)(/[^/]+)?/?$
+            methods: [GET]
+            upstream: openimis
+            ip_allowlist: [local]
+          - name: eligibility
+            path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
+            methods: [GET, POST]
+            upstream: openimis
+            ip_allowlist: [local]
+          - name: claims
+            path: ^/fhir/(Claim|ClaimResponse)(/[^/]+)?/?$
+            methods: [GET, POST]
+            upstream: openimis
+            timeout_s: 2
+            ip_allowlist: [local]
+        """
+    server = textwrap.indent(textwrap.dedent(extra_server), "  ")
+    return (
+        "version: 1\n"
+        "server:\n"
+        "  public_base_url: https://mediator.example.org/fhir/\n"
+        "  limits:\n"
+        "    max_body_bytes: 65536\n"
+        f"{server}"
+        "upstreams:\n"
+        "  openimis:\n"
+        f"    base_url: {upstream}\n"
+        "    connect_timeout_s: 1\n"
+        "    login:\n"
+        "      username_env: OPENIMIS_USERNAME\n"
+        "      password_env: OPENIMIS_PASSWORD\n"
+        "channels:\n"
+    ) + textwrap.indent(textwrap.dedent(channels), "  ")
+
+
+def write_config(root: Path, channels: str, ip_policy: str = DEFAULT_IP_POLICY,
+                 extra_policies: dict[str, str] | None = None) -> Path:
+    (root / "policies").mkdir(parents=True, exist_ok=True)
+    (root / "channels.yaml").write_text(channels)
+    (root / "policies" / "ip_allowlist.yaml").write_text(ip_policy)
+    for name, text in (extra_policies or {}).items():
+        (root / "policies" / name).write_text(text)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _openimis_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in SANDBOX_USER.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def sandbox() -> OpenImisSandbox:
+    return OpenImisSandbox()
+
+
+@pytest.fixture
+async def sandbox_server(sandbox: OpenImisSandbox,
+                         aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    return await aiohttp_server(build_sandbox_app(sandbox))
+
+
+def upstream_url(server: TestServer) -> str:
+    return f"http://{server.host}:{server.port}/api/api_fhir_r4/"
+
+
+MediatorFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def make_mediator(tmp_path: Path, aiohttp_client: Any) -> MediatorFactory:
+    """Build a mediator from config text and return a test client talking to it over a socket."""
+
+    async def factory(channels: str, ip_policy: str = DEFAULT_IP_POLICY,
+                      extra_policies: dict[str, str] | None = None, **client_kwargs: Any):
+        root = write_config(tmp_path / "config", channels, ip_policy, extra_policies)
+        config = load_config(root)
+        return await aiohttp_client(build_app(config), **client_kwargs)
+
+    return factory
+
+
+@pytest.fixture
+async def mediator(sandbox_server: TestServer, make_mediator: MediatorFactory):
+    return await make_mediator(channels_yaml(upstream_url(sandbox_server)))
+
+
+def loaded(root: Path) -> Config:
+    return load_config(root)

@@ -1,0 +1,162 @@
+"""The openIMIS boundary, over real sockets against the stand-in (and small purpose-built servers)."""
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from tests.conftest import channels_yaml, upstream_url
+
+
+def _last(sandbox, path_part):
+    return [r for r in sandbox.requests if path_part in r["path"]][-1]
+
+
+async def test_logs_in_once_and_reuses_the_token(sandbox, mediator):
+    for _ in range(3):
+        assert (await mediator.get("/fhir/Medication/")).status == 200
+    assert sandbox.logins == 1
+
+
+async def test_client_credentials_and_hop_by_hop_headers_never_reach_openimis(sandbox, mediator):
+    response = await mediator.get("/fhir/Medication", headers={
+        "Authorization": "Bearer client-secret-token", "Cookie": "sessionid=abc",
+        "Proxy-Authorization": "Basic eA==", "X-Custom": "1", "Connection": "keep-alive, X-Custom",
+        "Accept-Language": "fr", "X-Forwarded-Host": "evil.example", "X-Forwarded-For": "6.6.6.6"})
+    assert response.status == 200
+    sent = _last(sandbox, "/Medication/")["headers"]
+    assert sent["Authorization"].startswith("Bearer ") and "client-secret-token" not in sent["Authorization"]
+    assert sent["Authorization"][7:] in sandbox.tokens
+    for header in ("Cookie", "Proxy-Authorization", "X-Custom"):
+        assert header not in sent
+    assert sent["Accept-Language"] == "fr"
+    assert sent["X-Forwarded-Host"] == "mediator.example.org"
+    assert sent["X-Forwarded-Proto"] == "https"
+    assert sent["X-Forwarded-For"] == "127.0.0.1"
+    assert sent["Accept"] == "application/json"
+
+
+async def test_trailing_slash_and_query_are_kept(sandbox, mediator):
+    response = await mediator.get("/fhir/Medication?_count=1&page-offset=1")
+    assert response.status == 200
+    sent = _last(sandbox, "/Medication/")
+    assert sent["path"] == "/api/api_fhir_r4/Medication/"
+    assert sent["query"] == "_count=1&page-offset=1"
+
+
+async def test_fhir_json_from_clients_is_plain_json_to_openimis(sandbox, mediator):
+    claim = {"resourceType": "Claim", "identifier": [{"value": "C1"}]}
+    response = await mediator.post("/fhir/Claim", data=json.dumps(claim), headers={
+        "Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+    assert response.status == 201
+    assert response.content_type == "application/fhir+json"
+    created = await response.json()
+    assert created["resourceType"] == "ClaimResponse"
+    sent = _last(sandbox, "/Claim/")
+    assert sent["method"] == "POST" and sent["path"] == "/api/api_fhir_r4/Claim/"
+    assert sent["headers"]["Content-Type"] == "application/json"
+    # ClaimResponse id equals the Claim id in openIMIS; the poll goes through the same channel.
+    poll = await mediator.get(f"/fhir/ClaimResponse/{created['id']}")
+    assert poll.status == 200 and (await poll.json())["id"] == created["id"]
+
+
+async def test_bundle_links_point_at_the_mediator(mediator):
+    response = await mediator.get("/fhir/Medication/?_count=1")
+    bundle = await response.json()
+    assert bundle["link"][0]["url"].startswith("https://mediator.example.org/fhir/Medication/")
+    assert all(e["fullUrl"].startswith("https://mediator.example.org/fhir/") for e in bundle["entry"])
+
+
+async def test_bare_resource_answers_pass_through(mediator):
+    response = await mediator.get("/fhir/Patient?identifier=123456789")
+    assert response.status == 200
+    assert (await response.json())["resourceType"] == "Patient"
+
+
+async def test_relogs_once_when_openimis_forgets_the_token(sandbox, mediator):
+    assert (await mediator.get("/fhir/Medication/")).status == 200
+    sandbox.tokens.clear()  # openIMIS restarted
+    assert (await mediator.get("/fhir/Medication/")).status == 200
+    assert sandbox.logins == 2
+
+
+async def test_relogs_before_expiry(sandbox, mediator):
+    from mediator.app import RUNTIME
+
+    assert (await mediator.get("/fhir/Medication/")).status == 200
+    upstream = mediator.server.app[RUNTIME].current.upstreams["openimis"]
+    upstream._token_expires = time.time() + 10  # inside the refresh margin
+    assert (await mediator.get("/fhir/Medication/")).status == 200
+    assert sandbox.logins == 2
+
+
+async def test_concurrent_requests_share_one_login(sandbox, mediator):
+    results = await asyncio.gather(*(mediator.get("/fhir/Medication/") for _ in range(20)))
+    assert [r.status for r in results] == [200] * 20
+    assert sandbox.logins == 1
+
+
+async def test_wrong_credentials_are_502_and_never_leak(sandbox, mediator, monkeypatch):
+    monkeypatch.setenv("OPENIMIS_PASSWORD", "wrong-secret")
+    response = await mediator.get("/fhir/Medication/")
+    assert response.status == 502
+    text = await response.text()
+    assert "wrong-secret" not in text
+    assert json.loads(text)["issue"][0]["details"]["coding"][0]["code"] == "upstream.unavailable"
+
+
+async def test_upstream_down_is_502(make_mediator, unused_tcp_port):
+    client = await make_mediator(channels_yaml(f"http://127.0.0.1:{unused_tcp_port}/api/api_fhir_r4/"))
+    response = await client.get("/fhir/Medication/")
+    assert response.status == 502
+    assert (await response.json())["issue"][0]["code"] == "transient"
+
+
+async def test_slow_upstream_is_504(aiohttp_server, make_mediator):
+    async def login(request):
+        return web.json_response({"token": "t", "exp": int(time.time()) + 3600})
+
+    async def slow(request):
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/api/api_fhir_r4/login/", login)
+    app.router.add_get("/api/api_fhir_r4/{tail:.*}", slow)
+    server = await aiohttp_server(app)
+    channels = """\
+      - name: claims
+        path: ^/fhir/Claim(/[^/]+)?/?$
+        methods: [GET]
+        upstream: openimis
+        timeout_s: 0.3
+        ip_allowlist: [local]
+    """
+    client = await make_mediator(channels_yaml(upstream_url(server), channels=channels))
+    started = time.monotonic()
+    response = await client.get("/fhir/Claim/")
+    assert response.status == 504
+    assert time.monotonic() - started < 3
+    assert (await response.json())["issue"][0]["code"] == "timeout"
+
+
+async def test_location_header_and_unknown_response_headers(aiohttp_server, make_mediator):
+    async def login(request):
+        return web.json_response({"token": "t", "exp": int(time.time()) + 3600})
+
+    async def create(request):
+        return web.json_response({"resourceType": "Claim", "id": "c1"}, status=201, headers={
+            "Location": f"http://{request.host}/api/api_fhir_r4/Claim/c1/", "Set-Cookie": "csrftoken=x",
+            "X-Frame-Options": "DENY", "ETag": 'W/"1"'})
+
+    app = web.Application()
+    app.router.add_post("/api/api_fhir_r4/login/", login)
+    app.router.add_post("/api/api_fhir_r4/Claim/", create)
+    server = await aiohttp_server(app)
+    client = await make_mediator(channels_yaml(upstream_url(server)))
+    response = await client.post("/fhir/Claim", json={"resourceType": "Claim"})
+    assert response.status == 201
+    assert response.headers["Location"] == "https://mediator.example.org/fhir/Claim/c1/"
+    assert response.headers["ETag"] == 'W/"1"'
+    assert "Set-Cookie" not in response.headers
