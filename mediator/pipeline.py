@@ -43,6 +43,26 @@ class Decision:
         return cls(False, reason, status, message, headers or _NO_HEADERS)
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as proven by the authentication stage. The contract later stages rely on.
+
+    `client_id` is the registered HMS application; `user_id`, `roles` and `health_facilities` come from
+    the verified SSO user token (or the client's registry defaults); `scopes` are SMART-style
+    permissions granted to this request. Health facilities are openIMIS HF codes (e.g. "JMHOS001").
+    """
+
+    client_id: str
+    auth_method: str
+    """mtls | private_key_jwt | access_token | trusted_header"""
+    user_id: str | None = None
+    roles: frozenset[str] = frozenset()
+    scopes: frozenset[str] = frozenset()
+    health_facilities: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_HEADERS)
+    """Other verified, non-secret claims (never the token itself)."""
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -56,6 +76,7 @@ class Exchange:
     client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     fhir: FhirRequest | None = None
     channel: Channel | None = None
+    principal: Principal | None = None
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
     _body: bytes | None = None
