@@ -18,7 +18,14 @@ from aiohttp import web
 from mediator.config import Config
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
 from mediator.metrics import Metrics
-from mediator.pipeline import BodyTooLarge, Decision, Exchange, Pipeline, request_id_for
+from mediator.pipeline import (
+    BodyTooLarge,
+    Decision,
+    Exchange,
+    Pipeline,
+    apply_response_filters,
+    request_id_for,
+)
 from mediator.stages import build_stages
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
@@ -39,7 +46,7 @@ class Runtime:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
-        return cls(config, Pipeline(build_stages(config), metrics), upstreams)
+        return cls(config, Pipeline(build_stages(config, upstreams, metrics.registry), metrics), upstreams)
 
 
 @dataclass(slots=True)
@@ -114,6 +121,7 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
         else:
             response = await _forward(exchange, runtime, metrics)
             exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
+            response = await apply_response_filters(exchange, response)
     except BodyTooLarge:
         exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
         response = operation_outcome_response(413, "request.body_too_large",

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from mediator.config.authorization import AuthorizationPolicy
 from mediator.config.models import ChannelsFile, IpAllowlistPolicy
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
@@ -34,6 +35,8 @@ class PolicyFile:
 # Later stages register their policy files here; the order is the order errors are reported in.
 POLICY_FILES: dict[str, PolicyFile] = {
     "ip_allowlist": PolicyFile("ip_allowlist.yaml", IpAllowlistPolicy),
+    # Absent: no authorization stage (README "policies/authorization.yaml").
+    "authorization": PolicyFile("authorization.yaml", AuthorizationPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -123,3 +126,17 @@ def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> 
 
 
 CROSS_CHECKS.append(_channel_ip_sets_exist)
+
+
+def _authorization_upstream_exists(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    policy = config.policies.get("authorization")
+    if not isinstance(policy, AuthorizationPolicy):
+        return []
+    name = policy.facility_directory.upstream
+    if name in config.channels.upstreams:
+        return []
+    return [docs["authorization"].problem(("facility_directory", "upstream"),
+                                          f"unknown upstream {name!r} (not in channels.yaml upstreams)")]
+
+
+CROSS_CHECKS.append(_authorization_upstream_exists)
