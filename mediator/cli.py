@@ -1,4 +1,4 @@
-"""Command line: serve, check, sandbox, dev, certs."""
+"""Command line: serve, check, explain, sandbox, dev, certs."""
 
 from __future__ import annotations
 
@@ -70,6 +70,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mediator.explain import described_principal, explain
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    try:
+        principal = described_principal(args.claims, args.client, args.roles, args.facility, args.user,
+                                        args.scopes, args.auth_method or ("access_token" if args.scopes else "mtls"))
+        body = Path(args.body).read_bytes() if args.body else None
+    except (OSError, ValueError) as exc:
+        print(f"explain: {exc}", file=sys.stderr)
+        return 2
+    headers = dict(h.split(":", 1) for h in args.header)
+    result = asyncio.run(explain(config, args.method, args.path, principal, body=body, client_ip=args.ip,
+                                 headers={k.strip(): v.strip() for k, v in headers.items()}))
+    print(f"{args.method.upper()} {args.path}")
+    for line in result.lines():
+        print(line)
+    return 0 if result.final is None else 1
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mediator.sandbox import build_sandbox_app
 
@@ -109,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2")
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
+    explain = sub.add_parser("explain", help="print every stage's decision for a described request")
+    explain.add_argument("--config", required=True)
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("--path", required=True, help="as the client sends it, e.g. /fhir/Claim/ or "
+                         "'/fhir/Patient?identifier=070707070'")
+    explain.add_argument("--client", help="client_id of the described principal (absent: no principal)")
+    explain.add_argument("--roles", help="comma-separated roles")
+    explain.add_argument("--facility", help="comma-separated health facility codes, e.g. JMHOS001")
+    explain.add_argument("--user", help="user id (needed by user/ permissions)")
+    explain.add_argument("--scopes", help="space- or comma-separated granted token scopes")
+    explain.add_argument("--auth-method", help="default: access_token with --scopes, else mtls (no scope limit)")
+    explain.add_argument("--claims", help="JSON file with the principal's fields (instead of the options above)")
+    explain.add_argument("--body", help="file with the request body")
+    explain.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    explain.add_argument("--header", action="append", default=[], help="extra request header 'Name: value'")
+    explain.set_defaults(func=cmd_explain)
     sandbox = sub.add_parser("sandbox", help="run the local openIMIS stand-in (development aid)")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8000)
