@@ -182,6 +182,15 @@ def needs_facts(rules: tuple[AuthorizationRule, ...], principal: Principal | Non
                    for p in rule.permissions) for rule in rules)
 
 
+def _is_not_found_outcome(document: Any) -> bool:
+    """openIMIS answers an unknown claim id with 500 "failed to retrieve Claim ..." (tests/openimis README)."""
+    if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":
+        return False
+    texts = [str((issue.get("details") or {}).get("text", "")) for issue in document.get("issue") or ()
+             if isinstance(issue, dict)]
+    return any("failed to retrieve" in text or "does not exist" in text for text in texts)
+
+
 class AuthorizationMetrics:
     """The stage's counter table (STYLE rule 11). One per registry: reloads reuse it."""
 
@@ -248,7 +257,7 @@ class AuthorizationStage:
                            request_id: str) -> Mapping[str, Any] | None:
         status, claim = await fetch_json(upstream, f"Claim/{claim_id}", "",
                                          self.policy.facility_directory.timeout_s, request_id)
-        if status == 404:
+        if status == 404 or (status == 500 and _is_not_found_outcome(claim)):
             return None
         if status != 200 or not isinstance(claim, dict) or claim.get("resourceType") != "Claim":
             raise LookupFailed(f"Claim lookup answered {status}")

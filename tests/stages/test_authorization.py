@@ -613,3 +613,18 @@ async def test_audit_facts_are_on_the_exchange_without_secrets(authz_mediator):
     assert record["caller_facilities"] == ["JMHOS001"] and record["target_facilities"] == ["JMHOS001"]
     text = json.dumps(record)
     assert "76aca309" not in text and "scopes" not in text and "user/" not in text
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"resourceType": "OperationOutcome", "issue": [{"details": {"text": "failed to retrieve Claim with the "
+                                                                              "filter {'uuid': 'x'}"}}]}, True),
+        ({"resourceType": "OperationOutcome", "issue": [{"details": {"text": "database is down"}}]}, False),
+        (None, False),
+    ],
+)
+def test_openimis_500_for_an_unknown_claim_is_read_as_not_found(document, expected):
+    from mediator.stages.authorization import _is_not_found_outcome
+
+    assert _is_not_found_outcome(document) is expected
