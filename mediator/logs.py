@@ -60,15 +60,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Replace the root handlers with one stderr handler (JSON lines, or plain text for a terminal)."""
+    """Give the root logger one stderr handler (JSON lines, or plain text for a terminal).
+
+    Like logging.basicConfig, it does nothing if the root logger already has handlers (an embedding
+    program or a test runner configured logging first)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
