@@ -25,7 +25,7 @@ from ssl import SSLContext
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mediator.app import build_app, handler_args
+from mediator.app import RUNTIME, build_app, handle_healthz, handle_readyz, handler_args
 from mediator.config import Config
 from mediator.metrics import Metrics
 from mediator.reload import attach_reloader
@@ -50,14 +50,19 @@ class Site:
     shutdown_timeout: float = 60.0
 
 
-def build_metrics_app(metrics: Metrics) -> web.Application:
-    """The metrics listener's application: GET /metrics and nothing else."""
+def build_metrics_app(metrics: Metrics, mediator_app: web.Application | None = None) -> web.Application:
+    """The ops listener's application: GET /metrics, and /healthz and /readyz of `mediator_app` (so probes
+    work without a client certificate even when the FHIR listener requires one)."""
 
     async def handle_metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", handle_metrics)
+    if mediator_app is not None:
+        app[RUNTIME] = mediator_app[RUNTIME]  # the same holder: readiness follows reloads
+        app.router.add_get("/healthz", handle_healthz)
+        app.router.add_get("/readyz", handle_readyz)
     return app
 
 
@@ -77,7 +82,7 @@ def mediator_sites(config: Config, host: str | None = None, port: int | None = N
     if server.metrics is not None:
         # Workers cannot share a metrics port usefully (a scrape would see one random worker): i gets port + i.
         metrics_port = server.metrics.port + (worker_index or 0) if server.metrics.port else 0
-        sites.append(Site(build_metrics_app(metrics), server.metrics.host, metrics_port, "metrics"))
+        sites.append(Site(build_metrics_app(metrics, app), server.metrics.host, metrics_port, "metrics"))
     return sites
 
 

@@ -41,6 +41,9 @@ async def test_metrics_are_on_their_own_listener_never_on_the_fhir_port(tmp_path
     assert (await public.json())["issue"][0]["details"]["coding"][0]["code"] == "channel.none"
     assert "mediator_requests" in await _scrape(metrics)
     assert (await metrics.get("/fhir/Medication/")).status == 404
+    assert (await metrics.get("/healthz")).status == 200
+    ready = await metrics.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["upstreams"] == {"openimis": True}
 
 
 def test_without_a_metrics_key_there_is_no_metrics_listener(tmp_path):
