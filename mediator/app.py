@@ -95,8 +95,10 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     upstream = runtime.upstreams[channel.config.upstream]
     started = time.perf_counter()
     try:
-        return await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
-                                      exchange.request_id, channel.config.timeout_s)
+        response = await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
+                                          exchange.request_id, channel.config.timeout_s)
+        exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
+        return response
     finally:
         metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - started)
 
@@ -120,7 +122,6 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
                                                   denial.headers)
         else:
             response = await _forward(exchange, runtime, metrics)
-            exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
     except BodyTooLarge:
         exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
         response = operation_outcome_response(413, "request.body_too_large",
