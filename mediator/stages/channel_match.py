@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from mediator.config import Config
 from mediator.config.models import ChannelConfig
+from mediator.config.types import HTTP_METHODS
 from mediator.fhir import FhirRequest, MalformedRequest, check_raw_path, parse_fhir_path
 from mediator.pipeline import Decision, Exchange
 
@@ -51,6 +52,9 @@ class Match:
 
 
 def decide(method: str, raw_path: str, path: str, table: ChannelTable) -> Match:
+    if method not in HTTP_METHODS:
+        # TRACE, CONNECT and invented verbs are not FHIR; refuse before looking any further.
+        return Match(Decision.denied("channel.method_not_allowed", 405, f"{method[:16]} is not allowed"))
     try:
         check_raw_path(raw_path)
     except MalformedRequest as exc:

@@ -40,6 +40,8 @@ TABLE = ChannelTable(
         ("GET", "/fhir/Claim/a/b/c", "channel.malformed_path", 400, None),
         ("GET", "/fhir/claim/", "channel.malformed_path", 400, None),
         ("GET", "/fhir/Claim/<script>", "channel.malformed_path", 400, None),
+        ("TRACE", "/fhir/Claim/", "channel.method_not_allowed", 405, None),
+        ("PROPFIND", "/fhir/Claim/", "channel.method_not_allowed", 405, None),
     ],
 )
 def test_channel_decisions(method, path, reason, status, channel):
