@@ -12,14 +12,18 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from mediator.config import Config
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
+from mediator.identity import Identity
+from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.metrics import Metrics
 from mediator.pipeline import BodyTooLarge, Decision, Exchange, Pipeline, request_id_for
 from mediator.stages import build_stages
+from mediator.stages.client_ip import ClientIpPolicy
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator")
@@ -33,13 +37,17 @@ class Runtime:
     config: Config
     pipeline: Pipeline
     upstreams: dict[str, OpenImisUpstream]
+    identity: Identity
+    client_ip_policy: ClientIpPolicy
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics) -> Runtime:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
-        return cls(config, Pipeline(build_stages(config), metrics), upstreams)
+        identity = Identity.from_config(config)
+        return cls(config, Pipeline(build_stages(config, identity), metrics), upstreams, identity,
+                   ClientIpPolicy.from_config(config))
 
 
 @dataclass(slots=True)
@@ -182,9 +190,23 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
         for upstream in app[RUNTIME].current.upstreams.values():
             await upstream.close()
 
+    async def identity_resources(app: web.Application):  # type: ignore[no-untyped-def]
+        identity = app[RUNTIME].current.identity  # JWKS refresh tasks, replay store
+        await identity.start()
+        yield
+        await identity.close()
+
     app.cleanup_ctx.append(upstream_pools)
+    app.cleanup_ctx.append(identity_resources)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
+    auth = identity_handlers(lambda r: r.app[RUNTIME].current.identity,
+                             lambda r: r.app[RUNTIME].current.client_ip_policy, lambda r: r.app[METRICS].record)
+    prefix = urlsplit(config.channels.server.public_base_url).path
+    app.router.add_post("/auth/token", auth["token"])
+    app.router.add_get("/.well-known/jwks.json", auth["jwks"])
+    app.router.add_get("/.well-known/smart-configuration", auth["smart_configuration"])
+    app.router.add_get(f"{prefix}.well-known/smart-configuration", auth["smart_configuration"])
     app.router.add_route("*", "/{tail:.*}", handle_fhir)
     return app
 

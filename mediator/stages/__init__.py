@@ -1,13 +1,15 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → [authentication: issue 3] → [authorization: issue 4] → [rate limit: issue 5]
+client_ip → channel → ip → authentication → [authorization: issue 4] → [rate limit: issue 5]
 → route (cache/upstream, in mediator.app). A test asserts this order.
 """
 
 from __future__ import annotations
 
 from mediator.config import Config
+from mediator.identity import Identity
 from mediator.pipeline import Stage
+from mediator.stages.authentication import AuthenticationStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
@@ -17,11 +19,12 @@ from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
 ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_limit")
 
 
-def build_stages(config: Config) -> list[Stage]:
+def build_stages(config: Config, identity: Identity | None = None) -> list[Stage]:
     stages: list[Stage] = [
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
+        AuthenticationStage(identity or Identity.from_config(config)),
     ]
     names = [s.name for s in stages]
     if names != [n for n in ORDER if n in names] or not set(names) <= set(ORDER):
