@@ -86,7 +86,8 @@ async def _issue(identity: Identity, request: web.Request, client_ip_policy: Cli
         if values:
             fields[name] = str(values[0])
     if fields.get("grant_type") != "client_credentials":
-        raise TokenError(oauth_errors.UnsupportedGrantTypeError(), "auth_token.unsupported_grant_type")
+        raise TokenError(oauth_errors.UnsupportedGrantTypeError(fields.get("grant_type", "")[:64]),
+                         "auth_token.unsupported_grant_type")
     if fields.get("client_assertion_type") != ASSERTION_TYPE or not fields.get("client_assertion"):
         raise _invalid_client("auth_token.no_client_assertion", "a private_key_jwt client assertion is required")
     assertion = fields["client_assertion"]
@@ -173,6 +174,11 @@ def make_handlers(get_identity: Callable[[web.Request], Identity],
             record(request)(STAGE, Decision.denied(exc.reason, exc.status, exc.error.description or ""))
             log.info(json.dumps({"event": "token_refused", "request_id": request_id, "reason": exc.reason}))
             response = _error_response(exc)
+        except Exception:  # nothing a request does may take the process down; answer RFC 6749 JSON
+            log.exception("token endpoint error, request %s", request_id)
+            record(request)(STAGE, Decision.denied("auth_token.internal_error", 500, ""))
+            response = web.json_response({"error": "server_error"}, status=500,
+                                         headers={"Cache-Control": "no-store"})
         else:
             record(request)(STAGE, Decision.allowed("auth_token.issued"))
             log.info(json.dumps({"event": "token_issued", "request_id": request_id, "client_id": client_id,
