@@ -140,7 +140,9 @@ class JwksCache:
         self.keys: KeySet | None = None
         self.fetches = 0
         self._clock = clock
-        self._last_attempt: float | None = None
+        self._last_refetch: float | None = None
+        """When an unknown kid last caused a fetch; scheduled refreshes do not count, so a key rotated
+        in just after one is still fetched on first sight."""
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -168,8 +170,9 @@ class JwksCache:
         """Fetch again unless a fetch was attempted less than min_refetch_s ago. Concurrent callers
         share one fetch. True if a fetch was made (whatever its outcome)."""
         async with self._lock:
-            if self._last_attempt is not None and self._clock() - self._last_attempt < self.min_refetch_s:
+            if self._last_refetch is not None and self._clock() - self._last_refetch < self.min_refetch_s:
                 return False
+            self._last_refetch = self._clock()
             await self._fetch_locked()
             return True
 
@@ -178,7 +181,6 @@ class JwksCache:
             await self._fetch_locked()
 
     async def _fetch_locked(self) -> None:
-        self._last_attempt = self._clock()
         self.fetches += 1
         if self._session is None:
             return

@@ -101,6 +101,9 @@ token_service:
 """
 
 
+KEYS_FOR_JWKS = make_keys()
+
+
 def write_keys(root: Path, keys: Keys) -> None:
     folder = root / "keys"
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,8 +141,11 @@ def user_claims(**changes: Any) -> dict[str, Any]:
     return {k: v for k, v in claims.items() if v is not None}
 
 
-def user_token(key: ECKey, **changes: Any) -> str:
-    return sign({"alg": "ES256"}, user_claims(**changes), key)
+def user_token(key: ECKey, kid: str | None = None, **changes: Any) -> str:
+    header: dict[str, Any] = {"alg": "ES256"}
+    if kid is not None:
+        header["kid"] = kid
+    return sign(header, user_claims(**changes), key)
 
 
 def form(assertion: str, scope: str = "system/*.read") -> dict[str, str]:
