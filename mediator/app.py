@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -19,6 +20,8 @@ from mediator.audit import AuditLog
 from mediator.config import Config
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
 from mediator.logs import bind_request_id, unbind_request_id
+from mediator.identity import Identity
+from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.metrics import Metrics
 from mediator.pipeline import (
     BodyTooLarge,
@@ -29,6 +32,7 @@ from mediator.pipeline import (
     request_id_for,
 )
 from mediator.stages import build_stages
+from mediator.stages.client_ip import ClientIpPolicy
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator")
@@ -42,6 +46,8 @@ class Runtime:
     config: Config
     pipeline: Pipeline
     upstreams: dict[str, OpenImisUpstream]
+    identity: Identity
+    client_ip_policy: ClientIpPolicy
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired upstreams once it is 0."""
 
@@ -50,7 +56,9 @@ class Runtime:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
-        return cls(config, Pipeline(build_stages(config, upstreams, metrics.registry), metrics), upstreams)
+        identity = Identity.from_config(config)
+        return cls(config, Pipeline(build_stages(config, upstreams, metrics.registry, identity), metrics),
+                   upstreams, identity, ClientIpPolicy.from_config(config))
 
 
 @dataclass(slots=True)
@@ -204,9 +212,23 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
             await upstream.close()
         app[AUDIT].close()
 
+    async def identity_resources(app: web.Application):  # type: ignore[no-untyped-def]
+        identity = app[RUNTIME].current.identity  # JWKS refresh tasks, replay store
+        await identity.start()
+        yield
+        await identity.close()
+
     app.cleanup_ctx.append(upstream_pools)
+    app.cleanup_ctx.append(identity_resources)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
+    auth = identity_handlers(lambda r: r.app[RUNTIME].current.identity,
+                             lambda r: r.app[RUNTIME].current.client_ip_policy, lambda r: r.app[METRICS].record)
+    prefix = urlsplit(config.channels.server.public_base_url).path
+    app.router.add_post("/auth/token", auth["token"])
+    app.router.add_get("/.well-known/jwks.json", auth["jwks"])
+    app.router.add_get("/.well-known/smart-configuration", auth["smart_configuration"])
+    app.router.add_get(f"{prefix}.well-known/smart-configuration", auth["smart_configuration"])
     app.router.add_route("*", "/{tail:.*}", handle_fhir)
     return app
 

@@ -1,4 +1,4 @@
-"""Command line: serve, check, explain, sandbox, dev, certs."""
+"""Command line: serve, check, explain, sandbox, dev, certs, token."""
 
 from __future__ import annotations
 
@@ -97,6 +97,19 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Development aid: mint a client assertion with a vendor key and exchange it at /auth/token."""
+    import json
+
+    from mediator.identity.client import request_token
+
+    cert = (args.cert, args.key) if args.cert else None
+    status, body = request_token(args.url, args.client, Path(args.key).read_bytes(), args.scope,
+                                 args.cacert, cert)
+    print(json.dumps(body, indent=2))
+    return 0 if status == 200 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openimis-mediator", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -142,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", default="certs")
     certs.add_argument("--client", action="append", default=[])
     certs.set_defaults(func=cmd_certs)
+    token = sub.add_parser("token", help="get an access token from /auth/token (development aid)")
+    token.add_argument("--client", required=True, help="client id in policies/clients.yaml")
+    token.add_argument("--key", required=True, help="the client's PEM private key, e.g. certs/vendor-a.key")
+    token.add_argument("--url", default="https://localhost:8443/auth/token")
+    token.add_argument("--scope", default="system/*.read")
+    token.add_argument("--cacert", default="certs/ca.crt")
+    token.add_argument("--cert", help="also present this client certificate (mTLS)")
+    token.set_defaults(func=cmd_token)
     return parser
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from mediator.config.authorization import AuthorizationPolicy
+from mediator.config.clients import ClientsPolicy
 from mediator.config.models import ChannelsFile, IpAllowlistPolicy
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
@@ -37,6 +38,8 @@ POLICY_FILES: dict[str, PolicyFile] = {
     "ip_allowlist": PolicyFile("ip_allowlist.yaml", IpAllowlistPolicy),
     # Absent: no authorization stage (README "policies/authorization.yaml").
     "authorization": PolicyFile("authorization.yaml", AuthorizationPolicy, required=False),
+    # Absent: no client is registered, so channels requiring authentication answer 401.
+    "clients": PolicyFile("clients.yaml", ClientsPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -140,3 +143,15 @@ def _authorization_upstream_exists(config: Config, docs: dict[str, SourcedDocume
 
 
 CROSS_CHECKS.append(_authorization_upstream_exists)
+def _client_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    if "clients" not in config.policies:
+        return []
+    ip_sets = config.policy("ip_allowlist", IpAllowlistPolicy).ip_sets
+    clients = config.policy("clients", ClientsPolicy).clients
+    return [docs["clients"].problem(("clients", client_id, "ip_allowlist", j),
+                                    f"unknown ip set {name!r} (not in policies/ip_allowlist.yaml)")
+            for client_id, client in clients.items()
+            for j, name in enumerate(client.ip_allowlist) if name not in ip_sets]
+
+
+CROSS_CHECKS.append(_client_ip_sets_exist)

@@ -395,8 +395,8 @@ CLAIM_CHANNELS = """\
 def install_test_principal_stage(app: web.Application) -> None:
     runtime = app[RUNTIME].current
     stages = list(runtime.pipeline.stages)
-    index = [s.name for s in stages].index("authorization")
-    stages.insert(index, PrincipalFromTestHeader())
+    index = [s.name for s in stages].index("authentication")
+    stages[index] = PrincipalFromTestHeader()
     runtime.pipeline = Pipeline(stages, runtime.pipeline._recorder)
 
 
