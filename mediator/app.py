@@ -19,9 +19,9 @@ from aiohttp import web
 from mediator.audit import AuditLog
 from mediator.config import Config
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
-from mediator.logs import bind_request_id, unbind_request_id
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
+from mediator.logs import bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
 from mediator.pipeline import (
     BodyTooLarge,

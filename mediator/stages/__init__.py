@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 from mediator.config import Config
 from mediator.identity import Identity
 from mediator.pipeline import Stage
-from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.authentication import AuthenticationStage
+from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
