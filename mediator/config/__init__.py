@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from mediator.config.models import ChannelsFile, IpAllowlistPolicy
+from mediator.config.rate_limits import RateLimitsPolicy, check_limit_channels
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
 
@@ -34,6 +35,8 @@ class PolicyFile:
 # Later stages register their policy files here; the order is the order errors are reported in.
 POLICY_FILES: dict[str, PolicyFile] = {
     "ip_allowlist": PolicyFile("ip_allowlist.yaml", IpAllowlistPolicy),
+    # Absent: no rate limits (the rate_limit stage is not built).
+    "rate_limits": PolicyFile("rate_limits.yaml", RateLimitsPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -123,3 +126,4 @@ def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> 
 
 
 CROSS_CHECKS.append(_channel_ip_sets_exist)
+CROSS_CHECKS.append(check_limit_channels)
