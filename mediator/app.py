@@ -15,11 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
+from mediator.bulkhead import UpstreamRefused
 from mediator.config import Config
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
+from mediator.load_protection import LoadProtection
 from mediator.metrics import Metrics
 from mediator.pipeline import BodyTooLarge, Decision, Exchange, Pipeline, request_id_for
+from mediator.redis_store import RedisStore, redis_cleanup_ctx
 from mediator.stages import build_stages
+from mediator.stages.rate_limit import RESPONSE_HEADERS
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator")
@@ -33,13 +37,19 @@ class Runtime:
     config: Config
     pipeline: Pipeline
     upstreams: dict[str, OpenImisUpstream]
+    redis: RedisStore
+    protection: LoadProtection
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics) -> Runtime:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
-        return cls(config, Pipeline(build_stages(config), metrics), upstreams)
+        redis = RedisStore(server.redis)
+        stages = build_stages(config, redis=redis, metrics=metrics)
+        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
+        return cls(config, Pipeline(stages, metrics), upstreams, redis,
+                   LoadProtection(config, redis, metrics, entry_checks))
 
 
 @dataclass(slots=True)
@@ -90,8 +100,7 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     upstream = runtime.upstreams[channel.config.upstream]
     started = time.perf_counter()
     try:
-        return await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
-                                      exchange.request_id, channel.config.timeout_s)
+        return await runtime.protection.forward(exchange, upstream, body)
     finally:
         metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - started)
 
@@ -118,6 +127,10 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
         exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
         response = operation_outcome_response(413, "request.body_too_large",
                                               "the request body is larger than allowed")
+    except UpstreamRefused as exc:  # bulkhead full or circuit open: nothing was sent to openIMIS
+        exchange.decisions.append(("upstream", Decision.denied(exc.reason, 503, "")))
+        response = operation_outcome_response(503, exc.reason, exc.message,
+                                              {"Retry-After": str(exc.retry_after_s)})
     except UpstreamTimeout:
         exchange.decisions.append(("upstream", Decision.denied("upstream.timeout", 504, "")))
         response = operation_outcome_response(504, "upstream.timeout", "openIMIS did not answer in time")
@@ -131,6 +144,7 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
         response = operation_outcome_response(500, "mediator.internal_error",
                                               f"internal error; quote request id {exchange.request_id}")
     response.headers["X-Request-ID"] = exchange.request_id
+    response.headers.update(exchange.attributes.get(RESPONSE_HEADERS, {}))
     channel = exchange.channel.name if exchange.channel is not None else "none"
     reason = _final_reason(exchange)
     elapsed = time.perf_counter() - started
@@ -183,6 +197,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
             await upstream.close()
 
     app.cleanup_ctx.append(upstream_pools)
+    app.cleanup_ctx.append(redis_cleanup_ctx(lambda app: app[RUNTIME].current.redis))
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_route("*", "/{tail:.*}", handle_fhir)
