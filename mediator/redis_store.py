@@ -47,10 +47,13 @@ class RedisStore:
             raise RuntimeError("no server.redis configured")
         if self._client is None:
             password = self._environ.get(self.config.password_env) if self.config.password_env else None
-            self._client = aioredis.Redis.from_url(
-                self.config.url, password=password, socket_timeout=self.config.timeout_s,
-                socket_connect_timeout=self.config.connect_timeout_s, retry=Retry(NoBackoff(), 0),
-                decode_responses=False)
+            # A blocking pool: a burst of requests waits (up to timeout_s) for a connection instead of
+            # failing at once with MaxConnectionsError, as the default pool does.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.config.url, password=password, max_connections=self.config.max_connections,
+                timeout=self.config.timeout_s, socket_timeout=self.config.timeout_s,
+                socket_connect_timeout=self.config.connect_timeout_s)
+            self._client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         return self._client
 
     def key(self, feature: str, *parts: str) -> str:

@@ -80,7 +80,10 @@ class RedisConfig(Strict):
     """Prefix of every key the mediator writes, so one Redis can serve several deployments."""
     connect_timeout_s: PositiveSeconds = 0.5
     timeout_s: PositiveSeconds = 0.5
-    """Per command; beyond it the command counts as a store error (each feature declares what then)."""
+    """Per command (and waiting for a pooled connection); beyond it the command counts as a store error
+    (each feature declares what then)."""
+    max_connections: int = Field(64, ge=1, le=10_000)
+    """Connections per mediator process; requests beyond wait for one (up to timeout_s)."""
 
     @field_validator("url")
     @classmethod
