@@ -52,8 +52,8 @@ class RedisStore:
             pool = aioredis.BlockingConnectionPool.from_url(
                 self.config.url, password=password, max_connections=self.config.max_connections,
                 timeout=self.config.timeout_s, socket_timeout=self.config.timeout_s,
-                socket_connect_timeout=self.config.connect_timeout_s)
-            self._client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+                socket_connect_timeout=self.config.connect_timeout_s, retry=Retry(NoBackoff(), 0))
+            self._client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         return self._client
 
     def key(self, feature: str, *parts: str) -> str:
