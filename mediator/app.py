@@ -17,10 +17,12 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from mediator.audit import AuditLog
+from mediator.bulkhead import UpstreamRefused
 from mediator.config import Config
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
+from mediator.load_protection import LoadProtection
 from mediator.logs import bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
 from mediator.pipeline import (
@@ -31,8 +33,10 @@ from mediator.pipeline import (
     apply_response_filters,
     request_id_for,
 )
+from mediator.redis_store import RedisStore, redis_cleanup_ctx
 from mediator.stages import build_stages
 from mediator.stages.client_ip import ClientIpPolicy
+from mediator.stages.rate_limit import RESPONSE_HEADERS
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator")
@@ -48,6 +52,8 @@ class Runtime:
     upstreams: dict[str, OpenImisUpstream]
     identity: Identity
     client_ip_policy: ClientIpPolicy
+    redis: RedisStore
+    protection: LoadProtection
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired upstreams once it is 0."""
 
@@ -57,8 +63,11 @@ class Runtime:
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
         identity = Identity.from_config(config)
-        return cls(config, Pipeline(build_stages(config, upstreams, metrics.registry, identity), metrics),
-                   upstreams, identity, ClientIpPolicy.from_config(config))
+        redis = RedisStore(server.redis)
+        stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics)
+        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
+        return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
+                   redis, LoadProtection(config, redis, metrics, entry_checks))
 
 
 @dataclass(slots=True)
@@ -110,8 +119,7 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     upstream = runtime.upstreams[channel.config.upstream]
     started = time.perf_counter()
     try:
-        response = await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
-                                          exchange.request_id, channel.config.timeout_s)
+        response = await runtime.protection.forward(exchange, upstream, body)
         exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
         return response
     finally:
@@ -142,6 +150,10 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
         exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
         response = operation_outcome_response(413, "request.body_too_large",
                                               "the request body is larger than allowed")
+    except UpstreamRefused as exc:  # bulkhead full or circuit open: nothing was sent to openIMIS
+        exchange.decisions.append(("upstream", Decision.denied(exc.reason, 503, "")))
+        response = operation_outcome_response(503, exc.reason, exc.message,
+                                              {"Retry-After": str(exc.retry_after_s)})
     except UpstreamTimeout:
         exchange.decisions.append(("upstream", Decision.denied("upstream.timeout", 504, "")))
         response = operation_outcome_response(504, "upstream.timeout", "openIMIS did not answer in time")
@@ -155,6 +167,7 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
         response = operation_outcome_response(500, "mediator.internal_error",
                                               f"internal error; quote request id {exchange.request_id}")
     response.headers["X-Request-ID"] = exchange.request_id
+    response.headers.update(exchange.attributes.get(RESPONSE_HEADERS, {}))
     channel = exchange.channel.name if exchange.channel is not None else "none"
     reason = _final_reason(exchange)
     elapsed = time.perf_counter() - started
@@ -220,6 +233,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
 
     app.cleanup_ctx.append(upstream_pools)
     app.cleanup_ctx.append(identity_resources)
+    app.cleanup_ctx.append(redis_cleanup_ctx(lambda app: app[RUNTIME].current.redis))
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     auth = identity_handlers(lambda r: r.app[RUNTIME].current.identity,

@@ -84,6 +84,34 @@ class Metrics:
                                 ["worker"], registry=self.registry)
         self.worker_pid.labels("0").set(os.getpid())
         ProcessCollector(registry=self.registry)
+        # Load protection (README "Load protection").
+        self.rate_limit_rejections = Counter(
+            "mediator_rate_limit_rejections", "Requests refused with 429, by limit name and channel",
+            ["limit", "channel"], registry=self.registry)
+        self.store_errors = Counter(
+            "mediator_store_errors", "Shared-store (Redis) errors, by feature and the declared fail mode applied",
+            ["feature", "on_store_error"], registry=self.registry)
+        self.bulkhead_in_flight = Gauge(
+            "mediator_bulkhead_in_flight", "Requests in flight to the upstream", ["upstream"],
+            registry=self.registry)
+        self.bulkhead_queued = Gauge(
+            "mediator_bulkhead_queued", "Requests waiting for an upstream slot", ["upstream"],
+            registry=self.registry)
+        self.bulkhead_rejections = Counter(
+            "mediator_bulkhead_rejections", "Requests refused by the bulkhead (503), by reason",
+            ["upstream", "reason"], registry=self.registry)
+        self.circuit_state = Gauge(
+            "mediator_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["upstream"],
+            registry=self.registry)
+        self.circuit_transitions = Counter(
+            "mediator_circuit_transitions", "Circuit breaker state changes, by new state",
+            ["upstream", "state"], registry=self.registry)
+        self.idempotent_replays = Counter(
+            "mediator_idempotent_replays", "Repeated creates answered from the first answer", ["channel"],
+            registry=self.registry)
+        self.batch_entries = Counter(
+            "mediator_batch_entries", "Batch Bundle entries, by channel and entry status code",
+            ["channel", "status"], registry=self.registry)
 
     def watch_upstreams(self, upstreams: Callable[[], Mapping[str, PooledUpstream]]) -> None:
         self.registry.register(UpstreamPoolCollector(upstreams))

@@ -218,27 +218,32 @@ class OpenImisUpstream:
             raise UpstreamUnavailable(type(exc).__name__) from exc
 
     async def forward(self, request: web.Request, relative_path: str, body: bytes | None,
-                      client_ip: str, request_id: str, timeout_s: float) -> web.Response:
+                      client_ip: str, request_id: str, timeout_s: float, *, method: str | None = None,
+                      raw_query: str | None = None) -> web.Response:
+        """`method`/`raw_query` default to the request's; a batch entry gives its own (POST, none)."""
         self.in_flight += 1
         self._idle.clear()
         try:
-            return await self._forward(request, relative_path, body, client_ip, request_id, timeout_s)
+            return await self._forward(request, relative_path, body, client_ip, request_id, timeout_s,
+                                       method or request.method,
+                                       request.rel_url.raw_query_string if raw_query is None else raw_query)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
 
     async def _forward(self, request: web.Request, relative_path: str, body: bytes | None,
-                       client_ip: str, request_id: str, timeout_s: float) -> web.Response:
-        url = self.upstream_url(relative_path, request.rel_url.raw_query_string)
+                       client_ip: str, request_id: str, timeout_s: float, method: str,
+                       raw_query: str) -> web.Response:
+        url = self.upstream_url(relative_path, raw_query)
         token = await self.token()
         headers = self._headers(request, token, client_ip, request_id, body is not None)
-        reply = await self.send(request.method, url, headers, body, timeout_s)
+        reply = await self.send(method, url, headers, body, timeout_s)
         if reply.status == 401 and self.config.login is not None:
             # Token revoked or openIMIS restarted with new keys: log in again once. A 401 means
             # openIMIS processed nothing, so repeating even a POST cannot submit twice.
             headers["Authorization"] = f"Bearer {await self.token(force=True)}"
-            reply = await self.send(request.method, url, headers, body, timeout_s)
+            reply = await self.send(method, url, headers, body, timeout_s)
         return self.to_client(request, reply)
 
     def to_client(self, request: web.Request, reply: UpstreamReply) -> web.Response:

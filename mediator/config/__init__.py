@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from mediator.config.authorization import AuthorizationPolicy
 from mediator.config.clients import ClientsPolicy
 from mediator.config.models import ChannelsFile, IpAllowlistPolicy
+from mediator.config.rate_limits import RateLimitsPolicy, check_limit_channels
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
 
@@ -40,6 +41,8 @@ POLICY_FILES: dict[str, PolicyFile] = {
     "authorization": PolicyFile("authorization.yaml", AuthorizationPolicy, required=False),
     # Absent: no client is registered, so channels requiring authentication answer 401.
     "clients": PolicyFile("clients.yaml", ClientsPolicy, required=False),
+    # Absent: no rate limits (the rate_limit stage is not built).
+    "rate_limits": PolicyFile("rate_limits.yaml", RateLimitsPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -155,3 +158,4 @@ def _client_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> l
 
 
 CROSS_CHECKS.append(_client_ip_sets_exist)
+CROSS_CHECKS.append(check_limit_channels)

@@ -6,7 +6,7 @@ README's configuration reference is written from these docstrings.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -65,6 +65,38 @@ class LimitsConfig(Strict):
 DEFAULT_PROTECTED_RESOURCES = ("CoverageEligibilityRequest", "Coverage", "Contract")
 
 
+class RedisConfig(Strict):
+    """The Redis shared by every mediator instance (rate limits, idempotency, replay protection, caches).
+
+    Absent (`server.redis` not given): every store is in process memory: the embedded default, right
+    for one instance; with several instances each keeps its own counts.
+    """
+
+    url: str
+    """redis:// or rediss:// URL with host, port and database, e.g. redis://127.0.0.1:6379/0.
+    A password never goes here (it would sit in a file): use password_env."""
+    password_env: str | None = None
+    """Name of the environment variable holding the Redis password. Absent: no AUTH."""
+    key_prefix: str = Field("mediator:", min_length=1, max_length=64)
+    """Prefix of every key the mediator writes, so one Redis can serve several deployments."""
+    connect_timeout_s: PositiveSeconds = 0.5
+    timeout_s: PositiveSeconds = 0.5
+    """Per command (and waiting for a pooled connection); beyond it the command counts as a store error
+    (each feature declares what then)."""
+    max_connections: int = Field(64, ge=1, le=10_000)
+    """Connections per mediator process; requests beyond wait for one (up to timeout_s)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("url must be redis://host[:port][/db] or rediss://...")
+        if parts.password is not None:
+            raise ValueError("url must not contain a password; name an environment variable in password_env")
+        return value
+
+
 class ServerConfig(Strict):
     listen: ListenConfig = ListenConfig()
     public_base_url: str = "http://127.0.0.1:8080/fhir/"
@@ -78,6 +110,8 @@ class ServerConfig(Strict):
     audit: AuditConfig | None = None
     reload: ReloadConfig = ReloadConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    redis: RedisConfig | None = None
+    """Absent: in-memory stores (one instance). See RedisConfig."""
 
     @field_validator("public_base_url")
     @classmethod
@@ -100,6 +134,30 @@ class UpstreamLogin(Strict):
         return self
 
 
+class BulkheadConfig(Strict):
+    """At most `max_concurrent` requests in flight to this upstream; up to `max_queue` more wait, highest
+    channel priority first; beyond that (or after waiting `max_wait_s`): 503 upstream.overloaded."""
+
+    max_concurrent: int = Field(16, ge=1, le=1024)
+    max_queue: int = Field(64, ge=0, le=100_000)
+    """0: no waiting; a request that finds every slot busy is refused at once."""
+    max_wait_s: PositiveSeconds = 10
+    retry_after_s: int = Field(2, ge=1, le=3600)
+    """Retry-After sent with the 503."""
+
+
+class CircuitBreakerConfig(Strict):
+    """closed → open after `failure_threshold` consecutive failures; open → half-open after `open_s`;
+    half-open lets `half_open_max_calls` trial requests through: a success closes, a failure re-opens."""
+
+    failure_threshold: int = Field(5, ge=1, le=1000)
+    open_s: PositiveSeconds = 30
+    half_open_max_calls: int = Field(1, ge=1, le=100)
+    failure_statuses: tuple[int, ...] = (502, 503, 504)
+    """openIMIS answers that count as failures besides timeouts and connection errors. Not 500: openIMIS
+    answers 500 to many client mistakes, and one vendor's bad claims must not cut everyone off."""
+
+
 class UpstreamConfig(Strict):
     base_url: str
     """openIMIS FHIR base, e.g. http://openimis:8000/api/api_fhir_r4/ (trailing slash required)."""
@@ -109,11 +167,48 @@ class UpstreamConfig(Strict):
     pool_size: int = Field(32, ge=1, le=1024)
     token_refresh_margin_s: PositiveSeconds = 300
     """Log in again this long before the openIMIS token expires."""
+    bulkhead: BulkheadConfig = BulkheadConfig()
+    """Absent: the defaults above (16 concurrent, 64 queued). The bulkhead is always on."""
+    circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig()
+    """Absent: the defaults above. null: no breaker (every request tries openIMIS)."""
 
     @field_validator("base_url")
     @classmethod
     def _base(cls, value: str) -> str:
         return _check_base_url(value, "base_url")
+
+
+class IdempotencyConfig(Strict):
+    """Replay the first answer to a repeated create (POST) instead of submitting twice.
+
+    The key is the `Idempotency-Key` header or, without it, the resource's identifiers; it is scoped to
+    the calling client (or the client IP when no authentication ran), the channel and the resource type.
+    """
+
+    window_s: int = Field(86400, ge=60, le=30 * 86400)
+    """How long a first answer is kept and replayed."""
+    in_flight: Literal["reject", "wait"] = "reject"
+    """A duplicate arriving while the first is still with openIMIS: reject (409 idempotency.in_flight,
+    default) or wait for the first answer (up to the channel timeout, then 409)."""
+    require_key: bool = False
+    """True: a create without Idempotency-Key and without identifier is refused (400 idempotency.key_missing).
+    False: it is forwarded without protection."""
+    on_store_error: Literal["deny", "forward"] = "deny"
+    """Redis unreachable: deny (503 idempotency.store_unavailable, default) or forward unprotected."""
+
+
+class BatchConfig(Strict):
+    """A FHIR batch Bundle POSTed to the base is split into one upstream create per entry."""
+
+    max_entries: int = Field(50, ge=1, le=1000)
+    """More entries: 413 batch.too_many_entries."""
+    resource_types: tuple[ResourceType, ...] = ("Claim",)
+    """Entry resource types that may be created (POST <type>). Others: per-entry 400."""
+    parallel: int = Field(4, ge=1, le=64)
+    """Entries of one batch in flight at once (all still inside the upstream bulkhead)."""
+
+
+PRIORITY_NAMES = {"interactive": 50, "bulk": 10}
 
 
 class ChannelConfig(Strict):
@@ -133,6 +228,16 @@ class ChannelConfig(Strict):
     authentication: Literal["required", "none"] = "required"
     """required (default): a registered client must prove itself (policies/clients.yaml).
     none: anyone the ip_allowlist admits, for explicitly open channels such as metadata."""
+    priority: Literal["interactive", "bulk"] | Annotated[int, Field(ge=0, le=100)] = "interactive"
+    """Order in the upstream bulkhead queue: higher first. interactive = 50 (default), bulk = 10."""
+    idempotency: IdempotencyConfig | None = None
+    """Absent: creates on this channel are forwarded as they come (a retried POST submits again)."""
+    batch: BatchConfig | None = None
+    """Absent: a POST to the FHIR base on this channel is refused (400 batch.not_enabled)."""
+
+    @property
+    def priority_value(self) -> int:
+        return PRIORITY_NAMES[self.priority] if isinstance(self.priority, str) else self.priority
 
 
 class ChannelsFile(Strict):

@@ -12,12 +12,15 @@ from prometheus_client import CollectorRegistry
 
 from mediator.config import Config
 from mediator.identity import Identity
+from mediator.metrics import Metrics
 from mediator.pipeline import Stage
+from mediator.redis_store import RedisStore
 from mediator.stages.authentication import AuthenticationStage
 from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
+from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
 from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
@@ -26,14 +29,17 @@ ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
-                 registry: CollectorRegistry | None = None, identity: Identity | None = None) -> list[Stage]:
+                 registry: CollectorRegistry | None = None, identity: Identity | None = None, *,
+                 redis: RedisStore | None = None, metrics: Metrics | None = None) -> list[Stage]:
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
-    runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only."""
+    runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
+    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's."""
     if upstreams is None:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
+    redis = redis if redis is not None else RedisStore(config.channels.server.redis)
     stages: list[Stage] = [
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
@@ -42,6 +48,9 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
     ]
     if "authorization" in config.policies:
         stages.append(AuthorizationStage.from_config(config, upstreams, registry))
+    rate_limits = RateLimitTable.from_config(config)
+    if rate_limits is not None:
+        stages.append(RateLimitStage(rate_limits, redis, metrics))
     names = [s.name for s in stages]
     if names != [n for n in ORDER if n in names] or not set(names) <= set(ORDER):
         raise RuntimeError(f"stages {names} are not in the declared ORDER {ORDER}")

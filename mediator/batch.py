@@ -1,0 +1,168 @@
+"""Bulk submission: a FHIR batch Bundle POSTed to the base becomes one upstream create per entry.
+
+openIMIS has no batch endpoint, so the mediator splits the Bundle (hl7.org/fhir/R4/http.html#transaction)
+and answers a `batch-response` Bundle with one `response.status` per entry, in entry order. Each entry
+goes through the per-entry checks (authorization's hook), idempotency and the upstream bulkhead, like a
+single POST would. A `transaction` is refused (400 batch.transaction_unsupported): the mediator cannot
+make openIMIS apply several creates atomically. Entries other than POST <allowed type>: per-entry 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from mediator.bulkhead import UpstreamRefused
+from mediator.config.models import ChannelConfig
+from mediator.fhir import (
+    FHIR_JSON,
+    PLAIN_JSON,
+    FhirRequest,
+    MalformedRequest,
+    operation_outcome,
+    operation_outcome_response,
+    parse_fhir_path,
+    wants_fhir_json,
+)
+from mediator.metrics import Metrics
+from mediator.pipeline import Decision, Exchange
+from mediator.upstream import UpstreamTimeout, UpstreamUnavailable
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEntry:
+    """One entry of a batch, as far as the mediator understood it. `fhir` is None if the url is unusable."""
+
+    index: int
+    method: str
+    url: str
+    fhir: FhirRequest | None
+    resource: dict[str, Any] | None
+
+
+class BatchEntryChecker(Protocol):
+    """A pipeline stage that also judges batch entries (e.g. authorization: may this principal create this
+    Claim for this health facility). Stages having this method are asked for every entry; a denial answers
+    that entry with the decision's status and reason, and the entry never reaches openIMIS."""
+
+    def check_batch_entry(self, exchange: Exchange, entry: BatchEntry) -> Decision: ...
+
+
+EntryCheck = Callable[[Exchange, BatchEntry], Decision]
+CreateEntry = Callable[[BatchEntry], Awaitable[web.Response]]
+
+
+def _status_text(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _entry(status: int, reason: str | None = None, message: str = "",
+           resource: dict[str, Any] | None = None, location: str | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"status": _status_text(status)}
+    if location:
+        response["location"] = location
+    if reason is not None:
+        response["outcome"] = operation_outcome(status, reason, message)
+    elif resource is not None and resource.get("resourceType") == "OperationOutcome":
+        response["outcome"] = resource
+        resource = None
+    entry: dict[str, Any] = {"response": response}
+    if resource is not None:
+        entry["resource"] = resource
+    return entry
+
+
+def parse_entry(index: int, raw: Any) -> BatchEntry:
+    request = raw.get("request") if isinstance(raw, dict) else None
+    method = request.get("method") if isinstance(request, dict) else None
+    url = request.get("url") if isinstance(request, dict) else None
+    resource = raw.get("resource") if isinstance(raw, dict) else None
+    fhir = None
+    if isinstance(method, str) and isinstance(url, str) and "?" not in url and "://" not in url:
+        try:
+            fhir = parse_fhir_path(method, url)
+        except MalformedRequest:
+            fhir = None
+    return BatchEntry(index, method if isinstance(method, str) else "", url if isinstance(url, str) else "",
+                      fhir, resource if isinstance(resource, dict) else None)
+
+
+def _refusal(entry: BatchEntry, channel: ChannelConfig) -> dict[str, Any] | None:
+    batch = channel.batch
+    assert batch is not None
+    fhir = entry.fhir
+    if fhir is None or fhir.interaction != "create" or fhir.resource_type not in batch.resource_types:
+        return _entry(400, "batch.entry_unsupported",
+                      f"only POST of {', '.join(batch.resource_types)} is supported in a batch")
+    if entry.resource is None or entry.resource.get("resourceType") != fhir.resource_type:
+        return _entry(400, "batch.entry_invalid", "the entry's resource does not match request.url")
+    return None
+
+
+async def _answer(response: web.Response) -> dict[str, Any]:
+    body = response.body if isinstance(response.body, bytes) else b""
+    try:
+        resource = json.loads(body) if body else None
+    except ValueError:
+        resource = None
+    return _entry(response.status, resource=resource if isinstance(resource, dict) else None,
+                  location=response.headers.get("Location"))
+
+
+async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[str, Any],
+                    create: CreateEntry, checks: Sequence[EntryCheck] = (),
+                    metrics: Metrics | None = None) -> web.Response:
+    batch = channel.batch
+    if batch is None:
+        return operation_outcome_response(400, "batch.not_enabled", "this channel does not accept batches")
+    if document.get("resourceType") != "Bundle":
+        return operation_outcome_response(400, "batch.not_a_bundle", "POST to the base takes a batch Bundle")
+    if document.get("type") == "transaction":
+        return operation_outcome_response(400, "batch.transaction_unsupported",
+                                          "openIMIS cannot apply a transaction atomically; send type batch")
+    if document.get("type") != "batch":
+        return operation_outcome_response(400, "batch.not_a_batch", "Bundle.type must be batch")
+    raw_entries = document.get("entry") or []
+    if not isinstance(raw_entries, list):
+        return operation_outcome_response(400, "batch.not_a_batch", "Bundle.entry must be a list")
+    if len(raw_entries) > batch.max_entries:
+        return operation_outcome_response(413, "batch.too_many_entries",
+                                          f"at most {batch.max_entries} entries per batch")
+    parallel = asyncio.Semaphore(batch.parallel)
+
+    async def one(index: int, raw: Any) -> dict[str, Any]:
+        entry = parse_entry(index, raw)
+        refusal = _refusal(entry, channel)
+        if refusal is not None:
+            return refusal
+        for check in checks:
+            decision = check(exchange, entry)
+            if not decision.allow:
+                return _entry(decision.status, decision.reason, decision.message)
+        async with parallel:
+            try:
+                return await _answer(await create(entry))
+            except UpstreamRefused as exc:
+                return _entry(503, exc.reason, exc.message)
+            except UpstreamTimeout:
+                return _entry(504, "upstream.timeout", "openIMIS did not answer in time")
+            except UpstreamUnavailable:
+                return _entry(502, "upstream.unavailable", "openIMIS is not reachable")
+
+    entries = await asyncio.gather(*(one(i, raw) for i, raw in enumerate(raw_entries)))
+    if metrics is not None:
+        for entry in entries:
+            metrics.batch_entries.labels(channel.name, entry["response"]["status"].split()[0]).inc()
+    bundle = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
+    content_type = FHIR_JSON if wants_fhir_json(exchange.request) else PLAIN_JSON
+    return web.Response(status=200, text=json.dumps(bundle, separators=(",", ":"), ensure_ascii=False),
+                        content_type=content_type, charset="utf-8")

@@ -1,0 +1,315 @@
+"""Stage 6: rate limits (policies/rate_limits.yaml), GCRA shared by every instance through Redis.
+
+GCRA (the generic cell rate algorithm) keeps one number per key: the theoretical arrival time (TAT) of
+the next request. A limit of `rate` per `period_s` with `burst` has an emission interval
+T = period/rate and a tolerance tau = T * burst; a request of cost c is admitted when
+max(TAT, now) + c*T - tau <= now, and then TAT becomes max(TAT, now) + c*T. All times are integer
+microseconds so that Python and Lua compute exactly the same thing.
+
+`gcra` and `decide` are the arithmetic, pure (no clock, no I/O). The stores apply them atomically:
+`LocalGcraStore` in process memory (no Redis configured, or `on_store_error: local`), `RedisGcraStore`
+with one Lua script call per request (the same arithmetic, all of a request's limits at once: either
+every limit admits the request and all are charged, or none is).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mediator.config import Config
+from mediator.config.rate_limits import RateLimit, RateLimitsPolicy
+from mediator.metrics import Metrics
+from mediator.pipeline import Decision, Exchange
+from mediator.redis_store import STORE_ERRORS, RedisStore
+
+log = logging.getLogger("mediator.rate_limit")
+
+RESPONSE_HEADERS = "response_headers"
+"""Exchange.attributes key: headers the app adds to the final response (RateLimit on admitted requests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GcraLimit:
+    """A compiled limit. `emission_us` = T, `tolerance_us` = tau = T * burst."""
+
+    name: str
+    quota: int
+    window_s: int
+    emission_us: int
+    tolerance_us: int
+    burst: int
+    on_store_error: str = "deny"
+
+    @classmethod
+    def from_policy(cls, limit: RateLimit) -> GcraLimit:
+        emission = limit.period_s * 1_000_000 // limit.rate
+        return cls(limit.name, limit.rate, limit.period_s, emission, emission * limit.effective_burst,
+                   limit.effective_burst, limit.on_store_error)
+
+
+@dataclass(frozen=True, slots=True)
+class GcraResult:
+    allowed: bool
+    tat: int
+    """The state to keep if the request is admitted (if refused, the state is left as it was)."""
+    remaining: int
+    retry_after_us: int
+    reset_us: int
+    """Until the key is back to a full burst."""
+
+
+def gcra(tat: int | None, limit: GcraLimit, now: int, cost: int = 1) -> GcraResult:
+    """One limit, one request: the pure arithmetic (the Lua script in REDIS_GCRA does the same)."""
+    base = now if tat is None or tat < now else tat
+    new_tat = base + limit.emission_us * cost
+    allow_at = new_tat - limit.tolerance_us
+    if allow_at > now:
+        remaining = max(0, (limit.tolerance_us - (base - now)) // limit.emission_us)
+        return GcraResult(False, base, remaining, allow_at - now, base - now)
+    remaining = (limit.tolerance_us - (new_tat - now)) // limit.emission_us
+    return GcraResult(True, new_tat, remaining, 0, new_tat - now)
+
+
+def _seconds(us: int) -> int:
+    return math.ceil(us / 1_000_000)
+
+
+def _sf_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def rate_limit_headers(limits: Sequence[GcraLimit], results: Sequence[GcraResult]) -> dict[str, str]:
+    """RateLimit-Policy and RateLimit, structured-field form of draft-ietf-httpapi-ratelimit-headers-10."""
+    policy = ", ".join(f"{_sf_string(limit.name)};q={limit.quota};w={limit.window_s}" for limit in limits)
+    current = ", ".join(f"{_sf_string(limit.name)};r={result.remaining};t={_seconds(result.reset_us)}"
+                        for limit, result in zip(limits, results, strict=True))
+    return {"RateLimit-Policy": policy, "RateLimit": current}
+
+
+def decide(states: Sequence[int | None], limits: Sequence[GcraLimit], now: int,
+           cost: int = 1) -> tuple[Decision, list[int | None], list[GcraResult]]:
+    """All of a request's limits: admitted only if every one admits it; then every state advances."""
+    results = [gcra(state, limit, now, cost) for state, limit in zip(states, limits, strict=True)]
+    headers = rate_limit_headers(limits, results)
+    too_big = [limit.name for limit in limits if cost > limit.burst]
+    if too_big:
+        return (Decision.denied("rate_limit.cost_exceeds_burst", 429,
+                                f"this request counts {cost} and limit {too_big[0]} admits at most "
+                                f"{min(lim.burst for lim in limits)} at once; send smaller batches",
+                                headers), list(states), results)
+    refused = [(limit, result) for limit, result in zip(limits, results, strict=True) if not result.allowed]
+    if refused:
+        wait = max(result.retry_after_us for _, result in refused)
+        names = ", ".join(limit.name for limit, _ in refused)
+        headers["Retry-After"] = str(max(1, _seconds(wait)))
+        return (Decision.denied("rate_limit.exceeded", 429, f"rate limit exceeded: {names}", headers),
+                list(states), results)
+    return Decision(True, "rate_limit.allowed", 200, "", headers), [r.tat for r in results], results
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class LocalGcraStore:
+    """GCRA state in this process's memory. No awaits inside `apply`, so it is atomic on the event loop.
+
+    Keys whose TAT lies in the past carry no information and are dropped when the table grows.
+    """
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._tats: dict[str, int] = {}
+        self._max_keys = max_keys
+
+    def apply(self, keys: Sequence[str], limits: Sequence[GcraLimit], cost: int,
+              now: int | None = None) -> tuple[Decision, list[GcraResult]]:
+        now = now_us() if now is None else now
+        decision, new_states, results = decide([self._tats.get(k) for k in keys], limits, now, cost)
+        if decision.allow:
+            for key, state in zip(keys, new_states, strict=True):
+                assert state is not None  # an admitted request always has a new TAT
+                self._tats[key] = state
+            if len(self._tats) > self._max_keys:
+                self._tats = {k: v for k, v in self._tats.items() if v > now}
+        return decision, results
+
+
+# KEYS: one per limit. ARGV[1]: now in microseconds, or '' for Redis's own clock (one clock for every
+# instance); ARGV[2]: cost; then emission_us, tolerance_us per key.
+# Returns {now, admitted (1/0), stored TAT per key or -1}. Only when every limit admits are TATs written.
+REDIS_GCRA = """
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local cost = tonumber(ARGV[2])
+local result = {now, 1}
+local new_tats = {}
+for i, key in ipairs(KEYS) do
+  local emission = tonumber(ARGV[1 + 2 * i])
+  local tolerance = tonumber(ARGV[2 + 2 * i])
+  local stored = redis.call('GET', key)
+  local base = now
+  if stored then
+    stored = tonumber(stored)
+    result[2 + i] = stored
+    if stored > now then base = stored end
+  else
+    result[2 + i] = -1
+  end
+  local new_tat = base + emission * cost
+  if new_tat - tolerance > now then result[2] = 0 end
+  new_tats[i] = new_tat
+end
+if result[2] == 1 then
+  for i, key in ipairs(KEYS) do
+    local ttl_ms = math.ceil((new_tats[i] - now) / 1000) + 1
+    redis.call('SET', key, string.format('%d', new_tats[i]), 'PX', ttl_ms)
+  end
+end
+return result
+"""
+
+
+class RedisGcraStore:
+    """GCRA state in Redis, shared by every mediator instance: one EVALSHA round trip per request."""
+
+    def __init__(self, redis: RedisStore) -> None:
+        self._redis = redis
+        self._script = None
+
+    async def apply(self, keys: Sequence[str], limits: Sequence[GcraLimit], cost: int,
+                    now: int | None = None) -> tuple[Decision, list[GcraResult]]:
+        if self._script is None:
+            self._script = self._redis.client.register_script(REDIS_GCRA)
+        args: list[int | str] = ["" if now is None else now, cost]
+        for limit in limits:
+            args += [limit.emission_us, limit.tolerance_us]
+        reply = await self._script(keys=[self._redis.key("rl", k) for k in keys], args=args)
+        redis_now, admitted = int(reply[0]), bool(reply[1])
+        states = [None if int(t) == -1 else int(t) for t in reply[2:]]
+        decision, _, results = decide(states, limits, redis_now, cost)
+        if decision.allow != admitted:
+            log.error("rate limit: Lua and Python GCRA disagree for %s", [lim.name for lim in limits])
+        return decision, results
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitTable:
+    """The compiled policy: for each channel, the limits that apply (with the policy's key parts)."""
+
+    by_channel: dict[str, tuple[tuple[GcraLimit, tuple[str, ...]], ...]]
+    max_body_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> RateLimitTable | None:
+        """None when policies/rate_limits.yaml is absent or declares no limits (no stage is built)."""
+        policy = config.policies.get("rate_limits")
+        if not isinstance(policy, RateLimitsPolicy) or not policy.limits:
+            return None
+        by_channel = {}
+        for channel in config.channels.channels:
+            by_channel[channel.name] = tuple(
+                (GcraLimit.from_policy(limit), limit.per) for limit in policy.limits
+                if limit.channels is None or channel.name in limit.channels)
+        return cls(by_channel, config.channels.server.limits.max_body_bytes)
+
+
+def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
+    """The counting key of one limit for this request (see RateLimit: fallbacks when no principal)."""
+    principal = exchange.principal
+    ip = f"ip={exchange.client_ip}"
+    channel = exchange.channel.name if exchange.channel is not None else ""
+    parts = []
+    for part in per:
+        if part == "ip":
+            parts.append(ip)
+        elif part == "channel":
+            parts.append(f"channel={channel}")
+        elif principal is None:
+            parts.append(ip)  # a channel without authentication: the address is all we know
+        elif part == "client":
+            parts.append(f"client={principal.client_id}")
+        elif part == "user":
+            parts.append(f"user={principal.user_id}" if principal.user_id else f"client={principal.client_id}")
+        else:  # health_facility: the one authorization resolved for this request, else the principal's
+            resolved = exchange.attributes.get("health_facility")
+            facilities = [resolved] if isinstance(resolved, str) else sorted(principal.health_facilities)
+            parts.append("hf=" + ",".join(facilities) if facilities else f"client={principal.client_id}")
+    return parts
+
+
+async def request_cost(exchange: Exchange, max_body_bytes: int) -> int:
+    """A batch Bundle counts one per entry; anything else counts one."""
+    if exchange.fhir is None or exchange.fhir.interaction != "batch-or-transaction":
+        return 1
+    try:
+        document = json.loads(await exchange.body(max_body_bytes))  # BodyTooLarge: 413 from the app
+    except (ValueError, UnicodeDecodeError):
+        return 1  # the batch handler answers 400 for it
+    entries = document.get("entry") if isinstance(document, dict) else None
+    return max(1, len(entries)) if isinstance(entries, list) else 1
+
+
+class RateLimitStage:
+    """Charges every applicable limit; 429 rate_limit.exceeded with Retry-After and RateLimit headers.
+
+    With Redis configured the counts are shared by every instance; a Redis error applies each limit's
+    declared `on_store_error` (deny: 503 rate_limit.store_unavailable; local: this instance's memory).
+    """
+
+    name = "rate_limit"
+
+    def __init__(self, table: RateLimitTable, redis: RedisStore, metrics: Metrics | None = None) -> None:
+        self.table = table
+        self.local = LocalGcraStore()
+        self.shared = RedisGcraStore(redis) if redis.configured else None
+        self._metrics = metrics
+        self._last_store_warning = 0.0
+
+    async def run(self, exchange: Exchange) -> Decision:
+        channel = exchange.channel.name if exchange.channel is not None else ""
+        applicable = self.table.by_channel.get(channel, ())
+        if not applicable:
+            return Decision.allowed("rate_limit.none")
+        limits = [limit for limit, _ in applicable]
+        keys = [f"rl:{limit.name}:" + "|".join(key_for(per, exchange)) for limit, per in applicable]
+        cost = await request_cost(exchange, self.table.max_body_bytes)
+        if self.shared is None:
+            decision, results = self.local.apply(keys, limits, cost)
+        else:
+            try:
+                decision, results = await self.shared.apply(keys, limits, cost)
+            except STORE_ERRORS as exc:
+                decision, results = self._store_failed(exc, keys, limits, cost)
+        if decision.allow:
+            exchange.attributes.setdefault(RESPONSE_HEADERS, {}).update(decision.headers)
+        elif self._metrics is not None and decision.reason == "rate_limit.exceeded":
+            for limit, result in zip(limits, results, strict=True):
+                if not result.allowed:
+                    self._metrics.rate_limit_rejections.labels(limit.name, channel).inc()
+        return decision
+
+    def _store_failed(self, exc: BaseException, keys: list[str], limits: list[GcraLimit],
+                      cost: int) -> tuple[Decision, list[GcraResult]]:
+        strict = [limit.name for limit in limits if limit.on_store_error == "deny"]
+        mode = "deny" if strict else "local"
+        if self._metrics is not None:
+            self._metrics.store_errors.labels("rate_limit", mode).inc()
+        now = time.monotonic()
+        if now - self._last_store_warning > 10:  # one line per 10 s, not one per request
+            self._last_store_warning = now
+            log.warning("rate limit store (Redis) failed: %s; applying on_store_error=%s", type(exc).__name__, mode)
+        if strict:
+            return Decision.denied("rate_limit.store_unavailable", 503,
+                                   f"rate limit store unavailable (limit {strict[0]} denies then)",
+                                   {"Retry-After": "1"}), []
+        return self.local.apply(keys, limits, cost)
