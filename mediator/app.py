@@ -19,6 +19,7 @@ from mediator.config import Config
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
 from mediator.metrics import Metrics
 from mediator.pipeline import BodyTooLarge, Decision, Exchange, Pipeline, request_id_for
+from mediator.replica.service import Replica, replica_lifetime
 from mediator.stages import build_stages
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
@@ -33,13 +34,15 @@ class Runtime:
     config: Config
     pipeline: Pipeline
     upstreams: dict[str, OpenImisUpstream]
+    replica: Replica | None = None
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics) -> Runtime:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
-        return cls(config, Pipeline(build_stages(config), metrics), upstreams)
+        return cls(config, Pipeline(build_stages(config), metrics), upstreams,
+                   Replica.from_config(config, upstreams, metrics))
 
 
 @dataclass(slots=True)
@@ -87,11 +90,18 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
         if refusal is not None:
             exchange.decisions.append(("request", refusal))
             return operation_outcome_response(refusal.status, refusal.reason, refusal.message)
+    if channel.config.serve_from == "replica" and runtime.replica is not None:
+        answered = await runtime.replica.reader.answer(request, fhir)
+        if answered is not None:  # None: not a replicated read/search, or the replica falls back upstream
+            exchange.decisions.append(("replica", answered.decision))
+            return answered.response
     upstream = runtime.upstreams[channel.config.upstream]
     started = time.perf_counter()
     try:
-        return await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
-                                      exchange.request_id, channel.config.timeout_s)
+        response = await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
+                                          exchange.request_id, channel.config.timeout_s)
+        exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
+        return response
     finally:
         metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - started)
 
@@ -113,7 +123,6 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
                                                   denial.headers)
         else:
             response = await _forward(exchange, runtime, metrics)
-            exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
     except BodyTooLarge:
         exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
         response = operation_outcome_response(413, "request.body_too_large",
@@ -183,6 +192,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
             await upstream.close()
 
     app.cleanup_ctx.append(upstream_pools)
+    app.cleanup_ctx.append(lambda app: replica_lifetime(app[RUNTIME].current.replica))
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_route("*", "/{tail:.*}", handle_fhir)

@@ -1,4 +1,4 @@
-"""Command line: serve, check, sandbox, dev, certs."""
+"""Command line: serve, check, sync, sandbox, dev, certs."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    """One replica sync now, with a progress bar on stderr (mediator/replica)."""
+    from mediator.replica.progress import run_sync_command
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    return asyncio.run(run_sync_command(config, full=True if args.full else None))
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mediator.sandbox import build_sandbox_app
 
@@ -109,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2")
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
+    sync = sub.add_parser("sync", help="sync the master-data replica now (policies/replica.yaml); exit 1 on failure")
+    sync.add_argument("--config", required=True)
+    sync.add_argument("--full", action="store_true", help="full sync even if an incremental one would do")
+    sync.set_defaults(func=cmd_sync)
     sandbox = sub.add_parser("sandbox", help="run the local openIMIS stand-in (development aid)")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8000)

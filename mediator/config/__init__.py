@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from mediator.config.models import ChannelsFile, IpAllowlistPolicy
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
+from mediator.replica.policy import ReplicaPolicy
 
 __all__ = ["Config", "PolicyFile", "load_config", "POLICY_FILES"]
 
@@ -34,6 +35,8 @@ class PolicyFile:
 # Later stages register their policy files here; the order is the order errors are reported in.
 POLICY_FILES: dict[str, PolicyFile] = {
     "ip_allowlist": PolicyFile("ip_allowlist.yaml", IpAllowlistPolicy),
+    # Absent: no master-data replica; channels must not say serve_from: replica.
+    "replica": PolicyFile("replica.yaml", ReplicaPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -123,3 +126,22 @@ def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> 
 
 
 CROSS_CHECKS.append(_channel_ip_sets_exist)
+
+
+def _replica_references(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    replica = config.policies.get("replica")
+    problems = []
+    if isinstance(replica, ReplicaPolicy):
+        if replica.upstream not in config.channels.upstreams:
+            problems.append(docs["replica"].problem(("upstream",), f"unknown upstream {replica.upstream!r} "
+                                                                   "(not in channels.yaml upstreams)"))
+        if replica.store == "redis" and config.channels.server.redis is None:
+            problems.append(docs["replica"].problem(("store",), "store redis needs server.redis in channels.yaml"))
+    for i, channel in enumerate(config.channels.channels):
+        if channel.serve_from == "replica" and replica is None:
+            problems.append(docs["channels"].problem(("channels", i, "serve_from"),
+                                                     "serve_from replica needs policies/replica.yaml"))
+    return problems
+
+
+CROSS_CHECKS.append(_replica_references)

@@ -64,6 +64,15 @@ class LimitsConfig(Strict):
 DEFAULT_PROTECTED_RESOURCES = ("CoverageEligibilityRequest", "Coverage", "Contract")
 
 
+class RedisConfig(Strict):
+    """The Redis shared by mediator instances (rate limits, master-data replica)."""
+
+    url: str
+    """redis://host:port/db or rediss:// for TLS; a password goes in the URL's userinfo."""
+    key_prefix: str = "mediator:"
+    """Prepended to every key, so several deployments can share one Redis."""
+
+
 class ServerConfig(Strict):
     listen: ListenConfig = ListenConfig()
     public_base_url: str = "http://127.0.0.1:8080/fhir/"
@@ -72,6 +81,8 @@ class ServerConfig(Strict):
     protected_resources: tuple[ResourceType, ...] = DEFAULT_PROTECTED_RESOURCES
     """PUT/PATCH/DELETE on these never reach openIMIS unless a channel sets allow_protected_writes.
     openIMIS deletes an insuree on DELETE CoverageEligibilityRequest."""
+    redis: RedisConfig | None = None
+    """Absent: nothing shared between instances; features needing Redis use their in-memory default."""
 
     @field_validator("public_base_url")
     @classmethod
@@ -124,6 +135,9 @@ class ChannelConfig(Strict):
     Absent: policies/ip_allowlist.yaml `unlisted_channels` decides (default deny). Empty: deny all."""
     allow_protected_writes: bool = False
     """Let PUT/PATCH/DELETE on server.protected_resources through this channel."""
+    serve_from: Literal["upstream", "replica"] = "upstream"
+    """replica: reads and searches of replicated master data are answered from the replica
+    (policies/replica.yaml), after every pipeline stage allowed them; everything else still goes upstream."""
 
 
 class ChannelsFile(Strict):
