@@ -136,6 +136,8 @@ class ReplicaSyncer:
             raise SyncFailed(f"{path}: openIMIS answered {status}")
         # openIMIS builds these on the fly; some versions give no id. The configured one is how clients read it.
         document = {**document, "id": rid}
+        if isinstance(document.get("url"), str):  # openIMIS makes it from the request URL: its own host
+            document["url"] = self.upstream.rewriter.rewrite_url(document["url"])
         if progress is not None:
             progress(path, 1, 1)
         return document

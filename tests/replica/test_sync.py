@@ -89,6 +89,7 @@ async def test_full_sync_copies_every_type_and_the_code_systems(sandbox, make_re
         assert body["meta"]["lastUpdated"].endswith("Z")
         codes = await _body(replica, "CodeSystem", "medical-item")
         assert codes["resourceType"] == "CodeSystem" and codes["count"] == 251
+        assert codes["url"] == "https://mediator.example.org/fhir/CodeSystem/medical-item/"
         assert replica.metrics.replica_items.labels("Medication")._value.get() == 251
     finally:
         await replica.close()
