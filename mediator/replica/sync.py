@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -96,8 +96,10 @@ class ReplicaSyncer:
             document = None
         return reply.status, document
 
-    async def _pages(self, rtype: str, extra: dict[str, str], progress: Progress | None) -> list[dict[str, Any]]:
-        received: list[dict[str, Any]] = []
+    async def _pages(self, rtype: str, extra: dict[str, str],
+                     progress: Progress | None) -> AsyncIterator[list[dict[str, Any]]]:
+        """Page by page, so a full sync holds one page of parsed JSON at a time, not the whole type."""
+        received = 0
         page = 1
         announced: int | None = None
         while True:
@@ -110,24 +112,26 @@ class ReplicaSyncer:
             if announced is None and isinstance(bundle.get("total"), int):
                 announced = bundle["total"]
             entries = bundle.get("entry") or []
+            resources = []
             for entry in entries:
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if valid_upstream_resource(resource, rtype):
-                    received.append(resource)
+                    resources.append(resource)
                 else:
                     log.warning("replica: skipped a malformed %s entry on page %d", rtype, page)
-            if len(received) > self.policy.max_resources_per_type:
+            received += len(resources)
+            if received > self.policy.max_resources_per_type:
                 raise SyncFailed(f"{rtype}: more than max_resources_per_type "
                                  f"({self.policy.max_resources_per_type})")
             if progress is not None:
-                progress(rtype, len(received), announced)
+                progress(rtype, received, announced)
+            yield resources
             has_next = any(isinstance(link, dict) and link.get("relation") == "next"
                            for link in bundle.get("link") or ())
             if not entries or not has_next:
                 break
             page += 1
             await self.store.refresh_lock()
-        return received
 
     async def _document(self, path: str, progress: Progress | None) -> dict[str, Any]:
         rtype, rid = path.split("/")
@@ -177,13 +181,15 @@ class ReplicaSyncer:
         try:
             for rtype in self.policy.resource_types:
                 previous = await self.store.index(old.generation, rtype) if old is not None else {}
-                resources = await self._pages(rtype, {}, progress)
-                records = [r for r in (self._record(res, started, previous.get(res["id"])) for res in resources)
-                           if r is not None]
-                await self.store.put(generation, records)
+                kept: set[str] = set()
+                async for resources in self._pages(rtype, {}, progress):
+                    records = [r for r in (self._record(res, started, previous.get(res["id"])) for res in resources)
+                               if r is not None]
+                    await self.store.put(generation, records)
+                    kept.update(r.rid for r in records)
+                    report.changed += sum(1 for r in records
+                                          if (p := previous.get(r.rid)) is None or p.digest != r.digest)
                 report.counts[rtype] = await self.store.count(generation, rtype)
-                report.changed += sum(1 for r in records if (p := previous.get(r.rid)) is None or p.digest != r.digest)
-                kept = {r.rid for r in records}
                 report.removed += sum(1 for rid in previous if rid not in kept)
             for path in self.policy.documents:
                 rtype, rid = path.split("/")
@@ -210,9 +216,9 @@ class ReplicaSyncer:
         removals: list[tuple[str, str]] = []
         expected: dict[str, int] = {}
         for rtype in self.policy.resource_types:
-            resources = await self._pages(rtype, since, progress)
             known = await self.store.index(state.generation, rtype)
             added = 0
+            resources = [r async for page in self._pages(rtype, since, progress) for r in page]
             for resource in resources:
                 previous = known.get(resource["id"])
                 record = self._record(resource, started, previous)

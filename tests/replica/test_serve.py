@@ -209,3 +209,18 @@ async def test_large_proxied_answers_arrive_whole(sandbox, sandbox_server, make_
     client = await make_mediator(channels_yaml(upstream_url(sandbox_server)))
     bundle = await (await client.get("/fhir/Medication/?_count=100")).json()
     assert len(bundle["entry"]) == 100
+
+
+async def test_head_answers_headers_only(served):
+    response = await served.head("/fhir/Medication/GEN000001")
+    assert response.status == 200 and response.headers["ETag"].startswith('W/"')
+    assert await response.read() == b""
+
+
+async def test_sync_metrics_are_exported(served):
+    metrics = served.server.app[METRICS]
+    assert metrics.replica_items.labels("Medication")._value.get() == 251
+    assert metrics.replica_syncs.labels("full")._value.get() == 1
+    assert abs(metrics.replica_last_sync._value.get() - time.time()) < 60
+    lag = metrics.registry.get_sample_value("mediator_replica_sync_lag_seconds")
+    assert lag is not None and 0 <= lag < 60
