@@ -255,3 +255,23 @@ async def test_sync_command_shows_progress_and_fills_the_shared_store(sandbox_se
         assert time.time() - state.last_success < 120
     finally:
         await store.close()
+
+
+async def test_the_stand_in_filters_last_updated_like_openimis(sandbox, sandbox_server):
+    from aiohttp.test_utils import TestClient
+
+    sandbox.upsert(medication(sandbox), when=1_700_000_000.0)   # 2023-11-14T22:13:20Z
+    client = TestClient(sandbox_server)
+    await client.start_server()
+    try:
+        login = await client.post("/api/api_fhir_r4/login/", json={"username": "Admin", "password": "admin123"})
+        auth = {"Authorization": f"Bearer {(await login.json())['token']}"}
+        base = "/api/api_fhir_r4/Medication/?_lastUpdated="
+        older = await (await client.get(base + "le2023-11-14T22:13:20", headers=auth)).json()
+        assert [e["resource"]["id"] for e in older["entry"]] == [MED_ID]
+        assert older["entry"][0]["resource"]["meta"]["lastUpdated"] == "2023-11-14T22:13:20+00:00"
+        newer = await (await client.get(base + "gt2023-11-14T22:13:20", headers=auth)).json()
+        assert MED_ID not in [e["resource"]["id"] for e in newer["entry"]] and newer["total"] == 1
+        assert (await client.get(base + "ge2023-11-14T22:13:20Z", headers=auth)).status == 500
+    finally:
+        await client.close()
