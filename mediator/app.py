@@ -34,6 +34,7 @@ from mediator.pipeline import (
     request_id_for,
 )
 from mediator.redis_store import RedisStore, redis_cleanup_ctx
+from mediator.replica.service import Replica, replica_lifetime
 from mediator.stages import build_stages
 from mediator.stages.client_ip import ClientIpPolicy
 from mediator.stages.rate_limit import RESPONSE_HEADERS
@@ -54,6 +55,7 @@ class Runtime:
     client_ip_policy: ClientIpPolicy
     redis: RedisStore
     protection: LoadProtection
+    replica: Replica | None = None
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired upstreams once it is 0."""
 
@@ -67,7 +69,8 @@ class Runtime:
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics)
         entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
-                   redis, LoadProtection(config, redis, metrics, entry_checks))
+                   redis, LoadProtection(config, redis, metrics, entry_checks),
+                   Replica.from_config(config, upstreams, metrics))
 
 
 @dataclass(slots=True)
@@ -116,6 +119,11 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
         if refusal is not None:
             exchange.decisions.append(("request", refusal))
             return operation_outcome_response(refusal.status, refusal.reason, refusal.message)
+    if channel.config.serve_from == "replica" and runtime.replica is not None:
+        answered = await runtime.replica.reader.answer(request, fhir)
+        if answered is not None:  # None: not a replicated read/search, or the replica falls back upstream
+            exchange.decisions.append(("replica", answered.decision))
+            return answered.response
     upstream = runtime.upstreams[channel.config.upstream]
     started = time.perf_counter()
     try:
@@ -234,6 +242,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.cleanup_ctx.append(upstream_pools)
     app.cleanup_ctx.append(identity_resources)
     app.cleanup_ctx.append(redis_cleanup_ctx(lambda app: app[RUNTIME].current.redis))
+    app.cleanup_ctx.append(lambda app: replica_lifetime(app[RUNTIME].current.replica))
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     auth = identity_handlers(lambda r: r.app[RUNTIME].current.identity,

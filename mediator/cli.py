@@ -1,4 +1,4 @@
-"""Command line: serve, check, explain, sandbox, dev, certs, token."""
+"""Command line: serve, check, explain, sync, sandbox, dev, certs, token."""
 
 from __future__ import annotations
 
@@ -68,6 +68,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for line in result.lines():
         print(line)
     return 0 if result.final is None else 1
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """One replica sync now, with a progress bar on stderr (mediator/replica)."""
+    from mediator.replica.progress import run_sync_command
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    return asyncio.run(run_sync_command(config, full=True if args.full else None))
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -143,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
     explain.add_argument("--header", action="append", default=[], help="extra request header 'Name: value'")
     explain.set_defaults(func=cmd_explain)
+    sync = sub.add_parser("sync", help="sync the master-data replica now (policies/replica.yaml); exit 1 on failure")
+    sync.add_argument("--config", required=True)
+    sync.add_argument("--full", action="store_true", help="full sync even if an incremental one would do")
+    sync.set_defaults(func=cmd_sync)
     sandbox = sub.add_parser("sandbox", help="run the local openIMIS stand-in (development aid)")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8000)

@@ -112,6 +112,26 @@ class Metrics:
         self.batch_entries = Counter(
             "mediator_batch_entries", "Batch Bundle entries, by channel and entry status code",
             ["channel", "status"], registry=self.registry)
+        # Master-data replica (mediator/replica). `type` is a replicated resource type (bounded by the policy).
+        self.replica_items = Gauge(
+            "mediator_replica_items", "Resources in the master-data replica, per type",
+            ["type"], registry=self.registry)
+        self.replica_last_sync = Gauge(
+            "mediator_replica_last_sync_timestamp_seconds", "End of the last successful replica sync (epoch)",
+            registry=self.registry)
+        self.replica_lag = Gauge(
+            "mediator_replica_sync_lag_seconds", "Seconds since the last successful replica sync",
+            registry=self.registry)
+        self.replica_syncs = Counter(
+            "mediator_replica_syncs", "Replica syncs completed, by kind (full/incremental)",
+            ["kind"], registry=self.registry)
+        self.replica_sync_errors = Counter(
+            "mediator_replica_sync_errors", "Replica syncs that failed (the last good data is kept)",
+            ["kind"], registry=self.registry)
+        self.replica_requests = Counter(
+            "mediator_replica_requests", "Requests answered from the replica, by type and outcome "
+            "(hit, not_modified, not_found, invalid, fallback, unavailable)",
+            ["type", "outcome"], registry=self.registry)
 
     def watch_upstreams(self, upstreams: Callable[[], Mapping[str, PooledUpstream]]) -> None:
         self.registry.register(UpstreamPoolCollector(upstreams))

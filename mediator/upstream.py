@@ -208,9 +208,15 @@ class OpenImisUpstream:
                                             allow_redirects=False) as resp:
                 if resp.content_length is not None and resp.content_length > MAX_UPSTREAM_BODY:
                     raise UpstreamUnavailable("upstream answer too large")
-                data = await resp.content.read(MAX_UPSTREAM_BODY + 1)
-                if len(data) > MAX_UPSTREAM_BODY:
-                    raise UpstreamUnavailable("upstream answer too large")
+                # StreamReader.read(n) returns what is buffered (up to n), not n: read on until EOF.
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > MAX_UPSTREAM_BODY:
+                        raise UpstreamUnavailable("upstream answer too large")
+                    chunks.append(chunk)
+                data = b"".join(chunks)
                 return UpstreamReply(resp.status, resp.headers.copy(), data, resp.content_type)
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc

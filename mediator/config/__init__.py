@@ -19,6 +19,7 @@ from mediator.config.models import ChannelsFile, IpAllowlistPolicy
 from mediator.config.rate_limits import RateLimitsPolicy, check_limit_channels
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
+from mediator.replica.policy import ReplicaPolicy
 
 __all__ = ["Config", "PolicyFile", "load_config", "POLICY_FILES"]
 
@@ -43,6 +44,8 @@ POLICY_FILES: dict[str, PolicyFile] = {
     "clients": PolicyFile("clients.yaml", ClientsPolicy, required=False),
     # Absent: no rate limits (the rate_limit stage is not built).
     "rate_limits": PolicyFile("rate_limits.yaml", RateLimitsPolicy, required=False),
+    # Absent: no master-data replica; channels must not say serve_from: replica.
+    "replica": PolicyFile("replica.yaml", ReplicaPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -159,3 +162,22 @@ def _client_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> l
 
 CROSS_CHECKS.append(_client_ip_sets_exist)
 CROSS_CHECKS.append(check_limit_channels)
+
+
+def _replica_references(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    replica = config.policies.get("replica")
+    problems = []
+    if isinstance(replica, ReplicaPolicy):
+        if replica.upstream not in config.channels.upstreams:
+            problems.append(docs["replica"].problem(("upstream",), f"unknown upstream {replica.upstream!r} "
+                                                                   "(not in channels.yaml upstreams)"))
+        if replica.store == "redis" and config.channels.server.redis is None:
+            problems.append(docs["replica"].problem(("store",), "store redis needs server.redis in channels.yaml"))
+    for i, channel in enumerate(config.channels.channels):
+        if channel.serve_from == "replica" and replica is None:
+            problems.append(docs["channels"].problem(("channels", i, "serve_from"),
+                                                     "serve_from replica needs policies/replica.yaml"))
+    return problems
+
+
+CROSS_CHECKS.append(_replica_references)

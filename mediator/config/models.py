@@ -238,6 +238,9 @@ class ChannelConfig(Strict):
     @property
     def priority_value(self) -> int:
         return PRIORITY_NAMES[self.priority] if isinstance(self.priority, str) else self.priority
+    serve_from: Literal["upstream", "replica"] = "upstream"
+    """replica: reads and searches of replicated master data are answered from the replica
+    (policies/replica.yaml), after every pipeline stage allowed them; everything else still goes upstream."""
 
 
 class ChannelsFile(Strict):

@@ -5,6 +5,10 @@ see fixtures/README.md) with openIMIS's URL layout and quirks: `POST login/` →
 Bearer tokens, trailing slashes (GET without one → 301, POST without one → 500), `_count` and
 `page-offset` paging, a bare resource (not a Bundle) for `?identifier=` and `?code=`, unknown
 search parameters ignored, 415/406 for application/fhir+json, and errors as OperationOutcome.
+For the master-data replica it also keeps a change time per resource, served as meta.lastUpdated, filters
+lists with `_lastUpdated=<prefix><%Y-%m-%dT%H:%M:%S>` (naive, read as UTC; any other format is a 500, as
+openIMIS's strptime makes it), orders lists by change time (openIMIS orders by validity_from), and builds
+the code systems `CodeSystem/medical-item/` and `CodeSystem/medical-service/` from its items and services.
 The security of the mediator is proven against real openIMIS (tests/openimis), never against this.
 """
 
@@ -15,6 +19,7 @@ import json
 import secrets
 import time
 import uuid
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -65,6 +70,66 @@ class OpenImisSandbox:
         self.tokens: dict[str, float] = {}
         self.requests: list[dict[str, Any]] = []
         self.logins = 0
+        started = time.time()
+        self.updated: dict[tuple[str, str], float] = {(t, i): started for t, by_id in self.store.items() for i in by_id}
+        self.failing_types: set[str] = set()
+        """Lists of these types answer 500, as openIMIS does when its database misbehaves (tests use it)."""
+
+    def upsert(self, resource: dict[str, Any], when: float | None = None) -> None:
+        """Create or change a resource, as an openIMIS user would; it moves to the end of the list order."""
+        rtype, rid = resource["resourceType"], resource["id"]
+        self.store.setdefault(rtype, {}).pop(rid, None)
+        self.store[rtype][rid] = resource
+        self.updated[(rtype, rid)] = time.time() if when is None else when
+
+    def remove(self, rtype: str, rid: str) -> None:
+        """openIMIS deletes by setting validity_to; the row then vanishes from every list."""
+        del self.store[rtype][rid]
+        self.updated.pop((rtype, rid), None)
+
+    def generate_medications(self, count: int) -> None:
+        """`count` extra medical items (benchmarks, paging tests), cloned from the fixture item."""
+        template = next(iter(self.store["Medication"].values()))
+        for n in range(count):
+            item = copy.deepcopy(template)
+            item["id"] = str(uuid.uuid5(uuid.NAMESPACE_OID, f"generated-medication-{n}"))
+            item["identifier"][0]["value"] = f"GEN{n:06d}"
+            item["code"] = {"text": f"GENERATED ITEM {n} TABS {100 + n % 900}MG"}
+            self.upsert(item)
+
+    def _served(self, rtype: str, resource: dict[str, Any]) -> dict[str, Any]:
+        changed = self.updated.get((rtype, resource["id"]))
+        if changed is None:
+            return resource
+        meta = {**(resource.get("meta") or {}), "lastUpdated": datetime.fromtimestamp(changed, UTC).isoformat()}
+        return {**resource, "meta": meta}
+
+    def _last_updated_filter(self, value: str) -> Any:
+        operators = {"eq": float.__eq__, "ne": float.__ne__, "gt": float.__gt__, "lt": float.__lt__,
+                     "ge": float.__ge__, "le": float.__le__}
+        prefix = value[:2] if value[:2] in operators else "eq"
+        text = value[2:] if value[:2] in operators else value
+        # openIMIS: datetime.strptime(value, "%Y-%m-%dT%H:%M:%S"); a ValueError surfaces as a 500.
+        moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+        return lambda changed: operators[prefix](changed, moment)
+
+    def code_system(self, request: web.Request, name: str) -> web.Response:
+        source = {"medical-item": ("Medication", "MedicalItemCS", "Medical Item"),
+                  "medical-service": ("ActivityDefinition", "MedicalServiceCS", "Medical Service")}.get(name)
+        if source is None:
+            return _outcome(404, "Not found.")
+        rtype, cs_name, title = source
+        concepts = []
+        for resource in self.store.get(rtype, {}).values():
+            codes = [i.get("value") for i in resource.get("identifier") or ()
+                     if any(c.get("code") == "Code" for c in (i.get("type") or {}).get("coding") or ())]
+            display = resource.get("title") or (resource.get("code") or {}).get("text") or resource.get("name")
+            if codes:
+                concepts.append({"code": codes[0], "display": display})
+        return web.json_response({
+            "resourceType": "CodeSystem", "id": name, "url": f"{request.scheme}://{request.host}{request.path}",
+            "name": cs_name, "title": title, "status": "active", "content": "complete",
+            "count": len(concepts), "concept": concepts})
 
     def _authorised(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -105,6 +170,8 @@ class OpenImisSandbox:
         if not parts:
             return _outcome(404, "Not found.")
         rtype = parts[0]
+        if rtype == "CodeSystem" and len(parts) == 2 and request.method == "GET":
+            return self.code_system(request, parts[1])
         if rtype == "metadata" and request.method == "GET":
             return web.json_response({"resourceType": "CapabilityStatement", "status": "active",
                                       "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"]})
@@ -118,7 +185,8 @@ class OpenImisSandbox:
             return await self.create(request, rtype)
         if len(parts) == 2 and request.method == "GET":
             found = self.lookup(rtype, parts[1])
-            return web.json_response(found) if found else _outcome(404, f"{rtype} matching query does not exist.")
+            return web.json_response(self._served(rtype, found)) if found else \
+                _outcome(404, f"{rtype} matching query does not exist.")
         return _outcome(405, f'Method "{request.method}" not allowed.')
 
     def lookup(self, rtype: str, key: str) -> dict[str, Any] | None:
@@ -136,8 +204,18 @@ class OpenImisSandbox:
         if key is not None:
             # openIMIS answers a bare resource here, not a searchset Bundle.
             found = self.lookup(rtype, key.split("|")[-1])
-            return web.json_response(found) if found else _outcome(404, f"{rtype} matching query does not exist.")
-        everything = list(self.store.get(rtype, {}).values())
+            return web.json_response(self._served(rtype, found)) if found else \
+                _outcome(404, f"{rtype} matching query does not exist.")
+        if rtype in self.failing_types:
+            return _outcome(500, "OperationalError: the database is not available")
+        everything = sorted(self.store.get(rtype, {}).values(),
+                            key=lambda r: self.updated.get((rtype, r["id"]), 0.0))
+        if "_lastUpdated" in request.query:
+            try:
+                keep = self._last_updated_filter(request.query["_lastUpdated"])
+            except ValueError:
+                return _outcome(500, "_lastUpdated value is not a valid datetime")
+            everything = [r for r in everything if keep(self.updated.get((rtype, r["id"]), 0.0))]
         try:
             count = max(1, min(int(request.query.get("_count", "10")), 100))
             page = max(1, int(request.query.get("page-offset", "1")))
@@ -149,7 +227,7 @@ class OpenImisSandbox:
         if page * count < len(everything):
             links.append({"relation": "next", "url": f"{base}?_count={count}&page-offset={page + 1}"})
         bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(everything), "link": links,
-                  "entry": [{"fullUrl": f"{base}{r['id']}", "resource": r} for r in chunk]}
+                  "entry": [{"fullUrl": f"{base}{r['id']}", "resource": self._served(rtype, r)} for r in chunk]}
         return web.json_response(bundle)
 
     async def create(self, request: web.Request, rtype: str) -> web.Response:

@@ -1,0 +1,255 @@
+"""Pulling master data from openIMIS into a replica store: full (new generation, swapped in) or incremental.
+
+Full: every type page by page (`_count`, `page-offset` from 1) until a page without a `next` link, an
+empty page, or openIMIS's 404 for a page past the end; written into a new generation that `commit`
+makes current. Anything that vanished upstream is gone after the swap.
+Incremental: `_lastUpdated=ge<cursor>` (openIMIS parses only `%Y-%m-%dT%H:%M:%S`, naive, in its own zone)
+for every type, all changes applied in one step. openIMIS lists only current rows (validity_to is null),
+so deletions are invisible here: after applying, each type's count is compared with openIMIS's `total`
+and a mismatch asks for a full sync at once.
+Either way, a failure anywhere leaves the last good data untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from mediator.fhir import PLAIN_JSON
+from mediator.replica.policy import ReplicaPolicy
+from mediator.replica.records import StoredResource, SyncState, build_record, is_inactive, valid_upstream_resource
+from mediator.replica.store import ReplicaStore, ReplicaStoreError
+from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("mediator.replica")
+
+Progress = Callable[[str, int, int | None], None]
+"""(resource type or document path, resources received so far, total announced by openIMIS or None)."""
+
+
+class SyncFailed(Exception):
+    """A sync did not complete; the store still holds the last good data. The message is safe to log."""
+
+
+class SyncBusy(Exception):
+    """Another instance holds the sync lock of the shared store; nothing was done."""
+
+
+@dataclass(slots=True)
+class SyncReport:
+    kind: str
+    """full | incremental"""
+    counts: dict[str, int] = field(default_factory=dict)
+    """Resources per type in the replica after the sync."""
+    changed: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+    full_needed: bool = False
+    """An incremental found a count mismatch: a full sync should follow."""
+
+
+def upstream_time(epoch: float, zone: str) -> str:
+    """The one `_lastUpdated` format openIMIS accepts (its filter does strptime('%Y-%m-%dT%H:%M:%S'))."""
+    return datetime.fromtimestamp(epoch, ZoneInfo(zone)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+class ReplicaSyncer:
+    """Runs syncs for one replica. Not reentrant: the service runs one sync at a time per process, and the
+    store's lock keeps other instances (sharing Redis) from syncing at the same moment."""
+
+    def __init__(self, policy: ReplicaPolicy, store: ReplicaStore, upstream: OpenImisUpstream,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.store = store
+        self.upstream = upstream
+        self.clock = clock
+
+    async def _get(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        """GET from openIMIS as the mediator's service user; (status, JSON or None)."""
+        # SECURITY: only paths we build; openIMIS's `next` URLs are never followed (a wrong host there would
+        # receive our token), they only tell us whether another page exists.
+        raw_query = "&".join(f"{k}={v}" for k, v in query.items())
+        url = self.upstream.upstream_url(path, raw_query)
+        headers = {"Accept": PLAIN_JSON, "X-Request-ID": f"replica-{uuid.uuid4().hex[:16]}"}
+        try:
+            token = await self.upstream.token()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            reply = await self.upstream.send("GET", url, headers, None, self.policy.request_timeout_s)
+            if reply.status == 401 and self.upstream.config.login is not None:
+                headers["Authorization"] = f"Bearer {await self.upstream.token(force=True)}"
+                reply = await self.upstream.send("GET", url, headers, None, self.policy.request_timeout_s)
+        except UpstreamTimeout as exc:
+            raise SyncFailed(f"{path}: openIMIS did not answer in time") from exc
+        except UpstreamUnavailable as exc:
+            raise SyncFailed(f"{path}: openIMIS unavailable ({exc})") from exc
+        try:
+            document = json.loads(reply.body) if reply.body else None
+        except ValueError:
+            document = None
+        return reply.status, document
+
+    async def _pages(self, rtype: str, extra: dict[str, str],
+                     progress: Progress | None) -> AsyncIterator[list[dict[str, Any]]]:
+        """Page by page, so a full sync holds one page of parsed JSON at a time, not the whole type."""
+        received = 0
+        page = 1
+        announced: int | None = None
+        while True:
+            status, bundle = await self._get(rtype, {"_count": str(self.policy.page_size),
+                                                     "page-offset": str(page), **extra})
+            if status == 404 and page > 1:
+                break  # Django REST framework's "Invalid page." past the last page
+            if status != 200 or not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                raise SyncFailed(f"{rtype} page {page}: openIMIS answered {status}")
+            if announced is None and isinstance(bundle.get("total"), int):
+                announced = bundle["total"]
+            entries = bundle.get("entry") or []
+            resources = []
+            for entry in entries:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if valid_upstream_resource(resource, rtype):
+                    resources.append(resource)
+                else:
+                    log.warning("replica: skipped a malformed %s entry on page %d", rtype, page)
+            received += len(resources)
+            if received > self.policy.max_resources_per_type:
+                raise SyncFailed(f"{rtype}: more than max_resources_per_type "
+                                 f"({self.policy.max_resources_per_type})")
+            if progress is not None:
+                progress(rtype, received, announced)
+            yield resources
+            has_next = any(isinstance(link, dict) and link.get("relation") == "next"
+                           for link in bundle.get("link") or ())
+            if not entries or not has_next:
+                break
+            page += 1
+            await self.store.refresh_lock()
+
+    async def _document(self, path: str, progress: Progress | None) -> dict[str, Any]:
+        rtype, rid = path.split("/")
+        status, document = await self._get(path, {})
+        if status != 200 or not isinstance(document, dict) or document.get("resourceType") != rtype:
+            raise SyncFailed(f"{path}: openIMIS answered {status}")
+        # openIMIS builds these on the fly; some versions give no id. The configured one is how clients read it.
+        document = {**document, "id": rid}
+        if isinstance(document.get("url"), str):  # openIMIS makes it from the request URL: its own host
+            document["url"] = self.upstream.rewriter.rewrite_url(document["url"])
+        if progress is not None:
+            progress(path, 1, 1)
+        return document
+
+    async def _upstream_total(self, rtype: str) -> int | None:
+        status, bundle = await self._get(rtype, {"_count": "1", "page-offset": "1"})
+        if status == 200 and isinstance(bundle, dict) and isinstance(bundle.get("total"), int):
+            return int(bundle["total"])
+        return None
+
+    def _record(self, resource: dict[str, Any], now: float, previous: StoredResource | None) -> StoredResource | None:
+        inactive = is_inactive(resource, now)
+        if inactive and self.policy.inactive == "drop":
+            return None
+        return build_record(resource, now, previous, inactive)
+
+    async def run(self, full: bool | None = None, progress: Progress | None = None) -> SyncReport:
+        """One sync. full=None: full if the replica is empty or the last full one is older than full_every_s."""
+        if not await self.store.try_lock(max(600.0, self.policy.request_timeout_s * 4)):
+            raise SyncBusy("another instance is syncing")
+        try:
+            state = await self.store.state()
+            if full is None:
+                full = state is None or self.clock() - state.last_full >= self.policy.full_every_s
+            if full or state is None:
+                return await self._full(state, progress)
+            return await self._incremental(state, progress)
+        except ReplicaStoreError as exc:
+            raise SyncFailed(f"replica store: {exc}") from exc
+        finally:
+            await self.store.unlock()
+
+    async def _full(self, old: SyncState | None, progress: Progress | None) -> SyncReport:
+        started = self.clock()
+        generation = await self.store.new_generation()
+        report = SyncReport("full")
+        try:
+            for rtype in self.policy.resource_types:
+                previous = await self.store.index(old.generation, rtype) if old is not None else {}
+                kept: set[str] = set()
+                async for resources in self._pages(rtype, {}, progress):
+                    records = [r for r in (self._record(res, started, previous.get(res["id"])) for res in resources)
+                               if r is not None]
+                    await self.store.put(generation, records)
+                    kept.update(r.rid for r in records)
+                    report.changed += sum(1 for r in records
+                                          if (p := previous.get(r.rid)) is None or p.digest != r.digest)
+                report.counts[rtype] = await self.store.count(generation, rtype)
+                report.removed += sum(1 for rid in previous if rid not in kept)
+            for path in self.policy.documents:
+                rtype, rid = path.split("/")
+                before = await self.store.get(old.generation, rtype, rid) if old is not None else None
+                document = await self._document(path, progress)
+                record = build_record(document, started, before, False)
+                await self.store.put(generation, [record])
+                report.counts[rtype] = report.counts.get(rtype, 0) + 1
+            finished = self.clock()
+            state = SyncState(generation, finished, started, started - self.policy.overlap_s, report.counts)
+            await self.store.commit(state)
+        except BaseException:
+            await self.store.discard(generation)
+            raise
+        report.seconds = finished - started
+        log.info("replica: full sync done in %.1fs: %s", report.seconds, report.counts)
+        return report
+
+    async def _incremental(self, state: SyncState, progress: Progress | None) -> SyncReport:
+        started = self.clock()
+        report = SyncReport("incremental")
+        since = {"_lastUpdated": "ge" + upstream_time(state.cursor, self.policy.upstream_time_zone)}
+        upserts: list[StoredResource] = []
+        removals: list[tuple[str, str]] = []
+        expected: dict[str, int] = {}
+        for rtype in self.policy.resource_types:
+            known = await self.store.index(state.generation, rtype)
+            added = 0
+            resources = [r async for page in self._pages(rtype, since, progress) for r in page]
+            for resource in resources:
+                previous = known.get(resource["id"])
+                record = self._record(resource, started, previous)
+                if record is None:
+                    if previous is not None:
+                        removals.append((rtype, resource["id"]))
+                        added -= 1
+                elif previous is None or previous.digest != record.digest:
+                    upserts.append(record)
+                    added += previous is None
+            expected[rtype] = len(known) + added
+        for path in self.policy.documents:
+            rtype, rid = path.split("/")
+            before = await self.store.get(state.generation, rtype, rid)
+            record = build_record(await self._document(path, progress), started, before, False)
+            if before is None or before.digest != record.digest:
+                upserts.append(record)
+        for rtype in self.policy.resource_types:
+            upstream_total = await self._upstream_total(rtype)
+            # With inactive: drop, openIMIS counts resources we deliberately left out; only full syncs then.
+            if upstream_total is not None and upstream_total != expected[rtype] and self.policy.inactive == "keep":
+                log.info("replica: %s count differs (openIMIS %d, replica %d); full sync needed",
+                         rtype, upstream_total, expected[rtype])
+                report.full_needed = True
+        counts = dict(state.counts)
+        counts.update(expected)
+        finished = self.clock()
+        new_state = SyncState(state.generation, finished, state.last_full, started - self.policy.overlap_s, counts)
+        await self.store.apply(new_state, upserts, removals)
+        report.counts, report.changed, report.removed = counts, len(upserts), len(removals)
+        report.seconds = finished - started
+        log.info("replica: incremental sync done in %.1fs: %d changed, %d removed",
+                 report.seconds, report.changed, report.removed)
+        return report
