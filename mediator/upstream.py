@@ -58,6 +58,10 @@ class UpstreamLoginFailed(UpstreamUnavailable):
     pass
 
 
+class UpstreamInvalidAnswer(UpstreamUnavailable):
+    """openIMIS answered something that is not JSON (or not parseable): 502, never passed on as FHIR."""
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamReply:
     status: int
@@ -225,11 +229,14 @@ class OpenImisUpstream:
             headers["Location"] = self.rewriter.rewrite_url(location)
         body = reply.body
         is_json = reply.content_type in (PLAIN_JSON, FHIR_JSON)
-        if is_json and body:
+        if body and not is_json:
+            # openIMIS's FHIR API speaks JSON only; HTML error pages and the like are not FHIR.
+            raise UpstreamInvalidAnswer(f"answer {reply.status} is {reply.content_type or 'untyped'}, not JSON")
+        if body:
             try:
                 document = json.loads(body)
-            except ValueError:
-                document = None
+            except (ValueError, RecursionError) as exc:
+                raise UpstreamInvalidAnswer(f"answer {reply.status} is not valid JSON") from exc
             if isinstance(document, dict) and self.rewriter.rewrite_bundle(document):
                 body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if is_json:
