@@ -200,10 +200,16 @@ class OpenImisUpstream:
                                             allow_redirects=False) as resp:
                 if resp.content_length is not None and resp.content_length > MAX_UPSTREAM_BODY:
                     raise UpstreamUnavailable("upstream answer too large")
-                data = await resp.content.read(MAX_UPSTREAM_BODY + 1)
-                if len(data) > MAX_UPSTREAM_BODY:
-                    raise UpstreamUnavailable("upstream answer too large")
-                return UpstreamReply(resp.status, resp.headers.copy(), data, resp.content_type)
+                # Read to the end: StreamReader.read(n) returns whatever is buffered, which silently cut
+                # bodies that arrive in several segments; iter_any raises on a truncated or reset body.
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_any():
+                    size += len(chunk)
+                    if size > MAX_UPSTREAM_BODY:
+                        raise UpstreamUnavailable("upstream answer too large")
+                    chunks.append(chunk)
+                return UpstreamReply(resp.status, resp.headers.copy(), b"".join(chunks), resp.content_type)
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
         except aiohttp.ClientError as exc:
