@@ -15,10 +15,12 @@ from typing import Any
 
 from aiohttp import web
 
+from mediator.audit import AuditLog
 from mediator.config import Config
 from mediator.config.models import LimitsConfig
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
 from mediator.json_limits import parse_body
+from mediator.logs import bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
 from mediator.pipeline import BodyReadTimeout, BodyTooLarge, Decision, Exchange, Pipeline, request_id_for
 from mediator.stages import build_stages
@@ -35,6 +37,8 @@ class Runtime:
     config: Config
     pipeline: Pipeline
     upstreams: dict[str, OpenImisUpstream]
+    in_flight: int = 0
+    """Requests using this runtime now; a reload closes retired upstreams once it is 0."""
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics) -> Runtime:
@@ -51,6 +55,7 @@ class RuntimeHolder:
 
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 METRICS = web.AppKey("metrics", Metrics)
+AUDIT = web.AppKey("audit", AuditLog)
 
 
 def _check_body(exchange: Exchange, body: bytes, limits: LimitsConfig) -> Decision | None:
@@ -103,10 +108,12 @@ def _final_reason(exchange: Exchange) -> str:
 
 async def handle_fhir(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME].current
+    runtime.in_flight += 1
     metrics = request.app[METRICS]
     started = time.perf_counter()
     exchange = Exchange(request, request_id_for(request))
     exchange.body_read_timeout_s = runtime.config.channels.server.limits.body_read_timeout_s
+    log_context = bind_request_id(exchange.request_id)
     response: web.StreamResponse
     try:
         denial = await runtime.pipeline.run(exchange)
@@ -149,6 +156,9 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
     metrics.requests.labels(channel, str(response.status), reason).inc()
     metrics.request_seconds.labels(channel).observe(elapsed)
     _log_access(exchange, channel, response.status, reason, elapsed)
+    request.app[AUDIT].record(exchange, response.status, reason)
+    unbind_request_id(log_context)
+    runtime.in_flight -= 1
     return response
 
 
@@ -185,6 +195,8 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app = web.Application(client_max_size=limits.max_body_bytes)
     app[METRICS] = metrics
     app[RUNTIME] = RuntimeHolder(Runtime.build(config, metrics))
+    app[AUDIT] = AuditLog.from_config(config.channels.server.audit, config.root)
+    metrics.watch_upstreams(lambda: app[RUNTIME].current.upstreams)
 
     async def upstream_pools(app: web.Application):  # type: ignore[no-untyped-def]
         runtime = app[RUNTIME].current
@@ -193,6 +205,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
         yield
         for upstream in app[RUNTIME].current.upstreams.values():
             await upstream.close()
+        app[AUDIT].close()
 
     app.cleanup_ctx.append(upstream_pools)
     app.router.add_get("/healthz", handle_healthz)

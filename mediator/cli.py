@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
-from mediator.app import build_app, handler_args
 from mediator.config import Config, load_config
 from mediator.errors import ConfigError
-from mediator.tls import server_context
+from mediator.logs import configure_logging
+from mediator.server import Site, mediator_sites, run_sites, supervise, worker_command
 
 log = logging.getLogger("mediator")
 
@@ -28,37 +25,18 @@ def _load_or_report(config_dir: str) -> Config | None:
         return None
 
 
-async def _run_sites(sites: list[tuple[web.Application, str, int, dict[str, int], object]]) -> None:
-    runners = []
-    for app, host, port, args, ssl_context in sites:
-        runner = web.AppRunner(app, access_log=None, **args)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)  # type: ignore[arg-type]
-        await site.start()
-        runners.append(runner)
-        scheme = "https" if ssl_context else "http"
-        log.info("listening on %s://%s:%d", scheme, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for runner in reversed(runners):
-        await runner.cleanup()
-
-
-def _mediator_site(config: Config, host: str | None, port: int | None):  # type: ignore[no-untyped-def]
-    listen = config.channels.server.listen
-    ssl_context = server_context(listen.tls, config.root) if listen.tls else None
-    return (build_app(config), host or listen.host, port if port is not None else listen.port,
-            handler_args(config), ssl_context)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    asyncio.run(_run_sites([_mediator_site(config, args.host, args.port)]))
+    if args.workers > 1 and args.worker_index is None:
+        argv = ["--log-level", args.log_level, "--log-format", args.log_format, "serve", "--config", args.config]
+        if args.host:
+            argv += ["--host", args.host]
+        if args.port is not None:
+            argv += ["--port", str(args.port)]
+        return supervise(worker_command(argv), args.workers)
+    asyncio.run(run_sites(mediator_sites(config, args.host, args.port, args.worker_index)))
     return 0
 
 
@@ -73,7 +51,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mediator.sandbox import build_sandbox_app
 
-    asyncio.run(_run_sites([(build_sandbox_app(), args.host, args.port, {}, None)]))
+    asyncio.run(run_sites([Site(build_sandbox_app(), args.host, args.port, "sandbox")]))
     return 0
 
 
@@ -84,8 +62,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    asyncio.run(_run_sites([(build_sandbox_app(), "127.0.0.1", args.sandbox_port, {}, None),
-                            _mediator_site(config, None, None)]))
+    asyncio.run(run_sites([Site(build_sandbox_app(), "127.0.0.1", args.sandbox_port, "sandbox"),
+                           *mediator_sites(config)]))
     return 0
 
 
@@ -100,11 +78,16 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openimis-mediator", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("json", "text"), default="json",
+                        help="json: one JSON object per line with the request id (default); text: for a terminal")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the mediator")
     serve.add_argument("--config", required=True, help="directory with channels.yaml and policies/")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT), supervised by this process")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2")
     check.add_argument("--config", required=True)
@@ -126,6 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     result: int = args.func(args)
     return result

@@ -111,6 +111,18 @@ class OpenImisUpstream:
         self._token: str | None = None
         self._token_expires = 0.0
         self._login_lock = asyncio.Lock()
+        self.in_flight = 0
+        """Requests being forwarded now; a reload closes a removed upstream only once this is 0."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def pool_limit(self) -> int:
+        return self.config.pool_size
+
+    async def drained(self) -> None:
+        """Wait until no request is being forwarded through this upstream."""
+        await self._idle.wait()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.config.pool_size, keepalive_timeout=30,
@@ -217,6 +229,17 @@ class OpenImisUpstream:
 
     async def forward(self, request: web.Request, relative_path: str, body: bytes | None,
                       client_ip: str, request_id: str, timeout_s: float) -> web.Response:
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._forward(request, relative_path, body, client_ip, request_id, timeout_s)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def _forward(self, request: web.Request, relative_path: str, body: bytes | None,
+                       client_ip: str, request_id: str, timeout_s: float) -> web.Response:
         url = self.upstream_url(relative_path, request.rel_url.raw_query_string)
         token = await self.token()
         headers = self._headers(request, token, client_ip, request_id, body is not None)

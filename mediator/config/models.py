@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mediator.config.operations import AuditConfig, MetricsListenerConfig, ReloadConfig, ShutdownConfig
 from mediator.config.types import Cidr, HttpMethod, Name, PositiveSeconds, Regex, ResourceType
 
 
@@ -83,6 +84,11 @@ class ServerConfig(Strict):
     protected_resources: tuple[ResourceType, ...] = DEFAULT_PROTECTED_RESOURCES
     """PUT/PATCH/DELETE on these never reach openIMIS unless a channel sets allow_protected_writes.
     openIMIS deletes an insuree on DELETE CoverageEligibilityRequest."""
+    # Operations (README "Operations"); schemas and absent/default semantics in config/operations.py.
+    metrics: MetricsListenerConfig | None = None
+    audit: AuditConfig | None = None
+    reload: ReloadConfig = ReloadConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
 
     @field_validator("public_base_url")
     @classmethod

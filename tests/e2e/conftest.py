@@ -1,0 +1,68 @@
+"""A real openIMIS backend for the end-to-end tests (tests/openimis/harness.py).
+
+Started once per session when PostgreSQL is reachable (CI has it); otherwise every test here is
+skipped with a loud reason. If the session started the backend, it stops it at the end; a backend
+that was already running (a developer's `harness.py up`) is left running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_HARNESS_PATH = Path(__file__).parents[1] / "openimis" / "harness.py"
+
+
+def _load_harness() -> Any:
+    spec = importlib.util.spec_from_file_location("openimis_harness", _HARNESS_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["openimis_harness"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+
+
+@pytest.fixture(scope="session")
+def openimis() -> Any:
+    if not harness.postgres_reachable():
+        pytest.skip("REAL openIMIS END-TO-END TESTS NOT RUN: PostgreSQL is not reachable on 127.0.0.1:5432")
+    was_running = harness.running() is not None
+    info = harness.ensure_running()
+    yield info
+    if not was_running:
+        harness.down()
+
+
+def e2e_channels(fhir_base_url: str, channels: str | None = None, extra_server: str = "") -> str:
+    from tests.conftest import channels_yaml
+
+    default = """\
+      - name: master-data
+        path: ^/fhir/(ActivityDefinition|Medication|Location|Organization)(/[^/]+)?/?$
+        methods: [GET]
+        upstream: openimis
+        timeout_s: 30
+        ip_allowlist: [local]
+      - name: eligibility
+        path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
+        methods: [GET, POST]
+        upstream: openimis
+        timeout_s: 30
+        ip_allowlist: [local]
+      - name: claims
+        path: ^/fhir/(Claim|ClaimResponse)(/[^/]+)?/?$
+        methods: [GET, POST]
+        upstream: openimis
+        timeout_s: 60
+        ip_allowlist: [local]
+    """
+    return channels_yaml(fhir_base_url.rstrip("/") + "/", channels=textwrap.dedent(channels or default),
+                         extra_server=extra_server)
