@@ -56,8 +56,10 @@ def free_port() -> int:
 class Feature:
     name: str
     present: Callable[[set[str]], bool]
-    """Given the POLICY_FILES keys of the installed mediator: is this feature there?"""
+    """Given the installed mediator's POLICY_FILES keys and `server.*` field names (prefixed "server."):
+    is this feature there?"""
     channel_yaml: str = ""
+    server_yaml: str = ""
     policies: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
@@ -77,18 +79,24 @@ FEATURES: list[Feature] = [
                 deny: ["127.255.255.254/32"]
             """},
     ),
+    Feature(
+        "audit (file)", lambda keys: "server.audit" in keys,
+        server_yaml="audit:\n  file: audit/audit.log\n",
+    ),
 ]
 
 
 def installed_policy_keys() -> set[str]:
     from mediator.config import POLICY_FILES
+    from mediator.config.models import ServerConfig
 
-    return set(POLICY_FILES)
+    return set(POLICY_FILES) | {f"server.{name}" for name in ServerConfig.model_fields}
 
 
 def write_mediator_config(root: Path, port: int, upstream_port: int,
                           features: list[Feature]) -> None:
     channel_extra = "".join(f.channel_yaml for f in features)
+    server_extra = textwrap.indent("".join(f.server_yaml for f in features), "  ")
     channels = f"""\
         version: 1
         server:
@@ -96,7 +104,7 @@ def write_mediator_config(root: Path, port: int, upstream_port: int,
             host: 127.0.0.1
             port: {port}
           public_base_url: http://127.0.0.1:{port}/fhir/
-        upstreams:
+        {{server_extra}}upstreams:
           openimis:
             base_url: http://127.0.0.1:{upstream_port}/api/api_fhir_r4/
             pool_size: 128
@@ -109,8 +117,9 @@ def write_mediator_config(root: Path, port: int, upstream_port: int,
             methods: [GET]
             upstream: openimis
         """
-    text = textwrap.dedent(channels) + textwrap.indent(channel_extra, "    ")
+    text = textwrap.dedent(channels).replace("{server_extra}", server_extra) + textwrap.indent(channel_extra, "    ")
     (root / "policies").mkdir(parents=True, exist_ok=True)
+    (root / "audit").mkdir(exist_ok=True)
     (root / "channels.yaml").write_text(text)
     for feature in features:
         for name, policy in feature.policies.items():
