@@ -26,8 +26,10 @@ check: install
 run: install certs check
 	@echo ""
 	@echo "openIMIS Mediator on https://localhost:8443/fhir/ in front of the embedded openIMIS stand-in (127.0.0.1:8000)."
-	@echo "Try:  curl --cacert certs/ca.crt https://localhost:8443/fhir/Medication/"
-	@echo "      curl --cacert certs/ca.crt 'https://localhost:8443/fhir/Patient?identifier=123456789'"
+	@echo "Try:  curl --cacert certs/ca.crt https://localhost:8443/fhir/metadata"
+	@echo "      curl --cacert certs/ca.crt --cert certs/vendor-a.crt --key certs/vendor-a.key https://localhost:8443/fhir/Medication/"
+	@echo "      $(BIN)/openimis-mediator token --client vendor-a --key certs/vendor-a.key   # SMART access token"
+	@echo "      curl --cacert certs/ca.crt -H \"Authorization: Bearer <access_token>\" 'https://localhost:8443/fhir/Patient?identifier=123456789'"
 	@echo ""
 	$(BIN)/openimis-mediator dev --config .
 

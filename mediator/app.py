@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -19,11 +20,22 @@ from mediator.audit import AuditLog
 from mediator.config import Config
 from mediator.config.models import LimitsConfig
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
+from mediator.identity import Identity
+from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.json_limits import parse_body
 from mediator.logs import bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
-from mediator.pipeline import BodyReadTimeout, BodyTooLarge, Decision, Exchange, Pipeline, request_id_for
+from mediator.pipeline import (
+    BodyReadTimeout,
+    BodyTooLarge,
+    Decision,
+    Exchange,
+    Pipeline,
+    apply_response_filters,
+    request_id_for,
+)
 from mediator.stages import build_stages
+from mediator.stages.client_ip import ClientIpPolicy
 from mediator.upstream import OpenImisUpstream, UpstreamInvalidAnswer, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator")
@@ -37,6 +49,8 @@ class Runtime:
     config: Config
     pipeline: Pipeline
     upstreams: dict[str, OpenImisUpstream]
+    identity: Identity
+    client_ip_policy: ClientIpPolicy
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired upstreams once it is 0."""
 
@@ -45,7 +59,9 @@ class Runtime:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
-        return cls(config, Pipeline(build_stages(config), metrics), upstreams)
+        identity = Identity.from_config(config)
+        return cls(config, Pipeline(build_stages(config, upstreams, metrics.registry, identity), metrics),
+                   upstreams, identity, ClientIpPolicy.from_config(config))
 
 
 @dataclass(slots=True)
@@ -96,8 +112,10 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     upstream = runtime.upstreams[channel.config.upstream]
     started = time.perf_counter()
     try:
-        return await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
-                                      exchange.request_id, channel.config.timeout_s)
+        response = await upstream.forward(request, fhir.path, body, str(exchange.client_ip),
+                                          exchange.request_id, channel.config.timeout_s)
+        exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
+        return response
     finally:
         metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - started)
 
@@ -122,7 +140,7 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
                                                   denial.headers)
         else:
             response = await _forward(exchange, runtime, metrics)
-            exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
+            response = await apply_response_filters(exchange, response)
     except BodyTooLarge:
         exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
         response = operation_outcome_response(413, "request.body_too_large",
@@ -207,9 +225,23 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
             await upstream.close()
         app[AUDIT].close()
 
+    async def identity_resources(app: web.Application):  # type: ignore[no-untyped-def]
+        identity = app[RUNTIME].current.identity  # JWKS refresh tasks, replay store
+        await identity.start()
+        yield
+        await identity.close()
+
     app.cleanup_ctx.append(upstream_pools)
+    app.cleanup_ctx.append(identity_resources)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
+    auth = identity_handlers(lambda r: r.app[RUNTIME].current.identity,
+                             lambda r: r.app[RUNTIME].current.client_ip_policy, lambda r: r.app[METRICS].record)
+    prefix = urlsplit(config.channels.server.public_base_url).path
+    app.router.add_post("/auth/token", auth["token"])
+    app.router.add_get("/.well-known/jwks.json", auth["jwks"])
+    app.router.add_get("/.well-known/smart-configuration", auth["smart_configuration"])
+    app.router.add_get(f"{prefix}.well-known/smart-configuration", auth["smart_configuration"])
     app.router.add_route("*", "/{tail:.*}", handle_fhir)
     return app
 

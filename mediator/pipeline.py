@@ -154,3 +154,14 @@ def request_id_for(request: web.Request) -> str:
     if 8 <= len(given) <= 64 and set(given) <= _REQUEST_ID_OK:
         return given
     return uuid.uuid4().hex
+
+
+RESPONSE_FILTERS = "response_filters"
+"""exchange.attributes key: callables (exchange, response) -> response that a stage registers to check
+openIMIS's answer before it reaches the client (e.g. authorization's search result filter)."""
+
+
+async def apply_response_filters(exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+    for response_filter in exchange.attributes.get(RESPONSE_FILTERS, ()):
+        response = await response_filter(exchange, response)
+    return response

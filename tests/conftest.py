@@ -36,17 +36,20 @@ def channels_yaml(upstream: str, *, extra_server: str = "", channels: str | None
             methods: [GET]
             upstream: openimis
             ip_allowlist: [local]
+            authentication: none
           - name: eligibility
             path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
             methods: [GET, POST]
             upstream: openimis
             ip_allowlist: [local]
+            authentication: none
           - name: claims
             path: ^/fhir/(Claim|ClaimResponse)(/[^/]+)?/?$
             methods: [GET, POST]
             upstream: openimis
             timeout_s: 2
             ip_allowlist: [local]
+            authentication: none
         """
     server = textwrap.indent(textwrap.dedent(extra_server), "  ")
     return (

@@ -81,9 +81,14 @@ async def test_oversize_chunked_body_is_413(sandbox, mediator):
 )
 async def test_bad_bodies_get_a_clear_error_and_never_reach_openimis(sandbox, mediator, body, content_type,
                                                                        status, reason):
+    from mediator.app import METRICS
+
     response = await mediator.post("/fhir/Claim", data=body.encode(), headers={"Content-Type": content_type})
     assert response.status == status
     assert (await response.json())["issue"][0]["details"]["coding"][0]["code"] == reason
+    counted = mediator.server.app[METRICS].registry.get_sample_value(
+        "mediator_requests_total", {"channel": "claims", "status": str(status), "reason": reason})
+    assert counted == 1
     assert not [r for r in sandbox.requests if r["path"].endswith("/Claim/")]
 
 

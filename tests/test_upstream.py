@@ -132,6 +132,7 @@ async def test_slow_upstream_is_504(aiohttp_server, make_mediator):
         upstream: openimis
         timeout_s: 0.3
         ip_allowlist: [local]
+        authentication: none
     """
     client = await make_mediator(channels_yaml(upstream_url(server), channels=channels))
     started = time.monotonic()

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from mediator.config.authorization import AuthorizationPolicy
+from mediator.config.clients import ClientsPolicy
 from mediator.config.models import ChannelsFile, IpAllowlistPolicy
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
@@ -34,6 +36,10 @@ class PolicyFile:
 # Later stages register their policy files here; the order is the order errors are reported in.
 POLICY_FILES: dict[str, PolicyFile] = {
     "ip_allowlist": PolicyFile("ip_allowlist.yaml", IpAllowlistPolicy),
+    # Absent: no authorization stage (README "policies/authorization.yaml").
+    "authorization": PolicyFile("authorization.yaml", AuthorizationPolicy, required=False),
+    # Absent: no client is registered, so channels requiring authentication answer 401.
+    "clients": PolicyFile("clients.yaml", ClientsPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -123,3 +129,29 @@ def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> 
 
 
 CROSS_CHECKS.append(_channel_ip_sets_exist)
+
+
+def _authorization_upstream_exists(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    policy = config.policies.get("authorization")
+    if not isinstance(policy, AuthorizationPolicy):
+        return []
+    name = policy.facility_directory.upstream
+    if name in config.channels.upstreams:
+        return []
+    return [docs["authorization"].problem(("facility_directory", "upstream"),
+                                          f"unknown upstream {name!r} (not in channels.yaml upstreams)")]
+
+
+CROSS_CHECKS.append(_authorization_upstream_exists)
+def _client_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    if "clients" not in config.policies:
+        return []
+    ip_sets = config.policy("ip_allowlist", IpAllowlistPolicy).ip_sets
+    clients = config.policy("clients", ClientsPolicy).clients
+    return [docs["clients"].problem(("clients", client_id, "ip_allowlist", j),
+                                    f"unknown ip set {name!r} (not in policies/ip_allowlist.yaml)")
+            for client_id, client in clients.items()
+            for j, name in enumerate(client.ip_allowlist) if name not in ip_sets]
+
+
+CROSS_CHECKS.append(_client_ip_sets_exist)

@@ -141,6 +141,9 @@ class ChannelConfig(Strict):
     Absent: policies/ip_allowlist.yaml `unlisted_channels` decides (default deny). Empty: deny all."""
     allow_protected_writes: bool = False
     """Let PUT/PATCH/DELETE on server.protected_resources through this channel."""
+    authentication: Literal["required", "none"] = "required"
+    """required (default): a registered client must prove itself (policies/clients.yaml).
+    none: anyone the ip_allowlist admits, for explicitly open channels such as metadata."""
 
 
 class ChannelsFile(Strict):

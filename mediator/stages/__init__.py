@@ -1,28 +1,47 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → [authentication: issue 3] → [authorization: issue 4] → [rate limit: issue 5]
+client_ip → channel → ip → authentication → [authorization: issue 4] → [rate limit: issue 5]
 → route (cache/upstream, in mediator.app). A test asserts this order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry
+
 from mediator.config import Config
+from mediator.identity import Identity
 from mediator.pipeline import Stage
+from mediator.stages.authentication import AuthenticationStage
+from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
+from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
 ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_limit")
 
 
-def build_stages(config: Config) -> list[Stage]:
+def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
+                 registry: CollectorRegistry | None = None, identity: Identity | None = None) -> list[Stage]:
+    """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
+    them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
+    runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only."""
+    if upstreams is None:
+        server = config.channels.server
+        upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
+                     for name, u in config.channels.upstreams.items()}
     stages: list[Stage] = [
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
+        AuthenticationStage(identity or Identity.from_config(config)),
     ]
+    if "authorization" in config.policies:
+        stages.append(AuthorizationStage.from_config(config, upstreams, registry))
     names = [s.name for s in stages]
     if names != [n for n in ORDER if n in names] or not set(names) <= set(ORDER):
         raise RuntimeError(f"stages {names} are not in the declared ORDER {ORDER}")

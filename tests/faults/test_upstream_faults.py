@@ -86,12 +86,14 @@ CHANNELS = """\
     upstream: openimis
     timeout_s: 0.5
     ip_allowlist: [local]
+    authentication: none
   - name: claims
     path: ^/fhir/Claim/?$
     methods: [POST]
     upstream: openimis
     timeout_s: 0.5
     ip_allowlist: [local]
+    authentication: none
 """
 
 

@@ -1,0 +1,250 @@
+"""Which openIMIS health facility (HF code, e.g. "JMHOS001") a FHIR reference belongs to.
+
+`FacilityDirectory` is the small interface the authorization stage depends on: `snapshot()` returns an
+immutable `FacilitySnapshot` with pure lookups. `UpstreamFacilityDirectory` loads it from openIMIS
+(Organization?type=prov and PractitionerRole?resourceType=ca, paged) and keeps it for a TTL; a
+master-data replica can implement the same interface by calling `FacilitySnapshot.from_resources`.
+
+openIMIS facts this relies on (api_fhir_r4): a health facility is an Organization of type `prov` whose
+identifiers carry type code `Code` (the HF code) and `UUID`; a claim administrator is a PractitionerRole
+(code `CA`) whose `practitioner` is the claim admin and whose `organization` is the HF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("mediator.facilities")
+
+_AMBIGUOUS = "\x00ambiguous"
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class DirectoryUnavailable(Exception):
+    """The directory could not be loaded and no usable copy exists: requests needing it are refused."""
+
+
+class LookupFailed(Exception):
+    """openIMIS did not answer a lookup properly (not a 200/404 JSON answer)."""
+
+
+def identifier_values(resource: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    """(type code or None, value) for each identifier of a resource."""
+    found: list[tuple[str | None, str]] = []
+    for identifier in resource.get("identifier") or ():
+        if not isinstance(identifier, dict) or not isinstance(identifier.get("value"), str):
+            continue
+        codes = [c.get("code") for c in ((identifier.get("type") or {}).get("coding") or ())
+                 if isinstance(c, dict)]
+        found.append((codes[0] if codes and isinstance(codes[0], str) else None, identifier["value"]))
+    return found
+
+
+def reference_id(reference: Any, resource_type: str) -> str | None:
+    """The id in a literal reference "Type/id"; None for anything else (absolute URLs included)."""
+    if not isinstance(reference, str):
+        return None
+    parts = reference.split("/")
+    if len(parts) == 2 and parts[0] == resource_type and parts[1]:
+        return parts[1]
+    return None
+
+
+def _has_code(resource: Mapping[str, Any], key: str, code: str) -> bool:
+    for concept in resource.get(key) or ():
+        for coding in (concept.get("coding") or ()) if isinstance(concept, dict) else ():
+            if isinstance(coding, dict) and str(coding.get("code", "")).lower() == code:
+                return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class FacilitySnapshot:
+    """An immutable directory: lower-cased keys (uuid, code, resource id) → HF code. Safe to share."""
+
+    organizations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    practitioners: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    loaded_at: float = 0.0
+
+    @staticmethod
+    def _put(table: dict[str, str], key: str, code: str) -> None:
+        key = key.lower()
+        if table.get(key, code) != code:
+            table[key] = _AMBIGUOUS   # one key, two facilities: never resolve it
+        else:
+            table[key] = code
+
+    @classmethod
+    def from_resources(cls, organizations: Iterable[Mapping[str, Any]],
+                       practitioner_roles: Iterable[Mapping[str, Any]], loaded_at: float) -> FacilitySnapshot:
+        orgs: dict[str, str] = {}
+        for org in organizations:
+            if not _has_code(org, "type", "prov"):
+                continue   # policy holders (bus) and insurers (ins) are not health facilities
+            ids = identifier_values(org)
+            codes = [v for t, v in ids if t == "Code"]
+            if len(codes) != 1:
+                continue
+            hf = codes[0]
+            for _, value in ids:
+                cls._put(orgs, value, hf)
+            if isinstance(org.get("id"), str):
+                cls._put(orgs, org["id"], hf)
+        practitioners: dict[str, str] = {}
+        for role in practitioner_roles:
+            if role.get("code") and not _has_code(role, "code", "ca"):
+                continue   # enrolment officers are not claim administrators
+            org_ref = role.get("organization") or {}
+            keys = [reference_id(org_ref.get("reference"), "Organization")]
+            ident = org_ref.get("identifier")
+            if isinstance(ident, dict):
+                keys.append(ident.get("value"))
+            hfs = {orgs.get(k.lower()) for k in keys if isinstance(k, str)} - {None}
+            if len(hfs) != 1 or _AMBIGUOUS in hfs:
+                continue
+            hf = hfs.pop()
+            assert hf is not None
+            prac_ref = role.get("practitioner") or {}
+            names = [reference_id(prac_ref.get("reference"), "Practitioner"), role.get("id")]
+            if isinstance(prac_ref.get("identifier"), dict):
+                names.append(prac_ref["identifier"].get("value"))
+            names += [v for _, v in identifier_values(role)]
+            for name in names:
+                if isinstance(name, str) and name:
+                    cls._put(practitioners, name, hf)
+        return cls(MappingProxyType(orgs), MappingProxyType(practitioners), loaded_at)
+
+    def facility_of_organization(self, key: str) -> str | None:
+        code = self.organizations.get(key.lower())
+        return None if code in (None, _AMBIGUOUS) else code
+
+    def facility_of_practitioner(self, key: str) -> str | None:
+        code = self.practitioners.get(key.lower())
+        return None if code in (None, _AMBIGUOUS) else code
+
+
+class FacilityDirectory(Protocol):
+    """Source of FacilitySnapshots. Implementations are safe for concurrent use."""
+
+    async def snapshot(self, *, max_age_s: float | None = None) -> FacilitySnapshot:
+        """A snapshot no older than the implementation's TTL (or max_age_s, if given and smaller).
+
+        Raises DirectoryUnavailable when none can be produced.
+        """
+        ...
+
+
+async def fetch_json(upstream: OpenImisUpstream, relative_path: str, query: str, timeout_s: float,
+                     request_id: str) -> tuple[int, Any]:
+    """GET a FHIR path from openIMIS as the mediator's own user: (status, parsed JSON or None).
+
+    The caller's credentials are never involved. Raises LookupFailed for transport failures and
+    answers that are not JSON.
+    """
+    url = upstream.upstream_url(relative_path, query)
+    headers = {"Accept": "application/json", "X-Request-ID": request_id}
+    try:
+        for attempt in (0, 1):
+            token = await upstream.token(force=attempt == 1)
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            reply = await upstream.send("GET", url, headers, None, timeout_s)
+            if reply.status != 401 or upstream.config.login is None:
+                break
+    except (UpstreamUnavailable, UpstreamTimeout) as exc:
+        raise LookupFailed(f"{relative_path}: {type(exc).__name__}") from exc
+    try:
+        return reply.status, json.loads(reply.body) if reply.body else None
+    except ValueError as exc:
+        raise LookupFailed(f"{relative_path}: answer is not JSON ({reply.status})") from exc
+
+
+class UpstreamFacilityDirectory:
+    """A FacilityDirectory read from openIMIS, cached for `ttl_s`; one load at a time.
+
+    Lifetime: one per runtime; uses the runtime's started upstream. If a reload fails, the previous
+    snapshot is served until `ttl_s + max_stale_s` after it was loaded; then DirectoryUnavailable.
+    """
+
+    MAX_PAGES = 1000
+
+    def __init__(self, upstream: OpenImisUpstream, ttl_s: float, max_stale_s: float,
+                 page_size: int, timeout_s: float) -> None:
+        self.upstream = upstream
+        self.ttl_s = ttl_s
+        self.max_stale_s = max_stale_s
+        self.page_size = page_size
+        self.timeout_s = timeout_s
+        self._snapshot: FacilitySnapshot | None = None
+        self._lock = asyncio.Lock()
+        self.loads = 0
+
+    async def snapshot(self, *, max_age_s: float | None = None) -> FacilitySnapshot:
+        limit = self.ttl_s if max_age_s is None else min(self.ttl_s, max_age_s)
+        current = self._snapshot
+        if current is not None and time.time() - current.loaded_at < limit:
+            return current
+        async with self._lock:
+            current = self._snapshot
+            if current is not None and time.time() - current.loaded_at < limit:
+                return current   # another request reloaded while we waited
+            try:
+                self._snapshot = await self._load()
+                return self._snapshot
+            except LookupFailed as exc:
+                log.warning("facility directory reload failed: %s", exc)
+                if current is not None and time.time() - current.loaded_at < self.ttl_s + self.max_stale_s:
+                    return current
+                raise DirectoryUnavailable(str(exc)) from exc
+
+    async def _load(self) -> FacilitySnapshot:
+        organizations = await self._all("Organization", f"type=prov&_count={self.page_size}")
+        roles = await self._all("PractitionerRole", f"resourceType=ca&_count={self.page_size}")
+        self.loads += 1
+        snapshot = FacilitySnapshot.from_resources(organizations, roles, time.time())
+        log.info("facility directory loaded: %d organization keys, %d claim administrator keys",
+                 len(snapshot.organizations), len(snapshot.practitioners))
+        return snapshot
+
+    async def _all(self, resource_type: str, query: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for _ in range(self.MAX_PAGES):
+            seen.add(query)
+            status, bundle = await fetch_json(self.upstream, resource_type, query, self.timeout_s,
+                                              "facility-directory")
+            if status != 200 or not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                raise LookupFailed(f"{resource_type} list answered {status}")
+            for entry in bundle.get("entry") or ():
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
+                    found.append(resource)
+            next_query = None
+            for link in bundle.get("link") or ():
+                if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+                    # Only the query of the next link is used: the host in it is openIMIS's idea of itself.
+                    next_query = urlsplit(link["url"]).query
+            if not next_query or next_query in seen:
+                return found
+            query = next_query
+        raise LookupFailed(f"{resource_type} list has more than {self.MAX_PAGES} pages")
+
+
+class StaticFacilityDirectory:
+    """A fixed snapshot (tests of the pure parts, explain with a described directory)."""
+
+    def __init__(self, snapshot: FacilitySnapshot) -> None:
+        self._snapshot = snapshot
+
+    async def snapshot(self, *, max_age_s: float | None = None) -> FacilitySnapshot:
+        return self._snapshot

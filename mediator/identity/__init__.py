@@ -1,0 +1,193 @@
+"""Identity: who is calling, proven cryptographically (README "Authentication").
+
+`Identity.from_config` compiles policies/clients.yaml once: the client registry (certificate
+matchers, key sources, networks), the mediator's signing key, the replay store and one `JwksCache`
+per JWKS URL. `start`/`close` run from the application's cleanup_ctx. The authentication stage and
+the token endpoint (`mediator.identity.token_service`) share one Identity per runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import aiohttp
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from joserfc.jwk import ECKey, KeySet
+
+from mediator.config import Config
+from mediator.config.clients import ClientEntry, ClientsPolicy, KeySource, TokenService
+from mediator.errors import MediatorError
+from mediator.identity.keys import (
+    JwksCache,
+    load_jwks_file,
+    load_or_create_signing_key,
+    load_public_key_file,
+)
+from mediator.identity.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
+from mediator.identity.verify import Expectations, Failure, Verified, unverified_header, verify
+
+if TYPE_CHECKING:
+    from mediator.stages.client_ip import IPAddress
+    from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
+
+POLICY_KEY = "clients"
+
+
+class KeyProvider:
+    """The public keys of one signer: fixed (file) or a JWKS URL kept fresh by a JwksCache."""
+
+    def __init__(self, static: KeySet | None = None, cache: JwksCache | None = None) -> None:
+        self.static = static
+        self.cache = cache
+
+    def current(self) -> KeySet:
+        if self.static is not None:
+            return self.static
+        if self.cache is not None and self.cache.keys is not None:
+            return self.cache.keys
+        return KeySet([])
+
+    async def verify(self, token: str, expect: Expectations, now: int) -> Verified | Failure:
+        header = unverified_header(token)
+        if isinstance(header, Failure):
+            return header
+        result = verify(token, self.current(), expect, now, header)
+        # An unknown kid may be a key the IdP just rotated in: one throttled refetch, then decide.
+        if isinstance(result, Failure) and result.check == "unknown_key" and self.cache is not None:
+            if await self.cache.refetch_for_unknown_kid():
+                result = verify(token, self.current(), expect, now, header)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredClient:
+    client_id: str
+    entry: ClientEntry
+    networks: CompiledIpSet
+    """The client's own `cidrs`."""
+    assertion_keys: KeyProvider | None
+    user_token_keys: KeyProvider | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    sha256: str
+    subject_cn: str | None
+
+
+def describe_certificate(der: bytes) -> PeerCertificate:
+    cn: str | None = None
+    try:
+        names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(names) == 1 and isinstance(names[0].value, str):
+            cn = names[0].value
+    except ValueError:
+        cn = None
+    return PeerCertificate(hashlib.sha256(der).hexdigest(), cn)
+
+
+class Identity:
+    """Compiled identity configuration and its live resources (JWKS caches, replay store)."""
+
+    def __init__(self, *, clients: dict[str, RegisteredClient], ip_sets: IpSetTable,
+                 service: TokenService | None, signing_key: ECKey | None, issuer: str, token_url: str,
+                 audience: str, replay: ReplayStore, jwks: dict[str, JwksCache]) -> None:
+        self.clients = clients
+        self.ip_sets = ip_sets
+        self.service = service
+        self.signing_key = signing_key
+        self.issuer = issuer
+        self.token_url = token_url
+        self.audience = audience
+        self.replay = replay
+        self.jwks = jwks
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Identity:
+        # Imported here: mediator.stages imports this package (the authentication stage).
+        from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
+
+        base = config.channels.server.public_base_url
+        parts = urlsplit(base)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        ip_sets = IpSetTable.from_config(config)
+        if POLICY_KEY not in config.policies:
+            return cls(clients={}, ip_sets=ip_sets, service=None, signing_key=None, issuer=origin,
+                       token_url=f"{origin}/auth/token", audience=base, replay=MemoryReplayStore(), jwks={})
+        policy = config.policy(POLICY_KEY, ClientsPolicy)
+        service = policy.token_service
+        jwks: dict[str, JwksCache] = {}
+
+        def provider(source: KeySource | None) -> KeyProvider | None:
+            if source is None:
+                return None
+            if source.jwks_url is not None:
+                cache = jwks.setdefault(source.jwks_url, JwksCache(
+                    source.jwks_url, service.jwks_refresh_s, service.jwks_min_refetch_s))
+                return KeyProvider(cache=cache)
+            if source.public_key_file is not None:
+                return KeyProvider(static=load_public_key_file(config.root / source.public_key_file))
+            assert source.jwks_file is not None  # KeySource validates exactly one
+            return KeyProvider(static=load_jwks_file(config.root / source.jwks_file))
+
+        clients = {
+            client_id: RegisteredClient(
+                client_id, entry, CompiledIpSet(tuple(ipaddress.ip_network(c) for c in entry.cidrs), ()),
+                provider(entry.keys), provider(entry.user_token.keys if entry.user_token else None))
+            for client_id, entry in policy.clients.items()
+        }
+        return cls(clients=clients, ip_sets=ip_sets, service=service,
+                   signing_key=load_or_create_signing_key(config.root / service.signing_key_file),
+                   issuer=service.issuer or origin, token_url=service.token_url or f"{origin}/auth/token",
+                   audience=base, replay=_replay_store(service), jwks=jwks)
+
+    async def start(self) -> None:
+        if self.jwks:
+            self._session = aiohttp.ClientSession()
+            for cache in self.jwks.values():
+                await cache.start(self._session)
+
+    async def close(self) -> None:
+        for cache in self.jwks.values():
+            await cache.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self.replay.close()
+
+    def client_for_certificate(self, cert: PeerCertificate) -> list[RegisteredClient]:
+        """Clients whose certificate matchers all match (the config refuses duplicate matchers)."""
+        found = []
+        for client in self.clients.values():
+            for match in client.entry.certificates:
+                if (match.sha256 is None or match.sha256 == cert.sha256) and \
+                        (match.subject_cn is None or match.subject_cn == cert.subject_cn):
+                    found.append(client)
+                    break
+        return found
+
+    def address_allowed(self, client: RegisteredClient, address: IPAddress | None) -> bool:
+        if address is None:
+            return False
+        return client.networks.contains(address) or self.ip_sets.allows(address, client.entry.ip_allowlist)
+
+
+def _replay_store(service: TokenService) -> ReplayStore:
+    store = service.replay_store
+    if store.redis_url_env is None:
+        return MemoryReplayStore()
+    url = os.environ.get(store.redis_url_env)
+    if not url:
+        raise MediatorError(f"policies/clients.yaml: token_service.replay_store.redis_url_env: "
+                            f"environment variable {store.redis_url_env} is not set")
+    return RedisReplayStore(url, store.key_prefix)
+
+
+__all__ = ["Identity", "KeyProvider", "PeerCertificate", "RegisteredClient", "describe_certificate"]

@@ -1,0 +1,166 @@
+"""Test kit for identity tests: keys generated at test time, a clients.yaml, token minting."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+from mediator.identity.client import client_assertion, token_form
+
+BASE = "https://mediator.example.org/fhir/"
+ORIGIN = "https://mediator.example.org"
+TOKEN_URL = f"{ORIGIN}/auth/token"
+IDP_ISSUER = "https://idp.vendor-a.example"
+
+AUTH_CHANNELS = """\
+- name: master-data
+  path: ^/fhir/(Medication|Organization)(/[^/]+)?/?$
+  methods: [GET]
+  upstream: openimis
+  ip_allowlist: [local]
+- name: capabilities
+  path: ^/fhir/metadata/?$
+  methods: [GET]
+  upstream: openimis
+  ip_allowlist: [local]
+  authentication: none
+"""
+
+
+@dataclass
+class Keys:
+    vendor_a: ECKey
+    vendor_rsa: RSAKey
+    idp: ECKey
+    attacker: ECKey
+
+
+def make_keys() -> Keys:
+    return Keys(ECKey.generate_key("P-256"), RSAKey.generate_key(2048), ECKey.generate_key("P-256"),
+                ECKey.generate_key("P-256"))
+
+
+def clients_yaml(*, replay: str = "", user_token_keys: str = "public_key_file: keys/idp.pem",
+                 vendor_a_cidrs: str = "[]", required_user: bool = False) -> str:
+    return f"""\
+version: 1
+token_service:
+  signing_key_file: keys/mediator-signing.key
+{replay}clients:
+  vendor-a:
+    auth_methods: [mtls, private_key_jwt]
+    certificates:
+      - subject_cn: vendor-a
+    keys:
+      public_key_file: keys/vendor-a.pem
+    ip_allowlist: [local]
+    cidrs: {vendor_a_cidrs}
+    health_facilities: [JMHOS001, JMHOS002]
+    default_roles: [claim_administrator]
+    scopes: [system/*.read, system/Claim.write]
+    user_token:
+      required: {str(required_user).lower()}
+      issuer: {IDP_ISSUER}
+      keys:
+        {user_token_keys}
+      algorithms: [ES256]
+      max_lifetime_s: 600
+      claims:
+        user_id: preferred_username
+        roles: roles
+        health_facility: hf
+  vendor-rsa:
+    auth_methods: [private_key_jwt]
+    keys:
+      public_key_file: keys/vendor-rsa.pem
+    algorithms: [RS256, RS384]
+    ip_allowlist: [local]
+    scopes: [system/*.read]
+  vendor-b:
+    auth_methods: [mtls]
+    certificates:
+      - subject_cn: vendor-b
+    ip_allowlist: [local]
+    health_facilities: [JMHOS009]
+    trust_user_header: true
+    scopes: [system/*.read]
+  vendor-far:
+    auth_methods: [private_key_jwt]
+    keys:
+      public_key_file: keys/vendor-a.pem
+    cidrs: ["192.0.2.0/24"]
+    scopes: [system/*.read]
+"""
+
+
+KEYS_FOR_JWKS = make_keys()
+
+
+def write_keys(root: Path, keys: Keys) -> None:
+    folder = root / "keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vendor-a.pem").write_bytes(keys.vendor_a.as_pem(private=False))
+    (folder / "vendor-rsa.pem").write_bytes(keys.vendor_rsa.as_pem(private=False))
+    (folder / "idp.pem").write_bytes(keys.idp.as_pem(private=False))
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}."
+
+
+def sign(header: dict[str, Any], claims: dict[str, Any], key: Any) -> str:
+    return jwt.encode(header, claims, key, algorithms=[header["alg"]])
+
+
+def assertion_claims(client_id: str = "vendor-a", **changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {"iss": client_id, "sub": client_id, "aud": TOKEN_URL, "iat": now,
+                              "exp": now + 120, "jti": uuid.uuid4().hex}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def user_claims(**changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {"iss": IDP_ISSUER, "aud": BASE, "iat": now, "exp": now + 300,
+                              "preferred_username": "dr.amina", "roles": ["claim_administrator"],
+                              "hf": "JMHOS001", "jti": uuid.uuid4().hex}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def user_token(key: ECKey, kid: str | None = None, **changes: Any) -> str:
+    header: dict[str, Any] = {"alg": "ES256"}
+    if kid is not None:
+        header["kid"] = kid
+    return sign(header, user_claims(**changes), key)
+
+
+def form(assertion: str, scope: str = "system/*.read") -> dict[str, str]:
+    return token_form(assertion, scope)
+
+
+def good_assertion(keys: Keys) -> str:
+    return client_assertion("vendor-a", keys.vendor_a, TOKEN_URL)
+
+
+def hs256_forgery(header: dict[str, Any], claims: dict[str, Any], secret: bytes) -> str:
+    """What an attacker does by hand (joserfc refuses to use a public key as an HMAC secret)."""
+    import hashlib
+    import hmac
+
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"

@@ -1,0 +1,630 @@
+"""Authorization stage: (a) pure decide tables, (b) schema errors with file:line:col, (c) round trips.
+
+The round trips run the real mediator and the openIMIS stand-in over sockets. TEST-ONLY: until the
+authentication stage (branch identity) is merged, the principal is set by `PrincipalFromTestHeader`, a
+stage registered only in these tests, which reads the name of a Principal defined below from the
+`X-Test-Principal` header. Nothing in the product reads that header.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from mediator.app import RUNTIME, build_app
+from mediator.config import load_config
+from mediator.config.authorization import AuthorizationPolicy, Permission, parse_token_scope
+from mediator.errors import ConfigError
+from mediator.facilities import FacilitySnapshot
+from mediator.facility_scope import FacilityFacts, claim_facts, eligibility_facts, owner_facts
+from mediator.pipeline import Decision, Exchange, Pipeline, Principal
+from mediator.sandbox import load_fixtures
+from mediator.stages.authorization import Access, evaluate, token_permissions
+from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, upstream_url, write_config
+
+FIXTURES = Path(__file__).parents[1] / "config" / "fixtures"
+SHIPPED_POLICY = (Path(__file__).parents[2] / "policies" / "authorization.yaml").read_text()
+
+JM_UUID = "026e088a-fbd5-474e-8d42-069958a34127"      # JMHOS001, Jambero District Hospital
+RA_UUID = "d8a25f21-f36a-4d4d-9e58-1db8ffbe7036"      # RAHOS001, Rapta District Hospital
+JM_ADMIN = "4a3f1a0a-e13c-451a-9511-a4d0fe35d20b"     # claim admin JHOS0011
+RA_ADMIN = "598e43ca-9977-4f4b-a678-992528ce3454"     # claim admin RHOS0011
+JM_CLAIM = "9a1b2c3d-0000-4000-8000-00000000a001"
+RA_CLAIM = "9a1b2c3d-0000-4000-8000-00000000b001"
+UUID_TYPE = {"coding": [{"code": "UUID"}]}
+CODE_TYPE = {"coding": [{"code": "Code"}]}
+
+JM_CLERK = Principal("hms-a", "access_token", user_id="jm-clerk", roles=frozenset({"hms", "claim-admin"}),
+                     scopes=frozenset({"user/*.cruds", "system/*.rs"}), health_facilities=frozenset({"JMHOS001"}))
+HMS_ONLY = Principal("hms-a", "mtls", roles=frozenset({"hms"}))
+NO_FACILITY = Principal("hms-a", "mtls", user_id="x", roles=frozenset({"claim-admin"}))
+
+
+def _store() -> dict[str, dict[str, dict[str, Any]]]:
+    return load_fixtures()
+
+
+def _snapshot() -> FacilitySnapshot:
+    store = _store()
+    return FacilitySnapshot.from_resources(store["Organization"].values(), store["PractitionerRole"].values(), 0)
+
+
+def _claim(**changes: Any) -> dict[str, Any]:
+    claim = copy.deepcopy(_store()["Claim"][JM_CLAIM])
+    claim.pop("id")
+    claim.update(changes)
+    return claim
+
+
+def _policy(text: str = SHIPPED_POLICY) -> AuthorizationPolicy:
+    import yaml
+    return AuthorizationPolicy.model_validate(yaml.safe_load(text))
+
+
+# --- (a) pure tables ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "rtype", "letter", "query", "has_user", "grants"),
+    [
+        ("user/Claim.cr", "Claim", "c", (), True, True),
+        ("user/Claim.cr", "Claim", "c", (), False, False),          # user/ needs a user
+        ("system/Claim.cr", "Claim", "c", (), False, True),
+        ("user/Claim.cr", "Claim", "s", (), True, False),
+        ("user/Claim.cr", "ClaimResponse", "r", (), True, False),
+        ("system/*.rs", "Medication", "s", (), False, True),
+        ("system/Medication.rs", "*", "s", (), False, False),       # system-wide search needs *.s
+        ("user/Patient.s?identifier=*", "Patient", "s", (("identifier", "070707070"),), True, True),
+        ("user/Patient.s?identifier=*", "Patient", "s", (("name", "Macintyre"),), True, False),
+        ("user/Patient.s?identifier=*", "Patient", "s", (("identifier", ""),), True, False),
+        ("user/Patient.s?identifier=*", "Patient", "s",
+         (("identifier", "1"), ("identifier", "2")), True, False),  # repeated parameter
+        ("user/Patient.s?identifier=*", "Patient", "s", None, True, False),   # POST _search
+        ("user/Patient.s?identifier=*", "Patient", "s", (("identifier:missing", "true"),), True, False),
+        ("user/Patient.s?gender=female", "Patient", "s", (("gender", "male"),), True, False),
+    ],
+)
+def test_permission_grants(text, rtype, letter, query, has_user, grants):
+    assert Permission.parse(text).grants(rtype, letter, query, has_user) is grants
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("user/Claim.rc", "'user/Claim.rc': letters must be a subset of 'cruds' in that order, each once"),
+        ("user/Patient.rs?identifier=*", "'user/Patient.rs?identifier=*': a ?param=value constraint "
+                                         "is only supported on search (.s)"),
+        ("patient/Claim.r", "not a SMART v2 permission: 'patient/Claim.r' (expected e.g. user/Claim.cr, "
+                            "system/Medication.rs or user/Patient.s?identifier=*)"),
+    ],
+)
+def test_bad_permissions_are_refused_with_the_reason(text, message):
+    with pytest.raises(ValueError) as info:
+        Permission.parse(text)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("scope", "letters"),
+    [("user/Claim.read", "rs"), ("user/Claim.write", "cud"), ("system/*.*", "cruds"), ("user/Claim.cr", "cr"),
+     ("patient/Claim.read", None), ("openid", None), ("fhirUser", None)],
+)
+def test_token_scopes_v1_and_v2(scope, letters):
+    permission = parse_token_scope(scope)
+    assert (None if permission is None else "".join(c for c in "cruds" if c in permission.letters)) == letters
+
+
+def test_scopes_limit_access_tokens_even_when_empty():
+    assert token_permissions(Principal("c", "access_token")) == ()
+    assert token_permissions(Principal("c", "mtls")) is None
+
+
+def _access(rtype, letter, query=(), rid=None):
+    return Access(rtype, letter, query, rid)
+
+
+OWN = FacilityFacts((("provider", "JMHOS001"), ("enterer", "JMHOS001")))
+FOREIGN = FacilityFacts((("provider", "RAHOS001"),))
+
+
+@pytest.mark.parametrize(
+    ("principal", "access", "facts", "reason", "rule"),
+    [
+        (HMS_ONLY, _access("Medication", "s"), None, "authorization.allowed", "master-data-read"),
+        (HMS_ONLY, _access("Medication", "c"), None, "authorization.no_matching_rule", None),
+        (HMS_ONLY, _access("Claim", "c"), OWN, "authorization.no_matching_rule", None),
+        (None, _access("Medication", "s"), None, "authorization.no_matching_rule", None),
+        (None, _access("CapabilityStatement", "r"), None, "authorization.allowed", "capabilities"),
+        (JM_CLERK, _access("Claim", "c"), OWN, "authorization.allowed", "claim-submit"),
+        (JM_CLERK, _access("Claim", "c"), FOREIGN, "authorization.provider_other_facility", "claim-submit"),
+        (JM_CLERK, _access("Claim", "c"), None, "authorization.facility_unverifiable", "claim-submit"),
+        (JM_CLERK, _access("Claim", "c"), FacilityFacts.failed("provider_unresolved", "x"),
+         "authorization.provider_unresolved", "claim-submit"),
+        (NO_FACILITY, _access("Claim", "c"), OWN, "authorization.no_facility", "claim-submit"),
+        (JM_CLERK, _access("Claim", "r", rid=JM_CLAIM), OWN, "authorization.no_matching_rule", None),
+        (JM_CLERK, _access("Patient", "s", (("identifier", "070707070"),)), None, "authorization.allowed",
+         "eligibility"),
+        (JM_CLERK, _access("Patient", "s", (("name", "x"),)), None, "authorization.no_matching_rule", None),
+        (JM_CLERK, _access("ClaimResponse", "s"), None, "authorization.allowed", "claim-status"),
+        (JM_CLERK.__class__("hms-a", "access_token", user_id="u", roles=frozenset({"claim-admin"}),
+                            scopes=frozenset({"user/Patient.rs"}), health_facilities=frozenset({"JMHOS001"})),
+         _access("Claim", "c"), OWN, "authorization.scope_not_granted", "claim-submit"),
+    ],
+)
+def test_decide_table(principal, access, facts, reason, rule):
+    verdict = evaluate(_policy().rules, principal, access, facts)
+    assert verdict.decision.reason == reason
+    assert (verdict.rule.name if verdict.rule else None) == rule
+
+
+def test_search_of_facility_bound_type_is_allowed_only_with_a_result_filter():
+    verdict = evaluate(_policy().rules, JM_CLERK, _access("ClaimResponse", "s"), None)
+    assert verdict.decision.allow and verdict.filter_search
+    verdict = evaluate(_policy().rules, HMS_ONLY, _access("Medication", "s"), None)
+    assert verdict.decision.allow and not verdict.filter_search
+
+
+RULES_WITH_SHADOW = """\
+version: 1
+facility_directory: {upstream: openimis}
+rules:
+  - name: no-claims-on-sunday
+    roles: [claim-admin]
+    effect: deny
+    permissions: [user/Claim.c]
+    mode: shadow
+  - name: claim-submit
+    roles: [claim-admin]
+    permissions: [user/Claim.c]
+  - name: scheme-wide-read
+    roles: [auditor]
+    permissions: [user/Claim.r]
+    facility_scope: any
+  - name: deny-auditor-writes
+    roles: [auditor]
+    effect: deny
+    permissions: [user/Claim.c]
+"""
+
+
+def test_shadow_rules_are_skipped_when_enforcing_and_decide_when_shadowed():
+    rules = _policy(RULES_WITH_SHADOW).rules
+    enforced = evaluate(rules, JM_CLERK, _access("Claim", "c"), OWN)
+    shadow = evaluate(rules, JM_CLERK, _access("Claim", "c"), OWN, include_shadow=True)
+    assert (enforced.decision.allow, enforced.rule.name) == (True, "claim-submit")
+    assert (shadow.decision.reason, shadow.rule.name) == ("authorization.denied_by_rule", "no-claims-on-sunday")
+
+
+def test_facility_scope_any_skips_the_facility_check_and_deny_rules_deny():
+    auditor = Principal("x", "mtls", user_id="a", roles=frozenset({"auditor"}))
+    rules = _policy(RULES_WITH_SHADOW).rules
+    assert evaluate(rules, auditor, _access("Claim", "r", rid="x"), FOREIGN).decision.allow
+    assert evaluate(rules, auditor, _access("Claim", "c"), OWN).decision.reason == "authorization.denied_by_rule"
+
+
+def _org_ref(value, *, kind="reference"):
+    if kind == "reference":
+        return {"reference": f"Organization/{value}"}
+    return {"identifier": {"type": CODE_TYPE if len(value) < 20 else UUID_TYPE, "value": value}}
+
+
+CONTAINED_OURS = {"resourceType": "Organization", "id": "hf",
+                  "identifier": [{"type": CODE_TYPE, "value": "JMHOS001"}]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "bindings", "problem"),
+    [
+        ({}, {("provider", "JMHOS001"), ("enterer", "JMHOS001")}, None),
+        ({"provider": _org_ref("JMHOS001")}, {("provider", "JMHOS001"), ("enterer", "JMHOS001")}, None),
+        ({"provider": _org_ref("JMHOS001", kind="identifier")}, {("provider", "JMHOS001"),
+                                                                 ("enterer", "JMHOS001")}, None),
+        ({"provider": _org_ref(RA_UUID)}, {("provider", "RAHOS001"), ("enterer", "JMHOS001")}, None),
+        ({"provider": _org_ref("RAHOS001", kind="identifier")}, {("provider", "RAHOS001"),
+                                                                 ("enterer", "JMHOS001")}, None),
+        ({"provider": _org_ref("NOSUCH01")}, None, "provider_unresolved"),
+        ({"provider": {"reference": f"https://evil.example/Organization/{JM_UUID}"}}, None, "provider_unresolved"),
+        ({"provider": {"reference": f"Practitioner/{JM_UUID}"}}, None, "provider_unresolved"),
+        ({"provider": {"display": "JMHOS001"}}, None, "provider_unresolved"),
+        ({"provider": None}, None, "provider_unresolved"),
+        ({"provider": {"reference": f"Organization/{RA_UUID}",
+                       "identifier": {"type": CODE_TYPE, "value": "JMHOS001"}}}, None, "provider_mismatch"),
+        ({"provider": {"reference": "#hf"}, "contained": [CONTAINED_OURS]},
+         {("provider", "JMHOS001"), ("enterer", "JMHOS001"), ("contained", "JMHOS001")}, None),
+        ({"provider": {"reference": "#Organization/hf"}, "contained": [CONTAINED_OURS]},
+         {("provider", "JMHOS001"), ("enterer", "JMHOS001"), ("contained", "JMHOS001")}, None),
+        # contained org with our code, but the reference points elsewhere
+        ({"provider": _org_ref(RA_UUID), "contained": [CONTAINED_OURS]},
+         {("provider", "RAHOS001"), ("enterer", "JMHOS001"), ("contained", "JMHOS001")}, None),
+        # contained org claims our code and another facility's uuid
+        ({"provider": {"reference": "#hf"}, "contained": [
+            {**CONTAINED_OURS, "identifier": [{"type": CODE_TYPE, "value": "JMHOS001"},
+                                              {"type": UUID_TYPE, "value": RA_UUID}]}]}, None, "provider_mismatch"),
+        # duplicate contained ids: openIMIS takes the first, a reviewer may read the second
+        ({"provider": {"reference": "#hf"}, "contained": [
+            {**CONTAINED_OURS, "identifier": [{"type": CODE_TYPE, "value": "RAHOS001"}]}, CONTAINED_OURS]},
+         None, "duplicate_contained_id"),
+        # an unreferenced contained organization of a new or unknown facility
+        ({"contained": [{"resourceType": "Organization", "id": "x",
+                         "identifier": [{"type": CODE_TYPE, "value": "NEWHF001"}]}]}, None, "contained_unresolved"),
+        ({"provider": {"reference": "#nothing"}, "contained": [CONTAINED_OURS]}, None, "provider_unresolved"),
+        ({"enterer": {"reference": f"Practitioner/{RA_ADMIN}"}}, {("provider", "JMHOS001"),
+                                                                 ("enterer", "RAHOS001")}, None),
+        ({"enterer": {"identifier": {"type": CODE_TYPE, "value": "JHOS0011"}}},
+         {("provider", "JMHOS001"), ("enterer", "JMHOS001")}, None),
+        ({"enterer": {"reference": "Practitioner/unknown"}}, None, "enterer_unresolved"),
+        ({"enterer": None}, None, "enterer_unresolved"),
+    ],
+)
+def test_claim_facts(changes, bindings, problem):
+    facts = claim_facts(_claim(**changes), _snapshot())
+    assert facts.problem == problem
+    if bindings is not None:
+        assert set(facts.bindings) == bindings
+
+
+def test_owner_and_eligibility_facts():
+    snapshot = _snapshot()
+    assert owner_facts(None, snapshot).problem == "owner_not_found"
+    assert owner_facts(_store()["Claim"]["Claim001"], snapshot).bindings == (("owner", "RAHOS001"),)
+    assert eligibility_facts({"resourceType": "CoverageEligibilityRequest"}, snapshot).bindings == ()
+    assert eligibility_facts({"provider": _org_ref(RA_UUID)}, snapshot).bindings == (("provider", "RAHOS001"),)
+    assert eligibility_facts({"facility": {"reference": "Location/JMHOS001"}}, snapshot).bindings == \
+        (("location", "JMHOS001"),)
+
+
+def test_directory_reads_only_health_facilities_and_claim_administrators():
+    snapshot = _snapshot()
+    assert snapshot.facility_of_organization("RaptaDistrictHospital") == "RAHOS001"
+    assert snapshot.facility_of_organization("D8A25F21-F36A-4D4D-9E58-1DB8FFBE7036") == "RAHOS001"
+    assert snapshot.facility_of_organization("JMHOS001") == "JMHOS001"
+    policyholder = next(o for o in _store()["Organization"].values() if o["type"][0]["coding"][0]["code"] == "bus")
+    assert snapshot.facility_of_organization(policyholder["id"]) is None
+    assert snapshot.facility_of_practitioner("RHOS0011") == "RAHOS001"
+    assert snapshot.facility_of_practitioner(JM_ADMIN.upper()) == "JMHOS001"
+
+
+def test_a_key_naming_two_facilities_resolves_to_neither():
+    org = {"resourceType": "Organization", "type": [{"coding": [{"code": "prov"}]}]}
+    snapshot = FacilitySnapshot.from_resources([
+        {**org, "id": "same", "identifier": [{"type": CODE_TYPE, "value": "A1"}]},
+        {**org, "id": "same", "identifier": [{"type": CODE_TYPE, "value": "B1"}]}], [], 0)
+    assert snapshot.facility_of_organization("same") is None
+    assert snapshot.facility_of_organization("A1") == "A1"
+
+
+# --- (b) schema --------------------------------------------------------------------------------------
+
+GOOD_CHANNELS = channels_yaml("http://127.0.0.1:8000/api/api_fhir_r4/")
+
+
+@pytest.mark.parametrize(
+    ("fixture", "expected"),
+    [
+        ("bad_authz_permission.yaml",
+         ["policies/authorization.yaml:7:33: rules[0].permissions[1]: 'user/Claim.rc': letters must be a "
+          "subset of 'cruds' in that order, each once"]),
+        ("bad_authz_constraint.yaml",
+         ["policies/authorization.yaml:6:19: rules[0].permissions[0]: 'user/Patient.rs?identifier=*': "
+          "a ?param=value constraint is only supported on search (.s)"]),
+        ("bad_authz_upstream.yaml",
+         ["policies/authorization.yaml:3:3: facility_directory.upstream: unknown upstream 'openimis-prod' "
+          "(not in channels.yaml upstreams)"]),
+        ("bad_authz_duplicate_rule.yaml",
+         ["policies/authorization.yaml:1:1: duplicate rule name 'claims'"]),
+        ("bad_authz_deny_scope.yaml",
+         ["policies/authorization.yaml:5:5: rules[0]: facility_scope applies to allow rules only"]),
+        ("bad_authz_mode.yaml",
+         ["policies/authorization.yaml:8:5: rules[0].mode: Input should be 'enforce' or 'shadow'"]),
+        ("bad_authz_no_roles.yaml",
+         ["policies/authorization.yaml:5:5: rules[0]: roles must not be empty (a rule for nobody is a mistake)"]),
+        ("bad_authz_no_directory.yaml",
+         ["policies/authorization.yaml:1:1: facility_directory: Field required"]),
+    ],
+)
+def test_policy_errors_name_file_line_and_message(tmp_path, fixture, expected):
+    root = write_config(tmp_path, GOOD_CHANNELS, DEFAULT_IP_POLICY,
+                        {"authorization.yaml": (FIXTURES / fixture).read_text()})
+    with pytest.raises(ConfigError) as info:
+        load_config(root)
+    assert [str(p) for p in info.value.problems] == expected
+
+
+def test_absent_policy_means_no_authorization_stage_and_empty_rules_deny_all(tmp_path):
+    from mediator.stages import build_stages
+
+    root = write_config(tmp_path, GOOD_CHANNELS)
+    assert "authorization" not in [s.name for s in build_stages(load_config(root))]
+    empty = "version: 1\nfacility_directory: {upstream: openimis}\nrules: []\n"
+    root = write_config(tmp_path, GOOD_CHANNELS, DEFAULT_IP_POLICY, {"authorization.yaml": empty})
+    config = load_config(root)
+    assert [s.name for s in build_stages(config)][-1] == "authorization"
+    assert evaluate(config.policies["authorization"].rules, HMS_ONLY,  # type: ignore[attr-defined]
+                    _access("Medication", "s"), None).decision.reason == "authorization.no_matching_rule"
+
+
+# --- (c) round trips over real sockets ----------------------------------------------------------------
+
+PRINCIPALS = {
+    "jm-clerk": JM_CLERK,
+    "ra-clerk": Principal("hms-b", "access_token", user_id="ra-clerk", roles=frozenset({"hms", "claim-admin"}),
+                          scopes=frozenset({"user/*.cruds"}), health_facilities=frozenset({"RAHOS001"})),
+    "hms": HMS_ONLY,
+}
+
+
+class PrincipalFromTestHeader:
+    """TEST-ONLY stand-in for the authentication stage (see the module docstring)."""
+
+    name = "authentication"
+
+    async def run(self, exchange: Exchange) -> Decision:
+        name = exchange.request.headers.get("X-Test-Principal")
+        exchange.principal = PRINCIPALS.get(name or "")
+        return Decision.allowed("authentication.test_only")
+
+
+CLAIM_CHANNELS = """\
+  - name: master-data
+    path: ^/fhir/(Medication|Organization)(/[^/]+)?/?$
+    methods: [GET]
+    upstream: openimis
+    ip_allowlist: [local]
+  - name: eligibility
+    path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
+    methods: [GET, POST]
+    upstream: openimis
+    ip_allowlist: [local]
+  - name: claims
+    path: ^/fhir/(Claim|ClaimResponse|CommunicationRequest)(/[^/]+)?/?$
+    methods: [GET, POST]
+    upstream: openimis
+    ip_allowlist: [local]
+  - name: bulk
+    path: ^/fhir/?$
+    methods: [POST]
+    upstream: openimis
+    ip_allowlist: [local]
+"""
+
+
+def install_test_principal_stage(app: web.Application) -> None:
+    runtime = app[RUNTIME].current
+    stages = list(runtime.pipeline.stages)
+    index = [s.name for s in stages].index("authentication")
+    stages[index] = PrincipalFromTestHeader()
+    runtime.pipeline = Pipeline(stages, runtime.pipeline._recorder)
+
+
+@pytest.fixture
+def authz_mediator(tmp_path, sandbox_server, aiohttp_client):
+    async def factory(policy: str = SHIPPED_POLICY):
+        root = write_config(tmp_path / "config", channels_yaml(upstream_url(sandbox_server), channels=CLAIM_CHANNELS),
+                            DEFAULT_IP_POLICY, {"authorization.yaml": policy})
+        app = build_app(load_config(root))
+        install_test_principal_stage(app)
+        return await aiohttp_client(app)
+    return factory
+
+
+def _reason(document: dict[str, Any]) -> str:
+    return document["issue"][0]["details"]["coding"][0]["code"]
+
+
+async def _post_claim(client, claim, who="jm-clerk"):
+    return await client.post("/fhir/Claim/", data=json.dumps(claim),
+                             headers={"Content-Type": "application/fhir+json", "X-Test-Principal": who})
+
+
+async def test_own_facility_claim_is_submitted(sandbox, authz_mediator):
+    client = await authz_mediator()
+    response = await _post_claim(client, _claim())
+    assert response.status == 201, await response.text()
+    assert [r for r in sandbox.requests if r["method"] == "POST" and r["path"].endswith("/Claim/")]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"provider": {"reference": f"Organization/{RA_UUID}"}}, "authorization.provider_other_facility"),
+        ({"provider": {"reference": "Organization/RAHOS001"}}, "authorization.provider_other_facility"),
+        ({"provider": {"identifier": {"type": CODE_TYPE, "value": "RAHOS001"}}},
+         "authorization.provider_other_facility"),
+        ({"provider": {"reference": "#hf"}, "contained": [
+            {**CONTAINED_OURS, "identifier": [{"type": CODE_TYPE, "value": "RAHOS001"}]}]},
+         "authorization.provider_other_facility"),
+        ({"enterer": {"reference": f"Practitioner/{RA_ADMIN}"}}, "authorization.enterer_other_facility"),
+        ({"provider": {"reference": f"Organization/{RA_UUID}"}, "contained": [CONTAINED_OURS]},
+         "authorization.provider_other_facility"),
+        ({"provider": {"reference": "#hf"}, "contained": [
+            {**CONTAINED_OURS, "identifier": [{"type": CODE_TYPE, "value": "RAHOS001"}]}, CONTAINED_OURS]},
+         "authorization.duplicate_contained_id"),
+        ({"provider": {"reference": f"Organization/{RA_UUID}",
+                       "identifier": {"type": CODE_TYPE, "value": "JMHOS001"}}}, "authorization.provider_mismatch"),
+        ({"provider": {"reference": "Organization/NOSUCH01"}}, "authorization.provider_unresolved"),
+    ],
+)
+async def test_cross_facility_claim_writes_are_refused_before_openimis(sandbox, authz_mediator, changes, reason):
+    client = await authz_mediator()
+    response = await _post_claim(client, _claim(**changes))
+    assert response.status == 403
+    assert _reason(await response.json()) == reason
+    assert not [r for r in sandbox.requests if r["method"] == "POST" and r["path"].endswith("/Claim/")]
+
+
+async def test_claim_response_of_another_facility_is_refused(authz_mediator):
+    client = await authz_mediator()
+    own = await client.get(f"/fhir/ClaimResponse/{JM_CLAIM}", headers={"X-Test-Principal": "jm-clerk"})
+    assert own.status == 200 and (await own.json())["id"] == JM_CLAIM
+    other = await client.get(f"/fhir/ClaimResponse/{RA_CLAIM}", headers={"X-Test-Principal": "jm-clerk"})
+    assert other.status == 403
+    assert _reason(await other.json()) == "authorization.owner_other_facility"
+    missing = await client.get("/fhir/ClaimResponse/00000000-0000-4000-8000-000000000000",
+                               headers={"X-Test-Principal": "jm-clerk"})
+    assert missing.status == 404 and _reason(await missing.json()) == "authorization.owner_not_found"
+
+
+async def test_search_answers_lose_other_facilities_entries(sandbox, authz_mediator):
+    client = await authz_mediator()
+    response = await client.get("/fhir/ClaimResponse?_count=100", headers={"X-Test-Principal": "jm-clerk"})
+    assert response.status == 200
+    bundle = await response.json()
+    assert [e["resource"]["id"] for e in bundle["entry"]] == [JM_CLAIM]
+    assert "total" not in bundle
+    # openIMIS really returned more (it has no facility search parameter): the filter did the work.
+    assert len(sandbox.store["ClaimResponse"]) > 1
+
+
+async def test_search_answers_with_foreign_entries_are_refused_when_the_policy_says_deny(authz_mediator):
+    client = await authz_mediator(SHIPPED_POLICY.replace("foreign_entries: drop", "foreign_entries: deny"))
+    response = await client.get("/fhir/ClaimResponse", headers={"X-Test-Principal": "jm-clerk"})
+    assert response.status == 403
+    assert _reason(await response.json()) == "authorization.search_entry_denied"
+
+
+async def test_bare_resource_answer_to_identifier_search_is_checked(authz_mediator):
+    client = await authz_mediator()
+    own = await client.get("/fhir/ClaimResponse?identifier=JM000001", headers={"X-Test-Principal": "jm-clerk"})
+    assert own.status == 200
+    other = await client.get("/fhir/ClaimResponse?identifier=RA000001", headers={"X-Test-Principal": "jm-clerk"})
+    assert other.status == 403 and _reason(await other.json()) == "authorization.search_entry_denied"
+
+
+async def test_a_filter_that_cannot_check_the_answer_is_a_500(sandbox, authz_mediator):
+    client = await authz_mediator()
+    # Break the owner lookup: openIMIS answers the ClaimResponse list but fails on each Claim.
+    original = sandbox.lookup
+
+    def failing_lookup(rtype, key):
+        if rtype == "Claim":
+            raise RuntimeError("boom")
+        return original(rtype, key)
+
+    sandbox.lookup = failing_lookup  # type: ignore[method-assign]
+    response = await client.get("/fhir/ClaimResponse", headers={"X-Test-Principal": "jm-clerk"})
+    assert response.status == 500
+    assert _reason(await response.json()) == "authorization.filter_failed"
+
+
+def _bundle(*entries):
+    return {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": resource, "request": {"method": "POST", "url": "Claim"}} for resource in entries]}
+
+
+async def test_batch_with_one_foreign_entry_is_refused_whole(sandbox, authz_mediator):
+    client = await authz_mediator()
+    body = _bundle(_claim(), _claim(provider={"reference": f"Organization/{RA_UUID}"}))
+    response = await client.post("/fhir/", data=json.dumps(body),
+                                 headers={"Content-Type": "application/fhir+json", "X-Test-Principal": "jm-clerk"})
+    assert response.status == 403
+    document = await response.json()
+    assert _reason(document) == "authorization.provider_other_facility"
+    assert document["issue"][0]["details"]["text"].startswith("entry 1:")
+    assert not [r for r in sandbox.requests if r["method"] == "POST" and r["path"].endswith("/api_fhir_r4/")]
+
+
+async def test_check_entry_is_the_per_entry_decision(authz_mediator):
+    client = await authz_mediator()
+    stage = next(s for s in client.app[RUNTIME].current.pipeline.stages if s.name == "authorization")
+    ok = await stage.check_entry(JM_CLERK, "POST", "Claim", _claim())
+    foreign = await stage.check_entry(JM_CLERK, "POST", "Claim",
+                                      _claim(provider={"reference": f"Organization/{RA_UUID}"}))
+    absolute = await stage.check_entry(JM_CLERK, "POST", "https://evil.example/Claim", _claim())
+    assert (ok.allow, foreign.reason, absolute.reason) == (
+        True, "authorization.provider_other_facility", "authorization.bundle_entry_malformed")
+
+
+async def test_eligibility_and_master_data_round_trip(authz_mediator):
+    client = await authz_mediator()
+    by_number = await client.get("/fhir/Patient?identifier=070707070", headers={"X-Test-Principal": "jm-clerk"})
+    assert by_number.status in (200, 404)   # the stand-in may not know the insuree; the mediator let it through
+    listing = await client.get("/fhir/Patient", headers={"X-Test-Principal": "jm-clerk"})
+    assert listing.status == 403 and _reason(await listing.json()) == "authorization.no_matching_rule"
+    eligibility = await client.post(
+        "/fhir/CoverageEligibilityRequest/",
+        data=json.dumps({"resourceType": "CoverageEligibilityRequest", "patient": {"reference": "Patient/x"},
+                         "provider": {"reference": f"Organization/{RA_UUID}"}}),
+        headers={"Content-Type": "application/json", "X-Test-Principal": "jm-clerk"})
+    assert eligibility.status == 403 and _reason(await eligibility.json()) == "authorization.provider_other_facility"
+    medication = await client.get("/fhir/Medication", headers={"X-Test-Principal": "hms"})
+    assert medication.status == 200
+    anonymous = await client.get("/fhir/Medication")
+    assert anonymous.status == 403
+
+
+async def test_shadow_rules_do_not_block_but_are_counted(sandbox, authz_mediator):
+    policy = SHIPPED_POLICY.replace("rules:\n", """rules:
+  - name: freeze-claims
+    roles: [claim-admin]
+    effect: deny
+    permissions: [user/Claim.c]
+    mode: shadow
+""")
+    client = await authz_mediator(policy)
+    response = await _post_claim(client, _claim())
+    assert response.status == 201
+    metrics = client.app[RUNTIME].current.pipeline._recorder  # the app's Metrics
+    value = metrics.registry.get_sample_value(
+        "mediator_authorization_shadow_total", {"rule": "freeze-claims", "outcome": "deny", "enforced": "allow"})
+    assert value == 1.0
+
+
+async def test_shadow_facility_filter_counts_but_returns_everything(authz_mediator):
+    policy = SHIPPED_POLICY.replace("""  - name: claim-status
+    roles: [claim-admin]
+    permissions: [user/ClaimResponse.rs]""", """  - name: claim-status-facility
+    roles: [claim-admin]
+    permissions: [user/ClaimResponse.rs]
+    mode: shadow
+  - name: claim-status
+    roles: [claim-admin]
+    permissions: [user/ClaimResponse.rs]
+    facility_scope: any""")
+    client = await authz_mediator(policy)
+    response = await client.get("/fhir/ClaimResponse?_count=100", headers={"X-Test-Principal": "jm-clerk"})
+    ids = {e["resource"]["id"] for e in (await response.json())["entry"]}
+    assert {JM_CLAIM, RA_CLAIM} <= ids
+    registry = client.app[RUNTIME].current.pipeline._recorder.registry
+    assert registry.get_sample_value("mediator_authorization_dropped_entries_total",
+                                     {"resource_type": "ClaimResponse", "shadow": "true"}) >= 1
+
+
+async def test_audit_facts_are_on_the_exchange_without_secrets(authz_mediator):
+    client = await authz_mediator()
+    seen: list[dict[str, Any]] = []
+    runtime = client.app[RUNTIME].current
+
+    class Spy:
+        name = "rate_limit"
+
+        async def run(self, exchange):
+            seen.append(dict(exchange.attributes["authz"]))
+            return Decision.allowed("rate_limit.spy")
+
+    runtime.pipeline = Pipeline([*runtime.pipeline.stages, Spy()], runtime.pipeline._recorder)
+    response = await _post_claim(client, _claim())
+    assert response.status == 201
+    record = seen[0]
+    assert record["rule"] == "claim-submit" and record["client"] == "hms-a"
+    assert record["caller_facilities"] == ["JMHOS001"] and record["target_facilities"] == ["JMHOS001"]
+    text = json.dumps(record)
+    assert "76aca309" not in text and "scopes" not in text and "user/" not in text
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"resourceType": "OperationOutcome", "issue": [{"details": {"text": "failed to retrieve Claim with the "
+                                                                              "filter {'uuid': 'x'}"}}]}, True),
+        ({"resourceType": "OperationOutcome", "issue": [{"details": {"text": "database is down"}}]}, False),
+        (None, False),
+    ],
+)
+def test_openimis_500_for_an_unknown_claim_is_read_as_not_found(document, expected):
+    from mediator.stages.authorization import _is_not_found_outcome
+
+    assert _is_not_found_outcome(document) is expected
