@@ -44,3 +44,10 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Mediator vs nginx vs bare aiohttp on loopback (README "Benchmarks"); installs nginx and wrk from Debian if missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+bench: install
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q nginx wrk; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

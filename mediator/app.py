@@ -19,13 +19,16 @@ from aiohttp import web
 from mediator.audit import AuditLog
 from mediator.bulkhead import UpstreamRefused
 from mediator.config import Config
+from mediator.config.models import LimitsConfig
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
+from mediator.json_limits import parse_body
 from mediator.load_protection import LoadProtection
 from mediator.logs import bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
 from mediator.pipeline import (
+    BodyReadTimeout,
     BodyTooLarge,
     Decision,
     Exchange,
@@ -38,7 +41,7 @@ from mediator.replica.service import Replica, replica_lifetime
 from mediator.stages import build_stages
 from mediator.stages.client_ip import ClientIpPolicy
 from mediator.stages.rate_limit import RESPONSE_HEADERS
-from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import OpenImisUpstream, UpstreamInvalidAnswer, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator")
 access_log = logging.getLogger("mediator.access")
@@ -83,16 +86,15 @@ METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", AuditLog)
 
 
-def _check_body(exchange: Exchange, body: bytes) -> Decision | None:
+def _check_body(exchange: Exchange, body: bytes, limits: LimitsConfig) -> Decision | None:
     """Refuse bodies openIMIS would choke on (it answers 500 to most of them)."""
     content_type = exchange.request.content_type
     if content_type not in ACCEPTED_BODY_TYPES:
         return Decision.denied("request.unsupported_media_type", 415,
                                "send application/fhir+json or application/json")
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return Decision.denied("request.malformed_json", 400, "the body is not valid JSON")
+    document, refusal = parse_body(body, limits)
+    if refusal is not None:
+        return refusal
     if not isinstance(document, dict) or not isinstance(document.get("resourceType"), str):
         return Decision.denied("request.not_a_resource", 400, "the body is not a FHIR resource")
     fhir = exchange.fhir
@@ -115,7 +117,7 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     body: bytes | None = None
     if request.method in BODY_METHODS:
         body = await exchange.body(limits.max_body_bytes)
-        refusal = _check_body(exchange, body)
+        refusal = _check_body(exchange, body, limits)
         if refusal is not None:
             exchange.decisions.append(("request", refusal))
             return operation_outcome_response(refusal.status, refusal.reason, refusal.message)
@@ -144,6 +146,7 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
     metrics = request.app[METRICS]
     started = time.perf_counter()
     exchange = Exchange(request, request_id_for(request))
+    exchange.body_read_timeout_s = runtime.config.channels.server.limits.body_read_timeout_s
     log_context = bind_request_id(exchange.request_id)
     response: web.StreamResponse
     try:
@@ -162,9 +165,19 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
         exchange.decisions.append(("upstream", Decision.denied(exc.reason, 503, "")))
         response = operation_outcome_response(503, exc.reason, exc.message,
                                               {"Retry-After": str(exc.retry_after_s)})
+    except BodyReadTimeout:
+        exchange.decisions.append(("request", Decision.denied("request.body_timeout", 408, "")))
+        response = operation_outcome_response(408, "request.body_timeout",
+                                              "the request body did not arrive in time")
+        response.force_close()
     except UpstreamTimeout:
         exchange.decisions.append(("upstream", Decision.denied("upstream.timeout", 504, "")))
         response = operation_outcome_response(504, "upstream.timeout", "openIMIS did not answer in time")
+    except UpstreamInvalidAnswer as exc:
+        log.warning("upstream answer refused: %s", exc)
+        exchange.decisions.append(("upstream", Decision.denied("upstream.invalid_answer", 502, "")))
+        response = operation_outcome_response(502, "upstream.invalid_answer",
+                                              "openIMIS answered something that is not FHIR JSON")
     except UpstreamUnavailable as exc:
         log.warning("upstream unavailable: %s", exc)
         exchange.decisions.append(("upstream", Decision.denied("upstream.unavailable", 502, "")))
@@ -256,8 +269,11 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     return app
 
 
-def handler_args(config: Config) -> dict[str, int]:
+def handler_args(config: Config) -> dict[str, float]:
     """Header limits for aiohttp's HTTP parser (it answers 400 beyond them, before any handler runs)."""
     limits = config.channels.server.limits
     return {"max_line_size": limits.max_request_line_bytes, "max_field_size": limits.max_header_field_bytes,
-            "max_headers": limits.max_headers}
+            "max_headers": limits.max_headers,
+            # aiohttp arms this when a connection opens and closes it if no request completes in time:
+            # it bounds idle keep-alive connections and slow-header (slowloris) clients alike.
+            "keepalive_timeout": limits.idle_timeout_s}

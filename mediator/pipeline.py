@@ -7,6 +7,7 @@ never raise denials and never write responses.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import uuid
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyReadTimeout(Exception):
+    """The body did not arrive within server.limits.body_read_timeout_s (408)."""
+
+
 @dataclass(slots=True)
 class Exchange:
     """What the pipeline knows about one request so far. Created per request; not shared."""
@@ -80,6 +85,8 @@ class Exchange:
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
     _body: bytes | None = None
+    body_read_timeout_s: float | None = None
+    """Deadline for reading the whole body (None: unbounded; the app sets server.limits.body_read_timeout_s)."""
 
     async def body(self, max_bytes: int) -> bytes:
         """The request body, read once, never more than max_bytes (else BodyTooLarge)."""
@@ -87,15 +94,22 @@ class Exchange:
             declared = self.request.content_length
             if declared is not None and declared > max_bytes:
                 raise BodyTooLarge()
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in self.request.content.iter_chunked(65536):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise BodyTooLarge()
-                chunks.append(chunk)
-            self._body = b"".join(chunks)
+            try:
+                async with asyncio.timeout(self.body_read_timeout_s):
+                    self._body = await self._read(max_bytes)
+            except TimeoutError:
+                raise BodyReadTimeout() from None
         return self._body
+
+    async def _read(self, max_bytes: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 class Stage(Protocol):

@@ -58,6 +58,10 @@ class UpstreamLoginFailed(UpstreamUnavailable):
     pass
 
 
+class UpstreamInvalidAnswer(UpstreamUnavailable):
+    """openIMIS answered something that is not JSON (or not parseable): 502, never passed on as FHIR."""
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamReply:
     status: int
@@ -208,16 +212,16 @@ class OpenImisUpstream:
                                             allow_redirects=False) as resp:
                 if resp.content_length is not None and resp.content_length > MAX_UPSTREAM_BODY:
                     raise UpstreamUnavailable("upstream answer too large")
-                # StreamReader.read(n) returns what is buffered (up to n), not n: read on until EOF.
+                # Read to the end: StreamReader.read(n) returns whatever is buffered, which silently cut
+                # bodies that arrive in several segments; iter_any raises on a truncated or reset body.
                 chunks: list[bytes] = []
                 size = 0
-                async for chunk in resp.content.iter_chunked(65536):
+                async for chunk in resp.content.iter_any():
                     size += len(chunk)
                     if size > MAX_UPSTREAM_BODY:
                         raise UpstreamUnavailable("upstream answer too large")
                     chunks.append(chunk)
-                data = b"".join(chunks)
-                return UpstreamReply(resp.status, resp.headers.copy(), data, resp.content_type)
+                return UpstreamReply(resp.status, resp.headers.copy(), b"".join(chunks), resp.content_type)
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
         except aiohttp.ClientError as exc:
@@ -259,11 +263,14 @@ class OpenImisUpstream:
             headers["Location"] = self.rewriter.rewrite_url(location)
         body = reply.body
         is_json = reply.content_type in (PLAIN_JSON, FHIR_JSON)
-        if is_json and body:
+        if body and not is_json:
+            # openIMIS's FHIR API speaks JSON only; HTML error pages and the like are not FHIR.
+            raise UpstreamInvalidAnswer(f"answer {reply.status} is {reply.content_type or 'untyped'}, not JSON")
+        if body:
             try:
                 document = json.loads(body)
-            except ValueError:
-                document = None
+            except (ValueError, RecursionError) as exc:
+                raise UpstreamInvalidAnswer(f"answer {reply.status} is not valid JSON") from exc
             if isinstance(document, dict) and self.rewriter.rewrite_bundle(document):
                 body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if is_json:

@@ -9,7 +9,7 @@ import pytest
 from mediator.app import RUNTIME
 from mediator.pipeline import Decision
 from tests.conftest import channels_yaml
-from tests.faults import Faults, faulty_sandbox_app
+from tests.fault_injection import Faults, faulty_sandbox_app
 from tests.test_idempotency import claim
 
 CHANNELS = """\

@@ -10,7 +10,7 @@ from mediator.app import METRICS, RUNTIME
 from mediator.bulkhead import Bulkhead, CircuitBreaker, UpstreamRefused
 from mediator.config.models import BulkheadConfig, CircuitBreakerConfig
 from tests.conftest import channels_yaml
-from tests.faults import Faults, faulty_sandbox_app
+from tests.fault_injection import Faults, faulty_sandbox_app
 
 
 class Clock:

@@ -15,7 +15,7 @@ from mediator.idempotency import Idempotency, InvalidKey, explicit_key, fingerpr
 from mediator.pipeline import Exchange, Principal
 from mediator.redis_store import RedisStore
 from tests.conftest import channels_yaml
-from tests.faults import Faults, faulty_sandbox_app
+from tests.fault_injection import Faults, faulty_sandbox_app
 from tests.load_helpers import SHARED_REDIS, redis_prefix, redis_server_section
 
 __all__ = ["redis_prefix"]

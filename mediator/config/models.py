@@ -60,6 +60,17 @@ class LimitsConfig(Strict):
     max_header_field_bytes: int = Field(8190, ge=256, le=65536)
     max_request_line_bytes: int = Field(8190, ge=256, le=65536)
     max_headers: int = Field(100, ge=8, le=1000)
+    body_read_timeout_s: PositiveSeconds = 30
+    """The whole request body must arrive within this, else 408 `request.body_timeout` (a slow-body client
+    would otherwise hold a connection and a buffer for as long as it likes)."""
+    idle_timeout_s: PositiveSeconds = 60
+    """A connection that completes no request for this long is closed: bounds idle keep-alive connections
+    and clients that send their headers slowly (slowloris)."""
+    max_json_depth: int = Field(32, ge=4, le=256)
+    """Request bodies nested deeper (objects/arrays) are refused: 400 `request.json_too_deep`. FHIR
+    resources openIMIS accepts nest fewer than 12 levels."""
+    max_bundle_entries: int = Field(1000, ge=1, le=100_000)
+    """A request Bundle with more entries is refused: 413 `request.too_many_entries`."""
 
 
 DEFAULT_PROTECTED_RESOURCES = ("CoverageEligibilityRequest", "Coverage", "Contract")

@@ -1,0 +1,391 @@
+"""Mediator overhead against nginx, in one run on one machine (README "Benchmarks").
+
+Starts, all on loopback and on free ports:
+  * a fast openIMIS imitation (bench/upstream.py: login + a fixed small Bundle),
+  * nginx as a pure reverse proxy in front of it (foreground, config and temp files in a temp dir),
+  * a bare aiohttp pass-through proxy (bench/bare_proxy.py): the framework's own ceiling,
+  * the mediator (`openimis-mediator serve`, with `--workers N` when the CLI has it) with every
+    pipeline stage the installed mediator has (see FEATURES),
+then drives each with the same closed-loop load (wrk), prints throughput and p50/p99 side by side
+with the mediator/nginx ratios, and finally measures p99 latency at half of the mediator's
+saturation throughput with a fixed-rate open-loop generator (bench/openloop.py) against the
+upstream directly, nginx and the mediator: "added latency" is the difference to the direct path.
+
+Usage: .venv/bin/python bench/run.py [--duration 10] [--connections 50] [--json out.json]
+Every run is bounded: at most 60 s per measurement and a fixed number of measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+FHIR_PATH = "/fhir/Medication/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mediator configuration. Each pipeline feature that exists in the installed mediator adds its channel
+# keys, policy files, environment and request headers here; adding a stage to the bench is one entry.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Feature:
+    name: str
+    present: Callable[[set[str]], bool]
+    """Given the installed mediator's POLICY_FILES keys and `server.*` field names (prefixed "server."):
+    is this feature there?"""
+    channel_yaml: str = ""
+    server_yaml: str = ""
+    policies: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+FEATURES: list[Feature] = [
+    Feature(
+        "ip_allowlist", lambda keys: "ip_allowlist" in keys,
+        channel_yaml="ip_allowlist: [local]\n",
+        policies={"ip_allowlist.yaml": """\
+            version: 1
+            trusted_proxies: []
+            unlisted_channels: deny
+            ip_sets:
+              local:
+                allow: ["127.0.0.0/8", "::1/128"]
+                deny: ["127.255.255.254/32"]
+            """},
+    ),
+    # Authentication landed after the final figures: the bench channel is declared open so the stage
+    # runs and allows. Measuring with real client tokens means adding a clients.yaml and an
+    # Authorization header here (headers= is sent by wrk and the open-loop generator alike).
+    Feature(
+        "authentication: none", lambda keys: "clients" in keys,
+        channel_yaml="authentication: none\n",
+    ),
+    Feature(
+        "audit (file)", lambda keys: "server.audit" in keys,
+        server_yaml="audit:\n  file: audit/audit.log\n",
+    ),
+]
+
+
+def installed_policy_keys() -> set[str]:
+    from mediator.config import POLICY_FILES
+    from mediator.config.models import ServerConfig
+
+    return set(POLICY_FILES) | {f"server.{name}" for name in ServerConfig.model_fields}
+
+
+def write_mediator_config(root: Path, port: int, upstream_port: int,
+                          features: list[Feature]) -> None:
+    channel_extra = "".join(f.channel_yaml for f in features)
+    server_extra = textwrap.indent("".join(f.server_yaml for f in features), "  ")
+    channels = f"""\
+        version: 1
+        server:
+          listen:
+            host: 127.0.0.1
+            port: {port}
+          public_base_url: http://127.0.0.1:{port}/fhir/
+        {{server_extra}}upstreams:
+          openimis:
+            base_url: http://127.0.0.1:{upstream_port}/api/api_fhir_r4/
+            pool_size: 128
+            login:
+              username_env: OPENIMIS_USERNAME
+              password_env: OPENIMIS_PASSWORD
+        channels:
+          - name: master-data
+            path: ^/fhir/(ActivityDefinition|Medication|Location|Organization)(/[^/]+)?/?$
+            methods: [GET]
+            upstream: openimis
+        """
+    text = textwrap.dedent(channels).replace("{server_extra}", server_extra) + textwrap.indent(channel_extra, "    ")
+    (root / "policies").mkdir(parents=True, exist_ok=True)
+    (root / "audit").mkdir(exist_ok=True)
+    (root / "channels.yaml").write_text(text)
+    for feature in features:
+        for name, policy in feature.policies.items():
+            (root / "policies" / name).write_text(textwrap.dedent(policy))
+
+
+NGINX_CONF = """\
+{user}worker_processes {workers};
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream openimis {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location /fhir/ {{
+            proxy_pass http://openimis/api/api_fhir_r4/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes: started by us, stopped by us (by pid), whatever happens.
+# ---------------------------------------------------------------------------------------------------
+
+class Processes:
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        handle = log.open("wb")
+        process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is None:
+                # SIGINT: every process here stops cleanly on it, and py-spy writes its profile.
+                os.killpg(process.pid, signal.SIGINT)
+        for process in reversed(self.started):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def wait_for_200(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise SystemExit(f"{url} not ready after {timeout_s}s ({last}):\n{log.read_text()[-2000:]}")
+
+
+def cli_has_workers_flag() -> bool:
+    out = subprocess.run([str(BIN / "openimis-mediator"), "serve", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    return "--workers" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Closed:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(text)
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(url: str, args: argparse.Namespace, headers: dict[str, str]) -> Closed:
+    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+    for key, value in headers.items():
+        argv += ["-H", f"{key}: {value}"]
+    out = subprocess.run(argv + [url], capture_output=True, text=True, check=True,
+                         timeout=args.duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = 0
+    for pattern in (r"Non-2xx or 3xx responses:\s+(\d+)",):
+        found = re.search(pattern, out)
+        errors += int(found.group(1)) if found else 0
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return Closed(rps, p50, p99, errors)
+
+
+def openloop(url: str, rate: float, args: argparse.Namespace) -> dict[str, float]:
+    out = subprocess.run([sys.executable, str(HERE / "openloop.py"), "--url", url, "--rate", f"{rate:.0f}",
+                          "--duration", str(args.duration), "--connections", str(args.connections)],
+                         capture_output=True, text=True, check=True, timeout=args.duration + 60).stdout
+    result: dict[str, float] = json.loads(out)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (max 60)")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--workers", type=int, default=2, help="mediator and nginx worker processes")
+    parser.add_argument("--rounds", type=int, default=1, help="closed-loop rounds per target (max 5); best kept")
+    parser.add_argument("--log-level", default="INFO", help="mediator log level (INFO writes access logs)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", type=Path,
+                        help="run the mediator under py-spy, load only the mediator, write a flame graph (SVG)")
+    args = parser.parse_args()
+    if not 1 <= args.duration <= 60 or not 1 <= args.rounds <= 5 or not 1 <= args.connections <= 1000:
+        parser.error("keep the load bounded: duration 1..60 s, rounds 1..5, connections 1..1000")
+    if shutil.which("nginx") is None or shutil.which("wrk") is None:
+        parser.error("needs nginx and wrk on PATH: `make bench` installs them (apt-get install nginx-light wrk)")
+
+    keys = installed_policy_keys()
+    features = [f for f in FEATURES if f.present(keys)]
+    workers_flag = cli_has_workers_flag()
+    mediator_workers = args.workers if workers_flag else 1
+    headers: dict[str, str] = {}
+    env = dict(os.environ, OPENIMIS_USERNAME="bench", OPENIMIS_PASSWORD="bench")
+    for feature in features:
+        headers.update(feature.headers)
+        env.update(feature.env)
+
+    processes = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="mediator-bench-"))
+    try:
+        upstream_port, nginx_port, mediator_port, bare_port = free_port(), free_port(), free_port(), free_port()
+        upstream = processes.start([sys.executable, str(HERE / "upstream.py"), "--port", str(upstream_port)],
+                                   tmp / "upstream.log")
+        nginx_user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(user=nginx_user, workers=args.workers, tmp=tmp,
+                                                          upstream_port=upstream_port, port=nginx_port))
+        nginx = processes.start(["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e",
+                                 str(tmp / "nginx-error.log")], tmp / "nginx.log")
+        config_dir = tmp / "mediator"
+        write_mediator_config(config_dir, mediator_port, upstream_port, features)
+        serve = [str(BIN / "openimis-mediator"), "--log-level", args.log_level, "serve", "--config",
+                 str(config_dir)]
+        if workers_flag:
+            serve += ["--workers", str(mediator_workers)]
+        if args.profile:
+            serve = [str(BIN / "py-spy"), "record", "--subprocesses", "--rate", "250",
+                     "--format", "raw" if args.profile.suffix == ".txt" else "flamegraph", "-o",
+                     str(args.profile.resolve()), "--"] + serve
+        mediator = processes.start(serve, tmp / "mediator.log", env=env)
+
+        bare = processes.start([sys.executable, str(HERE / "bare_proxy.py"), "--port", str(bare_port),
+                                "--upstream", f"http://127.0.0.1:{upstream_port}/api/api_fhir_r4/",
+                                "--workers", str(mediator_workers)], tmp / "bare.log")
+        urls = {"upstream": f"http://127.0.0.1:{upstream_port}/api/api_fhir_r4/Medication/",
+                "nginx": f"http://127.0.0.1:{nginx_port}{FHIR_PATH}",
+                "bare": f"http://127.0.0.1:{bare_port}{FHIR_PATH}",
+                "mediator": f"http://127.0.0.1:{mediator_port}{FHIR_PATH}"}
+        wait_for_200(urls["upstream"], upstream, tmp / "upstream.log")
+        wait_for_200(urls["nginx"], nginx, tmp / "nginx.log")
+        wait_for_200(urls["mediator"], mediator, tmp / "mediator.log")
+        wait_for_200(urls["bare"], bare, tmp / "bare.log")
+
+        print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.node()}  {os.cpu_count()} CPUs  "
+              f"load average {os.getloadavg()[0]:.2f}  Python {platform.python_version()}")
+        print(f"# mediator: {mediator_workers} worker(s){'' if workers_flag else ' (serve has no --workers)'}; "
+              f"stages from policies: {', '.join(f.name for f in features)}; log level {args.log_level}")
+        print(f"# nginx {args.workers} workers; wrk -t{args.threads} -c{args.connections} "
+              f"-d{args.duration}s GET {FHIR_PATH} (small searchset Bundle, {len(fetch(urls['upstream']))} B)")
+
+        if args.profile:
+            print(wrk(urls["mediator"], args, headers))
+            return 0
+        closed: dict[str, Closed] = {}
+        for name in ("upstream", "nginx", "bare", "mediator"):
+            runs = [wrk(urls[name], args, headers) for _ in range(args.rounds)]
+            closed[name] = max(runs, key=lambda r: r.rps)
+        ng, bp, md = closed["nginx"], closed["bare"], closed["mediator"]
+        rows = [("throughput (req/s)", ng.rps, bp.rps, md.rps),
+                ("p50 latency (ms)", ng.p50_ms, bp.p50_ms, md.p50_ms),
+                ("p99 latency (ms)", ng.p99_ms, bp.p99_ms, md.p99_ms)]
+        print()
+        print(f"closed loop (saturation), {args.connections} connections; upstream alone: "
+              f"{closed['upstream'].rps:.0f} req/s, p99 {closed['upstream'].p99_ms:.2f} ms; "
+              f"errors nginx {ng.errors}, bare {bp.errors}, mediator {md.errors}")
+        print(f"| {'':20} | {'nginx':>9} | {'bare aiohttp':>12} | {'mediator':>9} | {'mediator/nginx':>14} | "
+              f"{'mediator/bare':>13} |")
+        print(f"|{'-' * 22}|{'-' * 11}|{'-' * 14}|{'-' * 11}|{'-' * 16}|{'-' * 15}|")
+        for label, a, b, c in rows:
+            print(f"| {label:20} | {a:9.2f} | {b:12.2f} | {c:9.2f} | {c / a:14.2f} | {c / b:13.2f} |")
+
+        rate = md.rps / 2
+        fixed = {name: openloop(urls[name], rate, args) for name in ("upstream", "nginx", "bare", "mediator")}
+        print()
+        print(f"fixed rate {rate:.0f} req/s (half of the mediator's saturation), open loop, {args.duration}s")
+        print(f"| {'':10} | {'achieved':>9} | {'p50 ms':>8} | {'p99 ms':>8} | {'max ms':>8} | "
+              f"{'p99 added vs direct':>19} | {'errors':>6} |")
+        print(f"|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 21}|{'-' * 8}|")
+        for name, result in fixed.items():
+            added = result["p99_ms"] - fixed["upstream"]["p99_ms"]
+            print(f"| {name:10} | {result['achieved_rate']:9.0f} | {result['p50_ms']:8.2f} | "
+                  f"{result['p99_ms']:8.2f} | {result['max_ms']:8.2f} | {added:19.2f} | {result['errors']:6.0f} |")
+        added_p99 = fixed["mediator"]["p99_ms"] - fixed["upstream"]["p99_ms"]
+        ratio = md.rps / ng.rps
+        print()
+        print(f"targets: throughput mediator/nginx {ratio:.2f} (>= 0.5: {'met' if ratio >= 0.5 else 'NOT met'}); "
+              f"p99 added at half saturation {added_p99:.2f} ms (<= 2 ms: {'met' if added_p99 <= 2 else 'NOT met'})")
+        if args.json:
+            args.json.write_text(json.dumps({
+                "closed": {k: vars(v) for k, v in closed.items()}, "fixed_rate": rate, "fixed": fixed,
+                "mediator_workers": mediator_workers, "features": [f.name for f in features],
+                "load_average": os.getloadavg()}, indent=2))
+        if any(c.errors for c in closed.values()) or any(f["errors"] for f in fixed.values()):
+            print("ERRORS during the run: figures are not valid", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        processes.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body: bytes = resp.read()
+        return body
+
+
+if __name__ == "__main__":
+    sys.exit(main())
