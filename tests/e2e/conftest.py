@@ -66,3 +66,6 @@ def e2e_channels(fhir_base_url: str, channels: str | None = None, extra_server: 
     """
     return channels_yaml(fhir_base_url.rstrip("/") + "/", channels=textwrap.dedent(channels or default),
                          extra_server=extra_server)
+
+
+from tests.e2e.vendors import vendors  # noqa: E402,F401  (the fixture, shared by the e2e modules)

@@ -6,19 +6,33 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import e2e_channels, harness
+from tests.e2e.conftest import harness
+from tests.e2e.vendors import _claim_for
 
 pytestmark = pytest.mark.openimis
 
 
+class _AsVendor:
+    """A vendor's authenticated view of the mediator (access token + its user's SSO token)."""
+
+    def __init__(self, vendor) -> None:  # type: ignore[no-untyped-def]
+        self.vendor = vendor
+
+    async def get(self, path, headers=None, user=True):  # type: ignore[no-untyped-def]
+        return await self.vendor.request("GET", path, user=user, headers=headers or {})
+
+    async def post(self, path, **kwargs):  # type: ignore[no-untyped-def]
+        return await self.vendor.request("POST", path, **kwargs)
+
+
 @pytest.fixture
-async def through_mediator(openimis, make_mediator):
-    return await make_mediator(e2e_channels(openimis["fhir_base_url"]))
+def through_mediator(vendors):  # type: ignore[no-untyped-def]
+    return _AsVendor(vendors["vendor-jm"])
 
 
 async def test_master_data_download_pages_through_the_mediator(through_mediator):
     fhir_json = {"Accept": "application/fhir+json"}
-    first = await through_mediator.get("/fhir/ActivityDefinition/?_count=10", headers=fhir_json)
+    first = await through_mediator.get("/fhir/ActivityDefinition/?_count=10", headers=fhir_json, user=False)
     assert first.status == 200
     assert first.content_type == "application/fhir+json"
     bundle = await first.json()
@@ -28,7 +42,7 @@ async def test_master_data_download_pages_through_the_mediator(through_mediator)
     assert all(e["fullUrl"].startswith("https://mediator.example.org/fhir/") for e in bundle["entry"])
     # Follow the rewritten next link back through the mediator.
     next_path = links["next"].removeprefix("https://mediator.example.org")
-    second = await (await through_mediator.get(next_path)).json()
+    second = await (await through_mediator.get(next_path, user=False)).json()
     assert {e["resource"]["id"] for e in second["entry"]}.isdisjoint({e["resource"]["id"] for e in bundle["entry"]})
 
 
@@ -53,7 +67,7 @@ async def test_coverage_eligibility_error_is_passed_on_as_operation_outcome(thro
 
 
 async def test_claim_submission_and_status_poll(through_mediator):
-    claim = harness.claim_payload()
+    claim = _claim_for("JMHOS001")
     response = await through_mediator.post("/fhir/Claim", data=json.dumps(claim),
                                            headers={"Content-Type": "application/fhir+json"})
     assert response.status == 201, await response.text()
@@ -65,14 +79,17 @@ async def test_claim_submission_and_status_poll(through_mediator):
 
 
 async def test_invalid_claims(through_mediator):
-    claim = harness.claim_payload()
+    claim = _claim_for("JMHOS001")
     first = await through_mediator.post("/fhir/Claim", json=claim)
     assert first.status == 201
-    # A reused claim code: openIMIS refuses (with a 500); the caller gets an OperationOutcome.
-    again = await through_mediator.post("/fhir/Claim", json=claim)
+    # The same claim code for a different claim (a new Idempotency-Key, so it is not a retry): openIMIS
+    # refuses the duplicate code (with a 500); the caller gets openIMIS's OperationOutcome.
+    claim["billablePeriod"] = dict(claim.get("billablePeriod") or {}, end=claim.get("created"))
+    again = await through_mediator.post("/fhir/Claim", json=claim, headers={"Idempotency-Key": "e2e-other-claim-1"})
     assert again.status >= 400
     assert (await again.json())["resourceType"] == "OperationOutcome"
-    # Not JSON at all: refused by the mediator, openIMIS never sees it.
+    # Not JSON at all: refused by the mediator (the authorization stage must read the body to find the
+    # facility, so it is the one that refuses), openIMIS never sees it.
     broken = await through_mediator.post("/fhir/Claim", data=b"{", headers={"Content-Type": "application/json"})
     assert broken.status == 400
-    assert (await broken.json())["issue"][0]["details"]["coding"][0]["code"] == "request.malformed_json"
+    assert (await broken.json())["issue"][0]["details"]["coding"][0]["code"] == "authorization.unreadable_body"
