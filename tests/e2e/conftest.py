@@ -8,6 +8,7 @@ that was already running (a developer's `harness.py up`) is left running.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -34,11 +35,31 @@ harness = _load_harness()
 def openimis() -> Any:
     if not harness.postgres_reachable():
         pytest.skip("REAL openIMIS END-TO-END TESTS NOT RUN: PostgreSQL is not reachable on 127.0.0.1:5432")
+    # Several test sessions may share the backend (a developer's `harness.py up`, parallel runs): each
+    # registers itself, and the backend is stopped only by the session that started it, once no other
+    # live session is registered.
+    users = harness.cache_dir() / "sessions"
+    users.mkdir(parents=True, exist_ok=True)
+    mine = users / str(os.getpid())
+    mine.touch()
     was_running = harness.running() is not None
-    info = harness.ensure_running()
-    yield info
-    if not was_running:
-        harness.down()
+    try:
+        yield harness.ensure_running()
+    finally:
+        mine.unlink(missing_ok=True)
+        others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        if not was_running and not others:
+            harness.down()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def e2e_channels(fhir_base_url: str, channels: str | None = None, extra_server: str = "") -> str:
