@@ -28,8 +28,9 @@ run: install certs check
 	@echo "openIMIS Mediator on https://localhost:8443/fhir/ in front of the embedded openIMIS stand-in (127.0.0.1:8000)."
 	@echo "Try:  curl --cacert certs/ca.crt https://localhost:8443/fhir/metadata"
 	@echo "      curl --cacert certs/ca.crt --cert certs/vendor-a.crt --key certs/vendor-a.key https://localhost:8443/fhir/Medication/"
-	@echo "      $(BIN)/openimis-mediator token --client vendor-a --key certs/vendor-a.key   # SMART access token"
-	@echo "      curl --cacert certs/ca.crt -H \"Authorization: Bearer <access_token>\" 'https://localhost:8443/fhir/Patient?identifier=123456789'"
+	@echo "      curl --cacert certs/ca.crt --cert certs/vendor-b.crt --key certs/vendor-b.key -H X-User-Name:RHOS0011 'https://localhost:8443/fhir/Patient?identifier=123456789'"
+	@echo "      curl --cacert certs/ca.crt --cert certs/vendor-b.crt --key certs/vendor-b.key -H X-User-Name:RHOS0011 https://localhost:8443/fhir/ClaimResponse/9a1b2c3d-0000-4000-8000-00000000a001   # 403: another facility"
+	@echo "      (README Quick start: SMART tokens with .venv/bin/openimis-mediator token)"
 	@echo ""
 	$(BIN)/openimis-mediator dev --config .
 
