@@ -1,8 +1,9 @@
 """Application assembly: the runtime (compiled config + pipeline + upstreams) and the one FHIR handler.
 
-`build_app(config)` returns an aiohttp Application whose resources (upstream pools) live in its
-cleanup context. `RuntimeHolder.current` is swapped whole on reload; a request keeps the runtime it
-started with.
+`build_app(config)` returns an aiohttp Application whose runtime resources (upstream pools, Redis
+client, JWKS refresh, replica sync) are started and closed by its cleanup context through
+`Runtime.start_new` / `Runtime.close_retired`. `RuntimeHolder.current` is swapped whole on reload
+(`mediator.reload`), which uses the same two methods; a request keeps the runtime it started with.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,8 +38,8 @@ from mediator.pipeline import (
     apply_response_filters,
     request_id_for,
 )
-from mediator.redis_store import RedisStore, redis_cleanup_ctx
-from mediator.replica.service import Replica, replica_lifetime
+from mediator.redis_store import RedisStore
+from mediator.replica.service import Replica
 from mediator.stages import build_stages
 from mediator.stages.client_ip import ClientIpPolicy
 from mediator.stages.rate_limit import RESPONSE_HEADERS
@@ -51,6 +53,14 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 @dataclass(slots=True)
 class Runtime:
+    """Compiled configuration and the live resources it serves with.
+
+    Lifetime: built by `build` (no I/O), then `start_new`, serving, then `close_retired`. On a reload the
+    next runtime is built with `previous=` the running one and takes over every resource whose settings
+    are unchanged; each resource belongs to every runtime that holds it, and is started by the first
+    (`start_new`) and closed by the last (`close_retired` with the runtime that no longer holds it).
+    """
+
     config: Config
     pipeline: Pipeline
     upstreams: dict[str, OpenImisUpstream]
@@ -60,20 +70,87 @@ class Runtime:
     protection: LoadProtection
     replica: Replica | None = None
     in_flight: int = 0
-    """Requests using this runtime now; a reload closes retired upstreams once it is 0."""
+    """Requests using this runtime now; a reload closes retired resources once it is 0."""
 
     @classmethod
-    def build(cls, config: Config, metrics: Metrics) -> Runtime:
+    def build(cls, config: Config, metrics: Metrics, previous: Runtime | None = None) -> Runtime:
+        """Compile `config`. `previous` (on a reload): the running runtime, whose resources are reused
+        where their settings are unchanged. Reuse is decided first, and the stages, load protection and
+        replica are built with these final objects, so nothing here points at an unstarted one."""
         server = config.channels.server
-        upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
-                     for name, u in config.channels.upstreams.items()}
-        identity = Identity.from_config(config)
-        redis = RedisStore(server.redis)
+        upstreams: dict[str, OpenImisUpstream] = {}
+        for name, upstream_config in config.channels.upstreams.items():
+            running = previous.upstreams.get(name) if previous is not None else None
+            if running is not None and running.config == upstream_config \
+                    and running.public_base_url == server.public_base_url:
+                upstreams[name] = running  # same pool, same login
+            else:
+                upstreams[name] = OpenImisUpstream(name, upstream_config, server.public_base_url)
+        redis = previous.redis if previous is not None and previous.redis.config == server.redis \
+            else RedisStore(server.redis)
+        identity = Identity.from_config(config, previous.identity if previous is not None else None)
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics)
         entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
+        kept_guards = {} if previous is None else {
+            name: guard for name, guard in previous.protection.guards.items()
+            if name in upstreams and upstreams[name] is previous.upstreams.get(name)}
+        protection = LoadProtection(
+            config, redis, metrics, entry_checks, kept_guards=kept_guards,
+            kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
+            else None)
+        replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
+            else Replica.from_config(config, upstreams, metrics)
         return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
-                   redis, LoadProtection(config, redis, metrics, entry_checks),
-                   Replica.from_config(config, upstreams, metrics))
+                   redis, protection, replica)
+
+    async def start_new(self, previous: Runtime | None) -> None:
+        """Start the resources this runtime did not take over from `previous` (None: all of them). If one
+        fails to start, those started here are closed again and the error is raised."""
+        try:
+            kept = set(map(id, previous.upstreams.values())) if previous is not None else set()
+            for upstream in self.upstreams.values():
+                if id(upstream) not in kept:
+                    await upstream.start()
+            await self.identity.start_new(previous.identity if previous is not None else None)
+            if self.replica is not None and (previous is None or previous.replica is not self.replica):
+                await self.replica.start()
+                self.replica.start_schedule()
+        except BaseException:
+            await self.close_retired(previous)
+            raise
+
+    async def close_retired(self, next_runtime: Runtime | None) -> None:
+        """Close the resources `next_runtime` does not use (None: all of them, at shutdown). The caller
+        first lets the requests on this runtime finish (see mediator.reload). A close that fails is
+        logged and the others still run."""
+        closes: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if self.replica is not None and (next_runtime is None or next_runtime.replica is not self.replica):
+            closes.append(("replica", self.replica.close))  # first: its sync task uses an upstream
+        closes.append(("identity", lambda: self.identity.close_retired(
+            next_runtime.identity if next_runtime is not None else None)))
+        if next_runtime is None or next_runtime.redis is not self.redis:
+            closes.append(("redis", self.redis.close))
+        closes += [(f"upstream {u.name}", u.close) for u in self.retired_upstreams(next_runtime)]
+        for what, close in closes:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %s failed", what)
+
+    def retired_upstreams(self, next_runtime: Runtime | None) -> list[OpenImisUpstream]:
+        kept = set(map(id, next_runtime.upstreams.values())) if next_runtime is not None else set()
+        return [u for u in self.upstreams.values() if id(u) not in kept]
+
+
+def _replica_unchanged(previous: Runtime, config: Config, upstreams: Mapping[str, OpenImisUpstream]) -> bool:
+    """The running replica serves the new configuration as is: same policy, same upstream object, same
+    Redis settings (its store's) and public base URL (its links). Then its data and sync task carry on."""
+    running, policy = previous.replica, config.policies.get("replica")
+    if running is None or running.policy != policy:
+        return False
+    old_server, server = previous.config.channels.server, config.channels.server
+    return upstreams.get(running.policy.upstream) is previous.upstreams.get(running.policy.upstream) \
+        and old_server.redis == server.redis and old_server.public_base_url == server.public_base_url
 
 
 @dataclass(slots=True)
@@ -237,25 +314,14 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app[AUDIT] = AuditLog.from_config(config.channels.server.audit, config.root)
     metrics.watch_upstreams(lambda: app[RUNTIME].current.upstreams)
 
-    async def upstream_pools(app: web.Application):  # type: ignore[no-untyped-def]
-        runtime = app[RUNTIME].current
-        for upstream in runtime.upstreams.values():
-            await upstream.start()
+    async def runtime_resources(app: web.Application):  # type: ignore[no-untyped-def]
+        await app[RUNTIME].current.start_new(None)
         yield
-        for upstream in app[RUNTIME].current.upstreams.values():
-            await upstream.close()
+        # Reloads have already closed what earlier runtimes retired (mediator.reload stops first).
+        await app[RUNTIME].current.close_retired(None)
         app[AUDIT].close()
 
-    async def identity_resources(app: web.Application):  # type: ignore[no-untyped-def]
-        identity = app[RUNTIME].current.identity  # JWKS refresh tasks, replay store
-        await identity.start()
-        yield
-        await identity.close()
-
-    app.cleanup_ctx.append(upstream_pools)
-    app.cleanup_ctx.append(identity_resources)
-    app.cleanup_ctx.append(redis_cleanup_ctx(lambda app: app[RUNTIME].current.redis))
-    app.cleanup_ctx.append(lambda app: replica_lifetime(app[RUNTIME].current.replica))
+    app.cleanup_ctx.append(runtime_resources)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     auth = identity_handlers(lambda r: r.app[RUNTIME].current.identity,

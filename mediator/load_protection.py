@@ -7,7 +7,7 @@ per-upstream guards (bulkhead + circuit breaker), idempotent creates and batch s
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -23,13 +23,22 @@ from mediator.upstream import OpenImisUpstream
 
 
 class LoadProtection:
-    """One per runtime. Guards are per upstream and per instance; idempotency records are shared via Redis."""
+    """One per runtime. Guards are per upstream and per instance; idempotency records are shared via Redis.
+
+    On a reload the Runtime hands over `kept_guards` (those of upstreams it reuses: their bulkhead and
+    breaker settings are part of the unchanged upstream configuration) and `kept_idempotency` (when the
+    Redis configuration is unchanged), so slots in use, an open breaker and in-process idempotency
+    records survive it.
+    """
 
     def __init__(self, config: Config, redis: RedisStore, metrics: Metrics | None = None,
-                 entry_checks: Sequence[EntryCheck] = ()) -> None:
-        self.guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics)
+                 entry_checks: Sequence[EntryCheck] = (), *,
+                 kept_guards: Mapping[str, UpstreamGuard] | None = None,
+                 kept_idempotency: Idempotency | None = None) -> None:
+        kept = kept_guards or {}
+        self.guards = {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics)
                        for name, u in config.channels.upstreams.items()}
-        self.idempotency = Idempotency(redis, metrics)
+        self.idempotency = kept_idempotency or Idempotency(redis, metrics)
         self.entry_checks = tuple(entry_checks)
         self._metrics = metrics
 

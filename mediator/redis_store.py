@@ -2,8 +2,10 @@
 
 `server.redis` in channels.yaml configures it (absent: features keep their state in process memory).
 The client is created lazily inside the running event loop (no I/O at construction) and closed by the
-app's cleanup context. Commands are never retried by the client: a retried EVALSHA could count a request
-twice, so an error goes straight to the feature, whose declared `on_store_error` decides.
+Runtime that holds it last (`mediator.app.Runtime.close_retired`: at shutdown, or after a reload that
+changed server.redis, once the requests on the old configuration have finished).
+Commands are never retried by the client: a retried EVALSHA could count a request twice, so an error
+goes straight to the feature, whose declared `on_store_error` decides.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 
 import redis.asyncio as aioredis
-from aiohttp import web
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -66,13 +67,3 @@ class RedisStore:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-
-
-def redis_cleanup_ctx(get_store: Callable[[web.Application], RedisStore]):  # type: ignore[no-untyped-def]
-    """cleanup_ctx entry closing the app's Redis client at shutdown."""
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        yield
-        await get_store(app).close()
-
-    return ctx

@@ -2,13 +2,18 @@
 
 A reload validates the whole directory with `load_config` (the same code as at start and as `check`);
 a refused configuration is logged as `file:line:col: message`, counted, and the running one keeps
-serving. An accepted one is compiled into a new Runtime and swapped in with one assignment; a request
-keeps the runtime it started with. Upstream pools: an upstream whose configuration is unchanged is
-reused (same pool, same login); a new or changed one is started before the swap; a removed or replaced
-one is closed once the requests that started on the old runtime have finished (bounded by the longest
-channel timeout of the old configuration plus a login).
+serving. An accepted one is compiled into a new Runtime with `Runtime.build(config, metrics, previous)`,
+which takes over every running resource whose settings are unchanged (upstream pools and logins, the
+Redis client, the identity replay store and JWKS caches, the replica with its data and sync task,
+bulkhead/breaker state of kept upstreams, idempotency records). `Runtime.start_new` starts what is new
+before the swap (a failure there refuses the reload and closes what it started); the swap is one
+assignment, and a request keeps the runtime it started with. What the new runtime no longer uses is
+closed by `Runtime.close_retired` once the requests that started on the old runtime (and on any older
+one still draining) have finished, bounded by the longest channel timeout of the old configuration
+plus a login.
 
-Lifetime: one ConfigReloader per application, started and stopped by the app's cleanup context.
+Lifetime: one ConfigReloader per application, started and stopped by the app's cleanup context; it
+stops before the app's runtime resources close, so retired resources are closed first.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from aiohttp import web
 from mediator.app import METRICS, RUNTIME, Runtime
 from mediator.config import Config, load_config
 from mediator.errors import ConfigError
-from mediator.upstream import OpenImisUpstream
 
 log = logging.getLogger("mediator.reload")
 
@@ -56,6 +60,8 @@ class ConfigReloader:
         self._lock = asyncio.Lock()
         self._stamps = watched_files(root)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._draining: list[Runtime] = []
+        """Runtimes replaced by a reload whose retired resources are not closed yet, oldest first."""
 
     @property
     def config(self) -> Config:
@@ -87,33 +93,28 @@ class ConfigReloader:
     async def _swap(self, config: Config) -> tuple[list[str], list[str]]:
         holder = self.app[RUNTIME]
         old = holder.current
-        new = Runtime.build(config, self.app[METRICS])
-        started: list[OpenImisUpstream] = []
-        for name, upstream in list(new.upstreams.items()):
-            previous = old.upstreams.get(name)
-            if previous is not None and previous.config == upstream.config \
-                    and previous.public_base_url == upstream.public_base_url:
-                new.upstreams[name] = previous
-            else:
-                await upstream.start()
-                started.append(upstream)
-        retired = [u for name, u in old.upstreams.items() if new.upstreams.get(name) is not u]
+        new = Runtime.build(config, self.app[METRICS], previous=old)
+        await new.start_new(old)  # raises (having closed what it started) if something new cannot start
         for key in RESTART_ONLY:
             if getattr(old.config.channels.server, key) != getattr(config.channels.server, key):
                 log.warning("server.%s changed; it takes effect at the next restart", key)
         holder.current = new
-        if retired:
-            bound = max((c.timeout_s for c in old.config.channels.channels), default=30.0) + LOGIN_ALLOWANCE_S
-            task = asyncio.create_task(self._retire(old, retired, bound))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
-        return [u.name for u in started], [u.name for u in retired]
+        bound = max((c.timeout_s for c in old.config.channels.channels), default=30.0) + LOGIN_ALLOWANCE_S
+        self._draining.append(old)
+        task = asyncio.create_task(self._retire(old, new, bound), name="reload: retire previous runtime")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        started = new.upstreams.keys() - {n for n, u in old.upstreams.items() if new.upstreams.get(n) is u}
+        return sorted(started), [u.name for u in old.retired_upstreams(new)]
 
-    @staticmethod
-    async def _retire(old: Runtime, upstreams: list[OpenImisUpstream], bound_s: float) -> None:
+    async def _retire(self, old: Runtime, new: Runtime, bound_s: float) -> None:
+        """Close what `new` no longer uses once `old`'s requests have finished. Runtimes retired earlier
+        and still draining count too: a resource they share with `old` is closed here."""
+        upstreams = old.retired_upstreams(new)
+
         async def finished() -> None:
             # Requests that started on the old runtime may not have reached the upstream yet.
-            while old.in_flight > 0:
+            while any(r.in_flight > 0 for r in self._draining[:self._draining.index(old) + 1]):
                 await asyncio.sleep(0.05)
             for upstream in upstreams:
                 await upstream.drained()
@@ -121,11 +122,11 @@ class ConfigReloader:
         try:
             await asyncio.wait_for(finished(), bound_s)
         except TimeoutError:
-            log.warning("requests on the previous configuration still running after %.0fs; closing %s",
-                        bound_s, ", ".join(u.name for u in upstreams))
+            log.warning("requests on the previous configuration still running after %.0fs; closing what "
+                        "it alone used", bound_s)
         finally:  # also when the application stops first
-            for upstream in upstreams:
-                await upstream.close()
+            self._draining.remove(old)
+            await old.close_retired(new)  # logs, never raises, a close that fails
 
     async def watch(self) -> None:
         """Poll the files every `server.reload.poll_interval_s` (read anew each round; 0: SIGHUP only)."""

@@ -2,8 +2,14 @@
 
 `Identity.from_config` compiles policies/clients.yaml once: the client registry (certificate
 matchers, key sources, networks), the mediator's signing key, the replay store and one `JwksCache`
-per JWKS URL. `start`/`close` run from the application's cleanup_ctx. The authentication stage and
-the token endpoint (`mediator.identity.token_service`) share one Identity per runtime.
+per JWKS URL. The authentication stage and the token endpoint (`mediator.identity.token_service`)
+share one Identity per runtime.
+
+Lifetime: started and closed through the Runtime (`mediator.app.Runtime.start_new/close_retired`). On a
+reload the new Identity is compiled afresh (clients, keys read from files, IP sets) but takes over the
+previous one's live parts when their settings are unchanged: the replay store (so a token id seen before
+the reload is still refused after it), each JWKS cache with the same URL and timings (keys and refresh
+task kept), and the HTTP session the caches use.
 """
 
 from __future__ import annotations
@@ -97,7 +103,9 @@ class Identity:
 
     def __init__(self, *, clients: dict[str, RegisteredClient], ip_sets: IpSetTable,
                  service: TokenService | None, signing_key: ECKey | None, issuer: str, token_url: str,
-                 audience: str, replay: ReplayStore, jwks: dict[str, JwksCache]) -> None:
+                 audience: str, replay: ReplayStore, jwks: dict[str, JwksCache],
+                 replay_spec: tuple[str, ...] = ("memory",),
+                 session: aiohttp.ClientSession | None = None) -> None:
         self.clients = clients
         self.ip_sets = ip_sets
         self.service = service
@@ -107,10 +115,13 @@ class Identity:
         self.audience = audience
         self.replay = replay
         self.jwks = jwks
-        self._session: aiohttp.ClientSession | None = None
+        self.replay_spec = replay_spec
+        """What the replay store is (kind, URL, prefix): equal specs mean the store can be handed over."""
+        self._session = session
 
     @classmethod
-    def from_config(cls, config: Config) -> Identity:
+    def from_config(cls, config: Config, previous: Identity | None = None) -> Identity:
+        """`previous`: the running Identity on a reload; its live parts are taken over where unchanged."""
         # Imported here: mediator.stages imports this package (the authentication stage).
         from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
 
@@ -120,18 +131,24 @@ class Identity:
         ip_sets = IpSetTable.from_config(config)
         if POLICY_KEY not in config.policies:
             return cls(clients={}, ip_sets=ip_sets, service=None, signing_key=None, issuer=origin,
-                       token_url=f"{origin}/auth/token", audience=base, replay=MemoryReplayStore(), jwks={})
+                       token_url=f"{origin}/auth/token", audience=base,
+                       replay=_kept_replay(previous, ("memory",)) or MemoryReplayStore(), jwks={})
         policy = config.policy(POLICY_KEY, ClientsPolicy)
         service = policy.token_service
         jwks: dict[str, JwksCache] = {}
+        running = previous.jwks if previous is not None else {}
 
         def provider(source: KeySource | None) -> KeyProvider | None:
             if source is None:
                 return None
             if source.jwks_url is not None:
-                cache = jwks.setdefault(source.jwks_url, JwksCache(
-                    source.jwks_url, service.jwks_refresh_s, service.jwks_min_refetch_s))
-                return KeyProvider(cache=cache)
+                if source.jwks_url not in jwks:
+                    kept = running.get(source.jwks_url)
+                    unchanged = kept is not None and kept.refresh_s == service.jwks_refresh_s \
+                        and kept.min_refetch_s == service.jwks_min_refetch_s
+                    jwks[source.jwks_url] = kept if kept is not None and unchanged else JwksCache(
+                        source.jwks_url, service.jwks_refresh_s, service.jwks_min_refetch_s)
+                return KeyProvider(cache=jwks[source.jwks_url])
             if source.public_key_file is not None:
                 return KeyProvider(static=load_public_key_file(config.root / source.public_key_file))
             assert source.jwks_file is not None  # KeySource validates exactly one
@@ -143,24 +160,41 @@ class Identity:
                 provider(entry.keys), provider(entry.user_token.keys if entry.user_token else None))
             for client_id, entry in policy.clients.items()
         }
+        spec = _replay_spec(service)
         return cls(clients=clients, ip_sets=ip_sets, service=service,
                    signing_key=load_or_create_signing_key(config.root / service.signing_key_file),
                    issuer=service.issuer or origin, token_url=service.token_url or f"{origin}/auth/token",
-                   audience=base, replay=_replay_store(service), jwks=jwks)
+                   audience=base, replay=_kept_replay(previous, spec) or _replay_store(spec), jwks=jwks,
+                   replay_spec=spec, session=previous._session if previous is not None and jwks else None)
 
-    async def start(self) -> None:
-        if self.jwks:
+    async def start_new(self, previous: Identity | None) -> None:
+        """Start what this Identity did not take over from `previous` (None: everything)."""
+        if not self.jwks:
+            return
+        if self._session is None:
             self._session = aiohttp.ClientSession()
-            for cache in self.jwks.values():
+        running = set(map(id, previous.jwks.values())) if previous is not None else set()
+        for cache in self.jwks.values():
+            if id(cache) not in running:
                 await cache.start(self._session)
 
-    async def close(self) -> None:
+    async def close_retired(self, next_identity: Identity | None) -> None:
+        """Close what `next_identity` does not use (None: everything)."""
+        kept = set(map(id, next_identity.jwks.values())) if next_identity is not None else set()
         for cache in self.jwks.values():
-            await cache.close()
-        if self._session is not None:
+            if id(cache) not in kept:
+                await cache.close()
+        if self._session is not None and (next_identity is None or next_identity._session is not self._session):
             await self._session.close()
-            self._session = None
-        await self.replay.close()
+        self._session = None
+        if next_identity is None or next_identity.replay is not self.replay:
+            await self.replay.close()
+
+    async def start(self) -> None:
+        await self.start_new(None)
+
+    async def close(self) -> None:
+        await self.close_retired(None)
 
     def client_for_certificate(self, cert: PeerCertificate) -> list[RegisteredClient]:
         """Clients whose certificate matchers all match (the config refuses duplicate matchers)."""
@@ -179,15 +213,28 @@ class Identity:
         return client.networks.contains(address) or self.ip_sets.allows(address, client.entry.ip_allowlist)
 
 
-def _replay_store(service: TokenService) -> ReplayStore:
+def _replay_spec(service: TokenService) -> tuple[str, ...]:
     store = service.replay_store
     if store.redis_url_env is None:
-        return MemoryReplayStore()
+        return ("memory",)
     url = os.environ.get(store.redis_url_env)
     if not url:
         raise MediatorError(f"policies/clients.yaml: token_service.replay_store.redis_url_env: "
                             f"environment variable {store.redis_url_env} is not set")
-    return RedisReplayStore(url, store.key_prefix)
+    return ("redis", url, store.key_prefix)
+
+
+def _replay_store(spec: tuple[str, ...]) -> ReplayStore:
+    if spec[0] == "memory":
+        return MemoryReplayStore()
+    return RedisReplayStore(spec[1], spec[2])
+
+
+def _kept_replay(previous: Identity | None, spec: tuple[str, ...]) -> ReplayStore | None:
+    """The running replay store if it is the same store: token ids seen before a reload stay refused."""
+    if previous is not None and previous.replay_spec == spec:
+        return previous.replay
+    return None
 
 
 __all__ = ["Identity", "KeyProvider", "PeerCertificate", "RegisteredClient", "describe_certificate"]

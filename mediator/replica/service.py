@@ -1,7 +1,9 @@
 """The replica's lifetime: its store, its syncer, its reader, the background schedule and its metrics.
 
-Built with the Runtime (`Replica.from_config`), started and stopped by the app's cleanup context
-(`replica_lifetime`), used by `mediator.app._forward` for channels with `serve_from: replica`.
+Built with the Runtime (`Replica.from_config`), started (`start` + `start_schedule`) and closed by it
+(`mediator.app.Runtime.start_new/close_retired`), used by `mediator.app._forward` for channels with
+`serve_from: replica`. A reload that leaves the replica policy, its upstream, server.redis and
+public_base_url unchanged keeps the same Replica: its data and its sync task carry on.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from mediator.config import Config
 from mediator.metrics import Metrics
@@ -119,16 +121,3 @@ class Replica:
             return await self.store.state()
         except Exception:
             return None
-
-
-async def replica_lifetime(replica: Replica | None) -> AsyncIterator[None]:
-    """For app.cleanup_ctx: start the store and the schedule; stop both at shutdown."""
-    if replica is None:
-        yield
-        return
-    await replica.start()
-    replica.start_schedule()
-    try:
-        yield
-    finally:
-        await replica.close()
