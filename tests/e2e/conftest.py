@@ -65,6 +65,8 @@ def _alive(pid: int) -> bool:
 def e2e_channels(fhir_base_url: str, channels: str | None = None, extra_server: str = "") -> str:
     from tests.conftest import channels_yaml
 
+    # These tests are about openIMIS's answers, not about callers: the channels are open (the
+    # authentication and authorization round trips are tests/stages/test_authorization.py).
     default = """\
       - name: master-data
         path: ^/fhir/(ActivityDefinition|Medication|Location|Organization)(/[^/]+)?/?$
@@ -72,18 +74,21 @@ def e2e_channels(fhir_base_url: str, channels: str | None = None, extra_server: 
         upstream: openimis
         timeout_s: 30
         ip_allowlist: [local]
+        authentication: none
       - name: eligibility
         path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
         methods: [GET, POST]
         upstream: openimis
         timeout_s: 30
         ip_allowlist: [local]
+        authentication: none
       - name: claims
         path: ^/fhir/(Claim|ClaimResponse)(/[^/]+)?/?$
         methods: [GET, POST]
         upstream: openimis
         timeout_s: 60
         ip_allowlist: [local]
+        authentication: none
     """
     return channels_yaml(fhir_base_url.rstrip("/") + "/", channels=textwrap.dedent(channels or default),
                          extra_server=extra_server)

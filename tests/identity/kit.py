@@ -1,4 +1,8 @@
-"""Test kit for identity tests: keys generated at test time, a clients.yaml, token minting."""
+"""Test kit for identity tests: keys generated at test time, a clients.yaml, token minting.
+
+Two registries: `clients_yaml` (vendor-a & co., for the authentication attack catalogue) and
+`facility_vendors_yaml` (one vendor per health facility, each also its users' SSO issuer, for round
+trips through authentication into authorization)."""
 
 from __future__ import annotations
 
@@ -32,6 +36,17 @@ AUTH_CHANNELS = """\
   upstream: openimis
   ip_allowlist: [local]
   authentication: none
+"""
+
+
+TLS_BLOCK = """\
+listen:
+  host: 127.0.0.1
+  port: 0
+  tls:
+    cert_file: certs/server.crt
+    key_file: certs/server.key
+    client_ca_file: certs/ca.crt
 """
 
 
@@ -164,3 +179,64 @@ def hs256_forgery(header: dict[str, Any], claims: dict[str, Any], secret: bytes)
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
     signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(signature)}"
+
+
+# --- one vendor per health facility -----------------------------------------------------------------
+
+VENDOR_SCOPES = "system/*.cruds"
+"""What a facility vendor's access token asks for by default."""
+VENDOR_REGISTERED_SCOPES = (VENDOR_SCOPES, "system/*.rs")
+"""What /auth/token may grant a facility vendor (each scope as written here)."""
+
+
+def vendor_issuer(vendor: str) -> str:
+    return f"https://sso.{vendor}.example"
+
+
+def facility_vendors_yaml(facilities: dict[str, str]) -> str:
+    """clients.yaml registering each vendor (client id → its one health facility) for mTLS (certificate
+    CN = client id) and private_key_jwt (keys/<vendor>.pem), with that same key as the issuer key of
+    its users' SSO tokens (claims preferred_username, roles, hf)."""
+    entries = "".join(f"""\
+  {vendor}:
+    auth_methods: [mtls, private_key_jwt]
+    certificates:
+      - subject_cn: {vendor}
+    keys:
+      public_key_file: keys/{vendor}.pem
+    ip_allowlist: [local]
+    health_facilities: [{facility}]
+    default_roles: [hms]
+    scopes: [{', '.join(VENDOR_REGISTERED_SCOPES)}]
+    user_token:
+      required: false
+      issuer: {vendor_issuer(vendor)}
+      keys:
+        public_key_file: keys/{vendor}.pem
+      algorithms: [ES256]
+      max_lifetime_s: 600
+      claims:
+        user_id: preferred_username
+        roles: roles
+        health_facility: hf
+""" for vendor, facility in facilities.items())
+    return f"""\
+version: 1
+token_service:
+  signing_key_file: keys/mediator-signing.key
+clients:
+{entries}"""
+
+
+def write_vendor_keys(root: Path, keys: dict[str, ECKey]) -> None:
+    folder = root / "keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    for vendor, key in keys.items():
+        (folder / f"{vendor}.pem").write_bytes(key.as_pem(private=False))
+
+
+def vendor_user_token(key: ECKey, vendor: str, user: str, roles: tuple[str, ...], facility: str | None,
+                      **changes: Any) -> str:
+    """The SSO token a vendor's HMS sends in X-User-Token for a logged-in user."""
+    claims = {"iss": vendor_issuer(vendor), "preferred_username": user, "roles": list(roles), "hf": facility}
+    return user_token(key, **{**claims, **changes})

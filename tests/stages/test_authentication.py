@@ -27,6 +27,7 @@ from tests.identity.kit import (
     AUTH_CHANNELS,
     BASE,
     ORIGIN,
+    TLS_BLOCK,
     TOKEN_URL,
     assertion_claims,
     clients_yaml,
@@ -390,17 +391,6 @@ async def test_a_client_outside_its_networks_is_403(identity):
 
 
 # --- mTLS over real TLS ---------------------------------------------------------------------------
-
-TLS_BLOCK = """\
-listen:
-  host: 127.0.0.1
-  port: 0
-  tls:
-    cert_file: certs/server.crt
-    key_file: certs/server.key
-    client_ca_file: certs/ca.crt
-"""
-
 
 async def test_mtls_clients_over_real_tls(tmp_path, sandbox_server, unused_tcp_port):
     root = tmp_path / "config"

@@ -1,31 +1,47 @@
 """Authorization stage: (a) pure decide tables, (b) schema errors with file:line:col, (c) round trips.
 
-The round trips run the real mediator and the openIMIS stand-in over sockets. TEST-ONLY: until the
-authentication stage (branch identity) is merged, the principal is set by `PrincipalFromTestHeader`, a
-stage registered only in these tests, which reads the name of a Principal defined below from the
-`X-Test-Principal` header. Nothing in the product reads that header.
+The round trips run the real mediator and the openIMIS stand-in over sockets, through the whole real
+pipeline: callers are proven by the authentication stage with credentials minted at test time (a
+vendor client per facility, tokens from /auth/token, users' SSO tokens; one round trip over mTLS).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
+from joserfc.jwk import ECKey
 
 from mediator.app import RUNTIME, build_app
+from mediator.certs import make_dev_pki
 from mediator.config import load_config
 from mediator.config.authorization import AuthorizationPolicy, Permission, parse_token_scope
 from mediator.errors import ConfigError
 from mediator.facilities import FacilitySnapshot
 from mediator.facility_scope import FacilityFacts, claim_facts, eligibility_facts, owner_facts
-from mediator.pipeline import Decision, Exchange, Pipeline, Principal
+from mediator.identity.client import client_assertion
+from mediator.pipeline import Decision, Pipeline, Principal
 from mediator.sandbox import load_fixtures
+from mediator.stages.authentication import AuthenticationStage
 from mediator.stages.authorization import Access, evaluate, token_permissions
+from mediator.tls import server_context
 from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, upstream_url, write_config
+from tests.identity.kit import (
+    TLS_BLOCK,
+    TOKEN_URL,
+    VENDOR_SCOPES,
+    facility_vendors_yaml,
+    form,
+    vendor_user_token,
+    write_vendor_keys,
+)
 
 FIXTURES = Path(__file__).parents[1] / "config" / "fixtures"
 SHIPPED_POLICY = (Path(__file__).parents[2] / "policies" / "authorization.yaml").read_text()
@@ -348,25 +364,34 @@ def test_absent_policy_means_no_authorization_stage_and_empty_rules_deny_all(tmp
 
 
 # --- (c) round trips over real sockets ----------------------------------------------------------------
+# Every principal below is proven by the real authentication stage: each facility's vendor is registered
+# in clients.yaml (tests/identity/kit.py), gets an access token from POST /auth/token with a
+# private_key_jwt assertion signed at test time, and vouches for its user with an SSO token in
+# X-User-Token signed by the same vendor key. Roles: [hms] from the registry, plus the user's.
 
-PRINCIPALS = {
-    "jm-clerk": JM_CLERK,
-    "ra-clerk": Principal("hms-b", "access_token", user_id="ra-clerk", roles=frozenset({"hms", "claim-admin"}),
-                          scopes=frozenset({"user/*.cruds"}), health_facilities=frozenset({"RAHOS001"})),
-    "hms": HMS_ONLY,
+FACILITY_OF_VENDOR = {"vendor-jm": "JMHOS001", "vendor-ra": "RAHOS001"}
+VENDOR_KEYS = {vendor: ECKey.generate_key("P-256") for vendor in FACILITY_OF_VENDOR}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A vendor's HMS acting for one of its users, or for itself when `user` is None."""
+
+    vendor: str
+    user: str | None = None
+    roles: tuple[str, ...] = ("claim-admin",)
+    facility: str | None = None
+    """The user token's `hf` claim; None: no claim (the user gets the client's registered facilities)."""
+    scope: str = VENDOR_SCOPES
+    """What the access token asks for."""
+
+
+CALLERS = {
+    "jm-clerk": Caller("vendor-jm", "jm-clerk", facility="JMHOS001"),
+    "ra-clerk": Caller("vendor-ra", "ra-clerk", facility="RAHOS001"),
+    "hms": Caller("vendor-jm"),
+    "jm-reader": Caller("vendor-jm", "jm-clerk", facility="JMHOS001", scope="system/*.rs"),
 }
-
-
-class PrincipalFromTestHeader:
-    """TEST-ONLY stand-in for the authentication stage (see the module docstring)."""
-
-    name = "authentication"
-
-    async def run(self, exchange: Exchange) -> Decision:
-        name = exchange.request.headers.get("X-Test-Principal")
-        exchange.principal = PRINCIPALS.get(name or "")
-        return Decision.allowed("authentication.test_only")
-
 
 CLAIM_CHANNELS = """\
   - name: master-data
@@ -389,24 +414,51 @@ CLAIM_CHANNELS = """\
     methods: [POST]
     upstream: openimis
     ip_allowlist: [local]
+  - name: capabilities
+    path: ^/fhir/metadata/?$
+    methods: [GET]
+    upstream: openimis
+    ip_allowlist: [local]
+    authentication: none
 """
 
 
-def install_test_principal_stage(app: web.Application) -> None:
-    runtime = app[RUNTIME].current
-    stages = list(runtime.pipeline.stages)
-    index = [s.name for s in stages].index("authentication")
-    stages[index] = PrincipalFromTestHeader()
-    runtime.pipeline = Pipeline(stages, runtime.pipeline._recorder)
+def write_authz_config(root: Path, sandbox_server: Any, policy: str = SHIPPED_POLICY,
+                       extra_server: str = "") -> Path:
+    channels = channels_yaml(upstream_url(sandbox_server), extra_server=extra_server, channels=CLAIM_CHANNELS)
+    write_config(root, channels, DEFAULT_IP_POLICY,
+                 {"authorization.yaml": policy, "clients.yaml": facility_vendors_yaml(FACILITY_OF_VENDOR)})
+    write_vendor_keys(root, VENDOR_KEYS)
+    return root
+
+
+def user_token_of(caller: Caller, **changes: Any) -> str:
+    return vendor_user_token(VENDOR_KEYS[caller.vendor], caller.vendor, caller.user or "", caller.roles,
+                             caller.facility, **changes)
+
+
+async def credentials(client: Any, who: str) -> dict[str, str]:
+    """Real credentials for CALLERS[who]: an access token from /auth/token and the user's SSO token."""
+    caller = CALLERS[who]
+    assertion = client_assertion(caller.vendor, VENDOR_KEYS[caller.vendor], TOKEN_URL)
+    response = await client.post("/auth/token", data=form(assertion, caller.scope))
+    assert response.status == 200, await response.text()
+    headers = {"Authorization": f"Bearer {(await response.json())['access_token']}"}
+    if caller.user is not None:
+        headers["X-User-Token"] = user_token_of(caller)
+    return headers
+
+
+def assert_real_authentication(app: web.Application) -> None:
+    stages = app[RUNTIME].current.pipeline.stages
+    assert [type(s) for s in stages if s.name == "authentication"] == [AuthenticationStage]
 
 
 @pytest.fixture
 def authz_mediator(tmp_path, sandbox_server, aiohttp_client):
     async def factory(policy: str = SHIPPED_POLICY):
-        root = write_config(tmp_path / "config", channels_yaml(upstream_url(sandbox_server), channels=CLAIM_CHANNELS),
-                            DEFAULT_IP_POLICY, {"authorization.yaml": policy})
-        app = build_app(load_config(root))
-        install_test_principal_stage(app)
+        app = build_app(load_config(write_authz_config(tmp_path / "config", sandbox_server, policy)))
+        assert_real_authentication(app)
         return await aiohttp_client(app)
     return factory
 
@@ -415,16 +467,39 @@ def _reason(document: dict[str, Any]) -> str:
     return document["issue"][0]["details"]["coding"][0]["code"]
 
 
+async def _get(client, path, who="jm-clerk"):
+    return await client.get(path, headers=await credentials(client, who))
+
+
+async def _post(client, path, document, who="jm-clerk", content_type="application/fhir+json"):
+    headers = {**await credentials(client, who), "Content-Type": content_type}
+    return await client.post(path, data=json.dumps(document), headers=headers)
+
+
 async def _post_claim(client, claim, who="jm-clerk"):
-    return await client.post("/fhir/Claim/", data=json.dumps(claim),
-                             headers={"Content-Type": "application/fhir+json", "X-Test-Principal": who})
+    return await _post(client, "/fhir/Claim/", claim, who)
+
+
+def _claims_posted(sandbox) -> list[dict[str, Any]]:
+    return [r for r in sandbox.requests if r["method"] == "POST" and r["path"].endswith("/Claim/")]
 
 
 async def test_own_facility_claim_is_submitted(sandbox, authz_mediator):
     client = await authz_mediator()
     response = await _post_claim(client, _claim())
     assert response.status == 201, await response.text()
-    assert [r for r in sandbox.requests if r["method"] == "POST" and r["path"].endswith("/Claim/")]
+    assert _claims_posted(sandbox)
+
+
+async def test_the_other_facilitys_clerk_submits_its_own_claim_but_not_ours(sandbox, authz_mediator):
+    client = await authz_mediator()
+    ra_claim = _claim(provider={"reference": f"Organization/{RA_UUID}"},
+                      enterer={"reference": f"Practitioner/{RA_ADMIN}"})
+    own = await _post_claim(client, ra_claim, "ra-clerk")
+    assert own.status == 201, await own.text()
+    ours = await _post_claim(client, _claim(), "ra-clerk")
+    assert ours.status == 403 and _reason(await ours.json()) == "authorization.provider_other_facility"
+    assert len(_claims_posted(sandbox)) == 1
 
 
 @pytest.mark.parametrize(
@@ -453,49 +528,80 @@ async def test_cross_facility_claim_writes_are_refused_before_openimis(sandbox, 
     response = await _post_claim(client, _claim(**changes))
     assert response.status == 403
     assert _reason(await response.json()) == reason
-    assert not [r for r in sandbox.requests if r["method"] == "POST" and r["path"].endswith("/Claim/")]
+    assert not _claims_posted(sandbox)
+
+
+async def test_a_vendor_cannot_vouch_for_a_user_of_another_facility(sandbox, authz_mediator):
+    client = await authz_mediator()
+    jm = await credentials(client, "hms")
+    # vendor-jm claims its user works at RAHOS001: not a facility registered for vendor-jm
+    foreign_user = user_token_of(CALLERS["jm-clerk"], hf="RAHOS001")
+    ra_claim = _claim(provider={"reference": f"Organization/{RA_UUID}"})
+    response = await client.post("/fhir/Claim/", data=json.dumps(ra_claim),
+                                 headers={**jm, "X-User-Token": foreign_user, "Content-Type": "application/fhir+json"})
+    assert response.status == 403 and _reason(await response.json()) == "authentication.facility_not_registered"
+    # vendor-jm replays a token vendor-ra issued to its own clerk
+    response = await client.post("/fhir/Claim/", data=json.dumps(_claim()),
+                                 headers={**jm, "X-User-Token": user_token_of(CALLERS["ra-clerk"]),
+                                          "Content-Type": "application/fhir+json"})
+    assert response.status == 401 and _reason(await response.json()) == "authentication.user_token_bad_signature"
+    assert not _claims_posted(sandbox)
+
+
+async def test_the_access_tokens_scopes_limit_what_the_user_may_do(sandbox, authz_mediator):
+    client = await authz_mediator()
+    write = await _post_claim(client, _claim(), "jm-reader")
+    assert write.status == 403 and _reason(await write.json()) == "authorization.scope_not_granted"
+    read = await _get(client, f"/fhir/ClaimResponse/{JM_CLAIM}", "jm-reader")
+    assert read.status == 200
+    assert not _claims_posted(sandbox)
 
 
 async def test_claim_response_of_another_facility_is_refused(authz_mediator):
     client = await authz_mediator()
-    own = await client.get(f"/fhir/ClaimResponse/{JM_CLAIM}", headers={"X-Test-Principal": "jm-clerk"})
+    own = await _get(client, f"/fhir/ClaimResponse/{JM_CLAIM}")
     assert own.status == 200 and (await own.json())["id"] == JM_CLAIM
-    other = await client.get(f"/fhir/ClaimResponse/{RA_CLAIM}", headers={"X-Test-Principal": "jm-clerk"})
+    other = await _get(client, f"/fhir/ClaimResponse/{RA_CLAIM}")
     assert other.status == 403
     assert _reason(await other.json()) == "authorization.owner_other_facility"
-    missing = await client.get("/fhir/ClaimResponse/00000000-0000-4000-8000-000000000000",
-                               headers={"X-Test-Principal": "jm-clerk"})
+    theirs = await _get(client, f"/fhir/ClaimResponse/{RA_CLAIM}", "ra-clerk")
+    assert theirs.status == 200 and (await theirs.json())["id"] == RA_CLAIM
+    missing = await _get(client, "/fhir/ClaimResponse/00000000-0000-4000-8000-000000000000")
     assert missing.status == 404 and _reason(await missing.json()) == "authorization.owner_not_found"
 
 
 async def test_search_answers_lose_other_facilities_entries(sandbox, authz_mediator):
     client = await authz_mediator()
-    response = await client.get("/fhir/ClaimResponse?_count=100", headers={"X-Test-Principal": "jm-clerk"})
+    response = await _get(client, "/fhir/ClaimResponse?_count=100")
     assert response.status == 200
     bundle = await response.json()
     assert [e["resource"]["id"] for e in bundle["entry"]] == [JM_CLAIM]
     assert "total" not in bundle
     # openIMIS really returned more (it has no facility search parameter): the filter did the work.
     assert len(sandbox.store["ClaimResponse"]) > 1
+    theirs = await (await _get(client, "/fhir/ClaimResponse?_count=100", "ra-clerk")).json()
+    assert RA_CLAIM in [e["resource"]["id"] for e in theirs["entry"]]
+    assert JM_CLAIM not in [e["resource"]["id"] for e in theirs["entry"]]
 
 
 async def test_search_answers_with_foreign_entries_are_refused_when_the_policy_says_deny(authz_mediator):
     client = await authz_mediator(SHIPPED_POLICY.replace("foreign_entries: drop", "foreign_entries: deny"))
-    response = await client.get("/fhir/ClaimResponse", headers={"X-Test-Principal": "jm-clerk"})
+    response = await _get(client, "/fhir/ClaimResponse")
     assert response.status == 403
     assert _reason(await response.json()) == "authorization.search_entry_denied"
 
 
 async def test_bare_resource_answer_to_identifier_search_is_checked(authz_mediator):
     client = await authz_mediator()
-    own = await client.get("/fhir/ClaimResponse?identifier=JM000001", headers={"X-Test-Principal": "jm-clerk"})
+    own = await _get(client, "/fhir/ClaimResponse?identifier=JM000001")
     assert own.status == 200
-    other = await client.get("/fhir/ClaimResponse?identifier=RA000001", headers={"X-Test-Principal": "jm-clerk"})
+    other = await _get(client, "/fhir/ClaimResponse?identifier=RA000001")
     assert other.status == 403 and _reason(await other.json()) == "authorization.search_entry_denied"
 
 
 async def test_a_filter_that_cannot_check_the_answer_is_a_500(sandbox, authz_mediator):
     client = await authz_mediator()
+    headers = await credentials(client, "jm-clerk")
     # Break the owner lookup: openIMIS answers the ClaimResponse list but fails on each Claim.
     original = sandbox.lookup
 
@@ -505,7 +611,7 @@ async def test_a_filter_that_cannot_check_the_answer_is_a_500(sandbox, authz_med
         return original(rtype, key)
 
     sandbox.lookup = failing_lookup  # type: ignore[method-assign]
-    response = await client.get("/fhir/ClaimResponse", headers={"X-Test-Principal": "jm-clerk"})
+    response = await client.get("/fhir/ClaimResponse", headers=headers)
     assert response.status == 500
     assert _reason(await response.json()) == "authorization.filter_failed"
 
@@ -518,8 +624,7 @@ def _bundle(*entries):
 async def test_batch_with_one_foreign_entry_is_refused_whole(sandbox, authz_mediator):
     client = await authz_mediator()
     body = _bundle(_claim(), _claim(provider={"reference": f"Organization/{RA_UUID}"}))
-    response = await client.post("/fhir/", data=json.dumps(body),
-                                 headers={"Content-Type": "application/fhir+json", "X-Test-Principal": "jm-clerk"})
+    response = await _post(client, "/fhir/", body)
     assert response.status == 403
     document = await response.json()
     assert _reason(document) == "authorization.provider_other_facility"
@@ -540,20 +645,22 @@ async def test_check_entry_is_the_per_entry_decision(authz_mediator):
 
 async def test_eligibility_and_master_data_round_trip(authz_mediator):
     client = await authz_mediator()
-    by_number = await client.get("/fhir/Patient?identifier=070707070", headers={"X-Test-Principal": "jm-clerk"})
+    by_number = await _get(client, "/fhir/Patient?identifier=070707070")
     assert by_number.status in (200, 404)   # the stand-in may not know the insuree; the mediator let it through
-    listing = await client.get("/fhir/Patient", headers={"X-Test-Principal": "jm-clerk"})
+    listing = await _get(client, "/fhir/Patient")
     assert listing.status == 403 and _reason(await listing.json()) == "authorization.no_matching_rule"
-    eligibility = await client.post(
-        "/fhir/CoverageEligibilityRequest/",
-        data=json.dumps({"resourceType": "CoverageEligibilityRequest", "patient": {"reference": "Patient/x"},
-                         "provider": {"reference": f"Organization/{RA_UUID}"}}),
-        headers={"Content-Type": "application/json", "X-Test-Principal": "jm-clerk"})
+    eligibility = await _post(
+        client, "/fhir/CoverageEligibilityRequest/",
+        {"resourceType": "CoverageEligibilityRequest", "patient": {"reference": "Patient/x"},
+         "provider": {"reference": f"Organization/{RA_UUID}"}}, content_type="application/json")
     assert eligibility.status == 403 and _reason(await eligibility.json()) == "authorization.provider_other_facility"
-    medication = await client.get("/fhir/Medication", headers={"X-Test-Principal": "hms"})
+    medication = await _get(client, "/fhir/Medication", "hms")
     assert medication.status == 200
+    application_alone = await _get(client, "/fhir/Patient?identifier=070707070", "hms")
+    assert application_alone.status == 403   # user/ permissions need a user
+    assert _reason(await application_alone.json()) == "authorization.no_matching_rule"
     anonymous = await client.get("/fhir/Medication")
-    assert anonymous.status == 403
+    assert anonymous.status == 401 and _reason(await anonymous.json()) == "authentication.missing_credentials"
 
 
 async def test_shadow_rules_do_not_block_but_are_counted(sandbox, authz_mediator):
@@ -585,7 +692,7 @@ async def test_shadow_facility_filter_counts_but_returns_everything(authz_mediat
     permissions: [user/ClaimResponse.rs]
     facility_scope: any""")
     client = await authz_mediator(policy)
-    response = await client.get("/fhir/ClaimResponse?_count=100", headers={"X-Test-Principal": "jm-clerk"})
+    response = await _get(client, "/fhir/ClaimResponse?_count=100")
     ids = {e["resource"]["id"] for e in (await response.json())["entry"]}
     assert {JM_CLAIM, RA_CLAIM} <= ids
     registry = client.app[RUNTIME].current.pipeline._recorder.registry
@@ -606,13 +713,63 @@ async def test_audit_facts_are_on_the_exchange_without_secrets(authz_mediator):
             return Decision.allowed("rate_limit.spy")
 
     runtime.pipeline = Pipeline([*runtime.pipeline.stages, Spy()], runtime.pipeline._recorder)
-    response = await _post_claim(client, _claim())
+    headers = {**await credentials(client, "jm-clerk"), "Content-Type": "application/fhir+json"}
+    response = await client.post("/fhir/Claim/", data=json.dumps(_claim()), headers=headers)
     assert response.status == 201
     record = seen[0]
-    assert record["rule"] == "claim-submit" and record["client"] == "hms-a"
+    assert record["rule"] == "claim-submit" and record["client"] == "vendor-jm"
     assert record["caller_facilities"] == ["JMHOS001"] and record["target_facilities"] == ["JMHOS001"]
     text = json.dumps(record)
     assert "76aca309" not in text and "scopes" not in text and "user/" not in text
+    access_token = headers["Authorization"].removeprefix("Bearer ")
+    assert access_token not in text and headers["X-User-Token"] not in text
+
+
+# --- (c) claim submission over mutual TLS --------------------------------------------------------------
+
+async def test_claim_submission_over_mtls_with_the_users_token(tmp_path, sandbox, sandbox_server, unused_tcp_port):
+    """The vendor is proven by its client certificate in a real TLS handshake (no access token); its
+    user by the SSO token. The facility checks apply exactly as for token clients."""
+    root = write_authz_config(tmp_path / "config", sandbox_server, extra_server=TLS_BLOCK)
+    certs = root / "certs"
+    make_dev_pki(certs, tuple(FACILITY_OF_VENDOR))
+    config = load_config(root)
+    app = build_app(config)
+    assert_real_authentication(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", unused_tcp_port,
+                       ssl_context=server_context(config.channels.server.listen.tls, root))
+    await site.start()
+    url = f"https://localhost:{unused_tcp_port}/fhir/Claim/"
+
+    def as_vendor(vendor: str | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        if vendor is not None:
+            context.load_cert_chain(certs / f"{vendor}.crt", certs / f"{vendor}.key")
+        return context
+
+    async def submit(vendor: str | None, claim: dict[str, Any], who: str = "jm-clerk") -> tuple[int, str]:
+        headers = {"Content-Type": "application/fhir+json", "X-User-Token": user_token_of(CALLERS[who])}
+        async with session.post(url, data=json.dumps(claim), headers=headers, ssl=as_vendor(vendor)) as response:
+            document = await response.json(content_type=None)
+            reason = _reason(document) if document.get("resourceType") == "OperationOutcome" else ""
+            return response.status, reason
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await submit("vendor-jm", _claim()) == (201, "")
+            assert len(_claims_posted(sandbox)) == 1
+            assert await submit("vendor-jm", _claim(provider={"reference": f"Organization/{RA_UUID}"})) == \
+                (403, "authorization.provider_other_facility")
+            assert await submit("vendor-jm", _claim(enterer={"reference": f"Practitioner/{RA_ADMIN}"})) == \
+                (403, "authorization.enterer_other_facility")
+            # vendor-ra's certificate with vendor-jm's user: the user token does not verify for vendor-ra
+            assert await submit("vendor-ra", _claim()) == (401, "authentication.user_token_bad_signature")
+            assert await submit(None, _claim()) == (401, "authentication.missing_credentials")
+            assert len(_claims_posted(sandbox)) == 1
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize(
