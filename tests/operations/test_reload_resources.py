@@ -25,13 +25,7 @@ from tests.identity.kit import IDP_ISSUER, KEYS_FOR_JWKS, form, good_assertion, 
 from tests.operations.support import SlowOpenImis, eventually
 from tests.replica.conftest import REDIS_URL, delete_prefix
 from tests.replica.test_serve import MASTER_DATA
-from tests.stages.test_authorization import (
-    CLAIM_CHANNELS,
-    JM_CLAIM,
-    RA_CLAIM,
-    SHIPPED_POLICY,
-    install_test_principal_stage,
-)
+from tests.stages.test_authorization import JM_CLAIM, RA_CLAIM, credentials, write_authz_config
 
 NO_POLL = "reload:\n  poll_interval_s: 0\n"
 # An unrelated policy change: one more IP set nobody uses.
@@ -157,21 +151,23 @@ def _redis_connected(client: aioredis.Redis) -> bool:
 
 async def test_authorization_owner_lookups_use_the_started_upstream_after_a_reload(
         tmp_path, sandbox_server, aiohttp_client):
-    root, app, reloader, client = await _reloadable(
-        tmp_path, aiohttp_client, channels_yaml(upstream_url(sandbox_server), extra_server=NO_POLL,
-                                                channels=CLAIM_CHANNELS), {"authorization.yaml": SHIPPED_POLICY})
+    root = write_authz_config(tmp_path / "config", sandbox_server, extra_server=NO_POLL)
+    app = build_app(load_config(root))
+    reloader = attach_reloader(app, root)
+    client = await aiohttp_client(app)
     before = app[RUNTIME].current
     (root / "policies" / "ip_allowlist.yaml").write_text(EDITED_IP_POLICY)
     assert await reloader.reload("test")
-    install_test_principal_stage(app)  # TEST-ONLY principal, as in tests/stages/test_authorization.py
     after = app[RUNTIME].current
     upstream = after.upstreams["openimis"]
     assert upstream is before.upstreams["openimis"] and upstream._session is not None
 
-    # The facility directory and the owning Claim are read through the started upstream (not a 500).
-    headers = {"X-Test-Principal": "jm-clerk"}
+    # The facility directory and the owning Claim are read through the started upstream (not a 500),
+    # for a caller proven by a real access token and SSO user token.
+    headers = await credentials(client, "jm-clerk")
     own = await client.get(f"/fhir/ClaimResponse/{JM_CLAIM}", headers=headers)
     assert own.status == 200, await own.text()
+    headers = await credentials(client, "jm-clerk")  # a fresh user token: its jti is single use
     other = await client.get(f"/fhir/ClaimResponse/{RA_CLAIM}", headers=headers)
     assert (other.status, _reason(await other.json())) == (403, "authorization.owner_other_facility")
     [stage] = [s for s in after.pipeline.stages if s.name == "authorization"]
