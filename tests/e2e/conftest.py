@@ -62,35 +62,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def e2e_channels(fhir_base_url: str, channels: str | None = None, extra_server: str = "") -> str:
+def e2e_channels(fhir_base_url: str, channels: str, extra_server: str = "") -> str:
+    """channels.yaml in front of the real openIMIS at `fhir_base_url` (tests/e2e/vendors.py has the channels)."""
     from tests.conftest import channels_yaml
 
-    # These tests are about openIMIS's answers, not about callers: the channels are open (the
-    # authentication and authorization round trips are tests/stages/test_authorization.py).
-    default = """\
-      - name: master-data
-        path: ^/fhir/(ActivityDefinition|Medication|Location|Organization)(/[^/]+)?/?$
-        methods: [GET]
-        upstream: openimis
-        timeout_s: 30
-        ip_allowlist: [local]
-        authentication: none
-      - name: eligibility
-        path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
-        methods: [GET, POST]
-        upstream: openimis
-        timeout_s: 30
-        ip_allowlist: [local]
-        authentication: none
-      - name: claims
-        path: ^/fhir/(Claim|ClaimResponse)(/[^/]+)?/?$
-        methods: [GET, POST]
-        upstream: openimis
-        timeout_s: 60
-        ip_allowlist: [local]
-        authentication: none
-    """
-    return channels_yaml(fhir_base_url.rstrip("/") + "/", channels=textwrap.dedent(channels or default),
+    return channels_yaml(fhir_base_url.rstrip("/") + "/", channels=textwrap.dedent(channels),
                          extra_server=extra_server)
 
 
