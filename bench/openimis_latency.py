@@ -63,7 +63,8 @@ async def run(reps: int) -> None:
                      {"clients.yaml": CLIENTS, "authorization.yaml": AUTHORIZATION})
         env = {**os.environ, "OPENIMIS_USERNAME": "Admin", "OPENIMIS_PASSWORD": "admin123"}
         proc = subprocess.Popen([sys.executable, "-m", "mediator", "--log-level", "WARNING", "serve",
-                                 "--config", tmp, "--port", str(port)], env=env)
+                                 "--config", tmp, "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # audit events go to stderr
         try:
             mediator_base = f"http://127.0.0.1:{port}/fhir/"
             async with aiohttp.ClientSession() as session:
