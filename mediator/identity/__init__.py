@@ -30,21 +30,26 @@ from mediator.identity.keys import (
     load_public_key_file,
 )
 from mediator.identity.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
-from mediator.identity.verify import Expectations, Failure, Verified, unverified_header, verify
+from mediator.identity.verify import Expectations, Failure, Verified, VerifiedTokenCache, verify
 
 if TYPE_CHECKING:
     from mediator.stages.client_ip import IPAddress
     from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
 
 POLICY_KEY = "clients"
+VERIFIED_TOKENS_PER_SIGNER = 4096
+"""Bound of each VerifiedTokenCache (the mediator's access tokens; each client's user tokens)."""
 
 
 class KeyProvider:
     """The public keys of one signer: fixed (file) or a JWKS URL kept fresh by a JwksCache."""
 
-    def __init__(self, static: KeySet | None = None, cache: JwksCache | None = None) -> None:
+    def __init__(self, static: KeySet | None = None, cache: JwksCache | None = None,
+                 verified: VerifiedTokenCache | None = None) -> None:
         self.static = static
         self.cache = cache
+        self.verified = verified
+        """Signature checks to reuse (tokens sent again and again: user tokens); None: check every time."""
 
     def current(self) -> KeySet:
         if self.static is not None:
@@ -54,14 +59,11 @@ class KeyProvider:
         return KeySet([])
 
     async def verify(self, token: str, expect: Expectations, now: int) -> Verified | Failure:
-        header = unverified_header(token)
-        if isinstance(header, Failure):
-            return header
-        result = verify(token, self.current(), expect, now, header)
+        result = verify(token, self.current(), expect, now, cache=self.verified)
         # An unknown kid may be a key the IdP just rotated in: one throttled refetch, then decide.
         if isinstance(result, Failure) and result.check == "unknown_key" and self.cache is not None:
             if await self.cache.refetch_for_unknown_kid():
-                result = verify(token, self.current(), expect, now, header)
+                result = verify(token, self.current(), expect, now, cache=self.verified)
         return result
 
 
@@ -107,6 +109,9 @@ class Identity:
         self.audience = audience
         self.replay = replay
         self.jwks = jwks
+        self.signing_keys = KeySet([signing_key]) if signing_key is not None else KeySet([])
+        self.access_tokens = VerifiedTokenCache(VERIFIED_TOKENS_PER_SIGNER)
+        """Signature checks of our own access tokens (sent with every request until they expire)."""
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -125,22 +130,26 @@ class Identity:
         service = policy.token_service
         jwks: dict[str, JwksCache] = {}
 
-        def provider(source: KeySource | None) -> KeyProvider | None:
+        def provider(source: KeySource | None, reused: bool = False) -> KeyProvider | None:
+            """`reused`: tokens of this signer come again with every request (user tokens), so
+            signature checks are cached; client assertions are single-use, so they are not."""
             if source is None:
                 return None
+            verified = VerifiedTokenCache(VERIFIED_TOKENS_PER_SIGNER) if reused else None
             if source.jwks_url is not None:
                 cache = jwks.setdefault(source.jwks_url, JwksCache(
                     source.jwks_url, service.jwks_refresh_s, service.jwks_min_refetch_s))
-                return KeyProvider(cache=cache)
+                return KeyProvider(cache=cache, verified=verified)
             if source.public_key_file is not None:
-                return KeyProvider(static=load_public_key_file(config.root / source.public_key_file))
+                return KeyProvider(static=load_public_key_file(config.root / source.public_key_file),
+                                   verified=verified)
             assert source.jwks_file is not None  # KeySource validates exactly one
-            return KeyProvider(static=load_jwks_file(config.root / source.jwks_file))
+            return KeyProvider(static=load_jwks_file(config.root / source.jwks_file), verified=verified)
 
         clients = {
             client_id: RegisteredClient(
                 client_id, entry, CompiledIpSet(tuple(ipaddress.ip_network(c) for c in entry.cidrs), ()),
-                provider(entry.keys), provider(entry.user_token.keys if entry.user_token else None))
+                provider(entry.keys), provider(entry.user_token.keys if entry.user_token else None, reused=True))
             for client_id, entry in policy.clients.items()
         }
         return cls(clients=clients, ip_sets=ip_sets, service=service,

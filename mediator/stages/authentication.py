@@ -15,7 +15,6 @@ that do not prove anything; 403 for authenticated callers that are not allowed. 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import ssl
@@ -23,12 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from joserfc.jwk import KeySet
-
 from mediator.identity import Identity, PeerCertificate, RegisteredClient, describe_certificate
 from mediator.identity.keys import ACCESS_TOKEN_TYPE
 from mediator.identity.replay import ReplayStoreUnavailable
 from mediator.identity.verify import Expectations, Failure, verify
+from mediator.logs import JsonEvent
 from mediator.pipeline import Decision, Exchange, Principal
 
 log = logging.getLogger("mediator.identity")
@@ -97,7 +95,7 @@ async def prove_client(creds: Credentials, identity: Identity, now: int) -> Clie
                           leeway_s=identity.service.leeway_s if identity.service else 30,
                           max_lifetime_s=identity.service.access_token_lifetime_s if identity.service else 300,
                           required=("exp", "sub", "client_id", "scope", "jti"), typ=ACCESS_TOKEN_TYPE)
-    result = verify(token.strip(), KeySet([identity.signing_key]), expect, now)
+    result = verify(token.strip(), identity.signing_keys, expect, now, cache=identity.access_tokens)
     if isinstance(result, Failure):
         return unauthenticated(f"access_token_{result.check}", result.message)
     client_id = result.claims.get("client_id")
@@ -232,8 +230,8 @@ class AuthenticationStage:
         else:
             decision, exchange.principal = await decide(creds, exchange.client_ip, self.identity, int(time.time()))
         principal = exchange.principal
-        log.info(json.dumps({"event": "authentication", "request_id": exchange.request_id,
-                             "outcome": "allow" if decision.allow else "deny", "reason": decision.reason,
-                             "client_id": principal.client_id if principal else None,
-                             "method": principal.auth_method if principal else None}, separators=(",", ":")))
+        log.info(JsonEvent({"event": "authentication", "request_id": exchange.request_id,
+                            "outcome": "allow" if decision.allow else "deny", "reason": decision.reason,
+                            "client_id": principal.client_id if principal else None,
+                            "method": principal.auth_method if principal else None}))
         return decision
