@@ -227,6 +227,24 @@ async def test_a_token_sent_again_reuses_its_signature_check_but_a_tampered_copy
     assert reason_of(await response.json()) == "authentication.access_token_bad_signature"
 
 
+async def test_denials_are_logged_at_info_and_allows_only_at_debug(auth_mediator, caplog):
+    import json
+    import logging
+
+    token = await get_token(auth_mediator)
+    for level in (logging.INFO, logging.DEBUG):
+        caplog.clear()
+        caplog.set_level(level, logger="mediator.identity")
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert (await auth_mediator.get("/fhir/Medication/", headers=bearer)).status == 200
+        assert (await auth_mediator.get("/fhir/Medication/")).status == 401
+        events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mediator.identity"]
+        seen = [(e["outcome"], e["reason"]) for e in events if e.get("event") == "authentication"]
+        allowed = [("allow", "authentication.authenticated")] if level == logging.DEBUG else []
+        assert seen == allowed + [("deny", "authentication.missing_credentials")]
+        assert token not in caplog.text
+
+
 def _access_claims(**changes):
     now = _now()
     claims = {"iss": ORIGIN, "sub": "vendor-a", "client_id": "vendor-a", "aud": BASE, "iat": now, "nbf": now,
