@@ -112,6 +112,9 @@ class Identity:
         self.signing_keys = KeySet([signing_key]) if signing_key is not None else KeySet([])
         self.access_tokens = VerifiedTokenCache(VERIFIED_TOKENS_PER_SIGNER)
         """Signature checks of our own access tokens (sent with every request until they expire)."""
+        self.expectations: dict[tuple[str, str], Expectations] = {}
+        """What each kind of token must say, built once per runtime by the authentication stage: one
+        stable object per kind lets a VerifiedTokenCache hit reuse the claim check of the same second."""
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod

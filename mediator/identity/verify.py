@@ -96,11 +96,14 @@ def pick_key(keys: KeySet, header: Mapping[str, Any]) -> PublicKey | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _SignatureChecked:
     key: PublicKey
     verified: Verified
     drop_after: float
+    last_check: tuple[Expectations, int, Verified | Failure] | None = None
+    """The last claim check: (the very Expectations object, `now` in whole seconds, its result).
+    `check_claims` is a pure function of (claims, expectations, now), so the same inputs give it back."""
 
 
 class VerifiedTokenCache:
@@ -179,7 +182,12 @@ def verify(token: str, keys: KeySet, expect: Expectations, now: int,
     if cached is not None and cached.key is key:
         assert cache is not None
         cache.hits += 1
-        return check_claims(cached.verified.header, cached.verified.claims, expect, now)
+        last = cached.last_check
+        if last is not None and last[0] is expect and last[1] == now:
+            return last[2]
+        checked = check_claims(cached.verified.header, cached.verified.claims, expect, now)
+        cached.last_check = (expect, now, checked)
+        return checked
     try:
         token_obj = jwt.decode(token, key, algorithms=[alg])
     except JoseError:

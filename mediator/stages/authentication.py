@@ -91,10 +91,13 @@ async def prove_client(creds: Credentials, identity: Identity, now: int) -> Clie
                                error="invalid_request")
     if identity.signing_key is None:
         return unauthenticated("access_token_unknown_key", "this mediator issues no access tokens")
-    expect = Expectations(issuer=identity.issuer, audience=identity.audience, algorithms=SIGNING_ALGORITHMS,
-                          leeway_s=identity.service.leeway_s if identity.service else 30,
-                          max_lifetime_s=identity.service.access_token_lifetime_s if identity.service else 300,
-                          required=("exp", "sub", "client_id", "scope", "jti"), typ=ACCESS_TOKEN_TYPE)
+    expect = identity.expectations.get(("access_token", ""))
+    if expect is None:
+        expect = identity.expectations[("access_token", "")] = Expectations(
+            issuer=identity.issuer, audience=identity.audience, algorithms=SIGNING_ALGORITHMS,
+            leeway_s=identity.service.leeway_s if identity.service else 30,
+            max_lifetime_s=identity.service.access_token_lifetime_s if identity.service else 300,
+            required=("exp", "sub", "client_id", "scope", "jti"), typ=ACCESS_TOKEN_TYPE)
     result = verify(token.strip(), identity.signing_keys, expect, now, cache=identity.access_tokens)
     if isinstance(result, Failure):
         return unauthenticated(f"access_token_{result.check}", result.message)
@@ -133,10 +136,12 @@ async def prove_user(proof: ClientProof, creds: Credentials, identity: Identity,
     if creds.user_token is not None:
         if policy is None or client.user_token_keys is None:
             return unauthenticated("user_token_not_accepted", "this client is not configured for user tokens")
-        expect = Expectations(
-            issuer=policy.issuer, audience=policy.audience or identity.audience, algorithms=policy.algorithms,
-            leeway_s=policy.leeway_s, max_lifetime_s=policy.max_lifetime_s,
-            required=("exp", policy.claims.user_id) + (("jti",) if policy.replay_check else ()))
+        expect = identity.expectations.get(("user_token", client.client_id))
+        if expect is None:
+            expect = identity.expectations[("user_token", client.client_id)] = Expectations(
+                issuer=policy.issuer, audience=policy.audience or identity.audience, algorithms=policy.algorithms,
+                leeway_s=policy.leeway_s, max_lifetime_s=policy.max_lifetime_s,
+                required=("exp", policy.claims.user_id) + (("jti",) if policy.replay_check else ()))
         verified = await client.user_token_keys.verify(creds.user_token, expect, now)
         if isinstance(verified, Failure):
             return unauthenticated(f"user_token_{verified.check}", f"user token: {verified.message}")

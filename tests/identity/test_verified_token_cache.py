@@ -125,3 +125,17 @@ def test_cached_claims_cannot_be_changed_by_a_caller():
 def test_a_cache_needs_room_for_one_entry():
     with pytest.raises(ValueError, match="max_entries must be at least 1"):
         VerifiedTokenCache(max_entries=0)
+
+
+def test_a_claim_check_is_reused_within_the_same_second_only():
+    strict = Expectations(issuer=ISSUER, audience=AUDIENCE, algorithms=("ES256",), leeway_s=0, max_lifetime_s=600)
+    cache, keys, now = VerifiedTokenCache(), KeySet([KEY]), int(time.time())
+    jwt_text = token(now=now, lifetime_s=60)
+    assert isinstance(verify(jwt_text, keys, strict, now, cache=cache), Verified)
+    checked = verify(jwt_text, keys, strict, now + 59, cache=cache)
+    assert isinstance(checked, Verified)
+    assert verify(jwt_text, keys, strict, now + 59, cache=cache) is checked        # same expectations, same second
+    assert verify(jwt_text, keys, strict, now + 61, cache=cache) == Failure("expired", "the token has expired")
+    other = Expectations(issuer=ISSUER, audience="https://other.example/fhir/", algorithms=("ES256",), leeway_s=0)
+    assert verify(jwt_text, keys, other, now + 59, cache=cache) == Failure(
+        "wrong_audience", "the token's aud does not name this mediator")
