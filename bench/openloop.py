@@ -5,6 +5,7 @@ that due time, not from when a connection became free, so a stalled server is ch
 wait (no coordinated omission). Raw keep-alive sockets: no client library work in the measurement.
 
 Usage: python bench/openloop.py --url http://127.0.0.1:8080/fhir/Medication/ --rate 1000 --duration 10
+       [--header 'Authorization: Bearer ...']
 Prints one JSON object: requested/achieved rate, count, errors, p50/p90/p99/max latency in ms.
 """
 
@@ -37,11 +38,13 @@ class Connection:
         return status
 
 
-async def run(url: str, rate: float, duration: float, connections: int) -> dict[str, object]:
+async def run(url: str, rate: float, duration: float, connections: int,
+              headers: list[str] | None = None) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    extra = "".join(f"{h}\r\n" for h in headers or ())
     request = (f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1\r\n"
-               f"Host: {parts.netloc}\r\nAccept: application/fhir+json\r\n\r\n").encode()
+               f"Host: {parts.netloc}\r\nAccept: application/fhir+json\r\n{extra}\r\n").encode()
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(Connection(*await asyncio.open_connection(host, port)))
@@ -94,10 +97,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (bounded: at most 60)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     args = parser.parse_args()
     if not 0 < args.duration <= 60 or not 0 < args.rate <= 100_000:
         parser.error("duration must be in (0, 60] s and rate in (0, 100000] req/s")
-    print(json.dumps(asyncio.run(run(args.url, args.rate, args.duration, args.connections))))
+    print(json.dumps(asyncio.run(run(args.url, args.rate, args.duration, args.connections, args.header))))
 
 
 if __name__ == "__main__":

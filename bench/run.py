@@ -31,7 +31,9 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +62,64 @@ class Feature:
     is this feature there?"""
     channel_yaml: str = ""
     server_yaml: str = ""
+    """May use {metrics_port} and {run_id} (filled in per run)."""
     policies: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[Path], None] | None = None
+    """Writes further files (keys) into the mediator's configuration directory before it starts."""
+    headers: Callable[[str], dict[str, str]] | None = None
+    """Given the mediator's origin (it is running): request headers for one measurement. Called afresh
+    before every measurement, so short-lived tokens stay valid for its whole duration."""
 
 
+class BenchIdentity:
+    """Keys made for this run: the HMS client's assertion key and the IdP that signs user tokens.
+    The access token is a real one, from the mediator's own /auth/token (client assertion, RFC 7523)."""
+
+    CLIENT_ID = "bench-hms"
+    IDP_ISSUER = "https://idp.bench.invalid"
+
+    def __init__(self) -> None:
+        from joserfc.jwk import ECKey
+
+        self.client_key = ECKey.generate_key("P-256")
+        self.idp_key = ECKey.generate_key("P-256")
+        self.signing_key = ECKey.generate_key("P-256")
+
+    def write_keys(self, root: Path) -> None:
+        folder = root / "keys"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bench-hms.pem").write_bytes(self.client_key.as_pem(private=False))
+        (folder / "idp.pem").write_bytes(self.idp_key.as_pem(private=False))
+        signing = folder / "mediator-signing.key"
+        signing.write_bytes(self.signing_key.as_pem(private=True))
+        signing.chmod(0o600)
+
+    def headers(self, origin: str) -> dict[str, str]:
+        from joserfc import jwt
+
+        from mediator.identity.client import client_assertion, token_form
+
+        token_url = f"{origin}/auth/token"
+        form = token_form(client_assertion(self.CLIENT_ID, self.client_key, token_url), "system/*.read")
+        request = urllib.request.Request(token_url, data=urllib.parse.urlencode(form).encode(), method="POST",
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 (loopback, our own mediator)
+            access_token = json.loads(resp.read())["access_token"]
+        now = int(time.time())
+        user_token = jwt.encode({"alg": "ES256"}, {
+            "iss": self.IDP_ISSUER, "aud": f"{origin}/fhir/", "iat": now, "exp": now + 300,
+            "preferred_username": "bench.user", "roles": ["hms"], "hf": "BENCH001"}, self.idp_key,
+            algorithms=["ES256"])
+        return {"Authorization": f"Bearer {access_token}", "X-User-Token": user_token}
+
+
+BENCH_IDENTITY = BenchIdentity()
+
+
+# Issue 9: the whole pipeline, as in production. Limits are set far above what the bench can send
+# (1000 req/s per key with a burst of 1,000,000), so every request pays the Redis round trip and none
+# is refused.
 FEATURES: list[Feature] = [
     Feature(
         "ip_allowlist", lambda keys: "ip_allowlist" in keys,
@@ -79,12 +134,77 @@ FEATURES: list[Feature] = [
                 deny: ["127.255.255.254/32"]
             """},
     ),
-    # Authentication landed after the final figures: the bench channel is declared open so the stage
-    # runs and allows. Measuring with real client tokens means adding a clients.yaml and an
-    # Authorization header here (headers= is sent by wrk and the open-loop generator alike).
     Feature(
-        "authentication: none", lambda keys: "clients" in keys,
-        channel_yaml="authentication: none\n",
+        "authentication (access token from /auth/token + X-User-Token)", lambda keys: "clients" in keys,
+        policies={"clients.yaml": f"""\
+            version: 1
+            token_service:
+              signing_key_file: keys/mediator-signing.key
+              access_token_lifetime_s: 600
+            clients:
+              {BenchIdentity.CLIENT_ID}:
+                auth_methods: [private_key_jwt]
+                keys:
+                  public_key_file: keys/bench-hms.pem
+                ip_allowlist: [local]
+                health_facilities: [BENCH001]
+                default_roles: [hms]
+                scopes: [system/*.read]
+                user_token:
+                  required: true
+                  issuer: {BenchIdentity.IDP_ISSUER}
+                  keys:
+                    public_key_file: keys/idp.pem
+                  algorithms: [ES256]
+                  max_lifetime_s: 600
+                  claims:
+                    user_id: preferred_username
+                    roles: roles
+                    health_facility: hf
+            """},
+        prepare=BENCH_IDENTITY.write_keys,
+        headers=BENCH_IDENTITY.headers,
+    ),
+    # Master data is not facility-bound, so `facility_scope: any` says outright that no facility
+    # lookup is needed (the facility directory is never loaded from the bench upstream).
+    Feature(
+        "authorization (master-data-read, facility_scope: any)", lambda keys: "authorization" in keys,
+        policies={"authorization.yaml": """\
+            version: 1
+            facility_directory:
+              upstream: openimis
+            rules:
+              - name: master-data-read
+                roles: [hms]
+                permissions: [system/Medication.rs, system/ActivityDefinition.rs, system/Organization.rs,
+                              system/Location.rs]
+                facility_scope: any
+            """},
+    ),
+    Feature(
+        "rate limits (Redis, per client and per user)",
+        lambda keys: "rate_limits" in keys and "server.redis" in keys,
+        server_yaml="redis:\n  url: redis://127.0.0.1:6379/0\n  key_prefix: \"bench-{run_id}:\"\n",
+        policies={"rate_limits.yaml": """\
+            version: 1
+            limits:
+              - name: per-client
+                per: [client]
+                rate: 1000
+                period_s: 1
+                burst: 1000000
+                on_store_error: deny
+              - name: per-user
+                per: [user]
+                rate: 1000
+                period_s: 1
+                burst: 1000000
+                on_store_error: deny
+            """},
+    ),
+    Feature(
+        "metrics listener", lambda keys: "server.metrics" in keys,
+        server_yaml="metrics:\n  host: 127.0.0.1\n  port: {metrics_port}\n",
     ),
     Feature(
         "audit (file)", lambda keys: "server.audit" in keys,
@@ -100,10 +220,10 @@ def installed_policy_keys() -> set[str]:
     return set(POLICY_FILES) | {f"server.{name}" for name in ServerConfig.model_fields}
 
 
-def write_mediator_config(root: Path, port: int, upstream_port: int,
-                          features: list[Feature]) -> None:
+def write_mediator_config(root: Path, port: int, upstream_port: int, features: list[Feature],
+                          fill: dict[str, str]) -> None:
     channel_extra = "".join(f.channel_yaml for f in features)
-    server_extra = textwrap.indent("".join(f.server_yaml for f in features), "  ")
+    server_extra = textwrap.indent("".join(f.server_yaml.format(**fill) for f in features), "  ")
     channels = f"""\
         version: 1
         server:
@@ -131,6 +251,30 @@ def write_mediator_config(root: Path, port: int, upstream_port: int,
     for feature in features:
         for name, policy in feature.policies.items():
             (root / "policies" / name).write_text(textwrap.dedent(policy))
+        if feature.prepare is not None:
+            feature.prepare(root)
+
+
+def request_headers(features: list[Feature], origin: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for feature in features:
+        if feature.headers is not None:
+            headers.update(feature.headers(origin))
+    return headers
+
+
+def delete_redis_keys(prefix: str) -> int:
+    """Only this run's keys (they also expire by themselves: GCRA keys carry a TTL)."""
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        return int(client.delete(*keys)) if keys else 0
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
 
 
 NGINX_CONF = """\
@@ -251,9 +395,12 @@ def wrk(url: str, args: argparse.Namespace, headers: dict[str, str]) -> Closed:
     return Closed(rps, p50, p99, errors)
 
 
-def openloop(url: str, rate: float, args: argparse.Namespace) -> dict[str, float]:
-    out = subprocess.run([sys.executable, str(HERE / "openloop.py"), "--url", url, "--rate", f"{rate:.0f}",
-                          "--duration", str(args.duration), "--connections", str(args.connections)],
+def openloop(url: str, rate: float, args: argparse.Namespace, headers: dict[str, str]) -> dict[str, float]:
+    argv = [sys.executable, str(HERE / "openloop.py"), "--url", url, "--rate", f"{rate:.0f}",
+            "--duration", str(args.duration), "--connections", str(args.connections)]
+    for key, value in headers.items():
+        argv += ["--header", f"{key}: {value}"]
+    out = subprocess.run(argv,
                          capture_output=True, text=True, check=True, timeout=args.duration + 60).stdout
     result: dict[str, float] = json.loads(out)
     return result
@@ -269,6 +416,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="mediator and nginx worker processes")
     parser.add_argument("--rounds", type=int, default=1, help="closed-loop rounds per target (max 5); best kept")
     parser.add_argument("--log-level", default="INFO", help="mediator log level (INFO writes access logs)")
+    parser.add_argument("--fixed-rate", type=float,
+                        help="open-loop rate in req/s (default: half the mediator's saturation); to compare "
+                             "two mediator versions at one rate")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--profile", type=Path,
                         help="run the mediator under py-spy, load only the mediator, write a flame graph (SVG)")
@@ -282,16 +432,16 @@ def main() -> int:
     features = [f for f in FEATURES if f.present(keys)]
     workers_flag = cli_has_workers_flag()
     mediator_workers = args.workers if workers_flag else 1
-    headers: dict[str, str] = {}
     env = dict(os.environ, OPENIMIS_USERNAME="bench", OPENIMIS_PASSWORD="bench")
     for feature in features:
-        headers.update(feature.headers)
         env.update(feature.env)
+    run_id = uuid.uuid4().hex[:12]
 
     processes = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="mediator-bench-"))
     try:
         upstream_port, nginx_port, mediator_port, bare_port = free_port(), free_port(), free_port(), free_port()
+        metrics_port = free_port()
         upstream = processes.start([sys.executable, str(HERE / "upstream.py"), "--port", str(upstream_port)],
                                    tmp / "upstream.log")
         nginx_user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
@@ -300,7 +450,8 @@ def main() -> int:
         nginx = processes.start(["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-e",
                                  str(tmp / "nginx-error.log")], tmp / "nginx.log")
         config_dir = tmp / "mediator"
-        write_mediator_config(config_dir, mediator_port, upstream_port, features)
+        write_mediator_config(config_dir, mediator_port, upstream_port, features,
+                              {"metrics_port": str(metrics_port), "run_id": run_id})
         serve = [str(BIN / "openimis-mediator"), "--log-level", args.log_level, "serve", "--config",
                  str(config_dir)]
         if workers_flag:
@@ -320,7 +471,13 @@ def main() -> int:
                 "mediator": f"http://127.0.0.1:{mediator_port}{FHIR_PATH}"}
         wait_for_200(urls["upstream"], upstream, tmp / "upstream.log")
         wait_for_200(urls["nginx"], nginx, tmp / "nginx.log")
-        wait_for_200(urls["mediator"], mediator, tmp / "mediator.log")
+        origin = f"http://127.0.0.1:{mediator_port}"
+        wait_for_200(f"{origin}/healthz", mediator, tmp / "mediator.log")
+        try:  # the full pipeline must admit the bench's requests before any load
+            fetch(urls["mediator"], request_headers(features, origin))
+        except OSError as exc:
+            raise SystemExit(f"the mediator refused the bench request: {exc}\n"
+                             f"{(tmp / 'mediator.log').read_text()[-3000:]}") from None
         wait_for_200(urls["bare"], bare, tmp / "bare.log")
 
         print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.node()}  {os.cpu_count()} CPUs  "
@@ -331,11 +488,12 @@ def main() -> int:
               f"-d{args.duration}s GET {FHIR_PATH} (small searchset Bundle, {len(fetch(urls['upstream']))} B)")
 
         if args.profile:
-            print(wrk(urls["mediator"], args, headers))
+            print(wrk(urls["mediator"], args, request_headers(features, origin)))
             return 0
         closed: dict[str, Closed] = {}
         for name in ("upstream", "nginx", "bare", "mediator"):
-            runs = [wrk(urls[name], args, headers) for _ in range(args.rounds)]
+            # Every target gets the same request headers (same parsing work); fresh tokens each time.
+            runs = [wrk(urls[name], args, request_headers(features, origin)) for _ in range(args.rounds)]
             closed[name] = max(runs, key=lambda r: r.rps)
         ng, bp, md = closed["nginx"], closed["bare"], closed["mediator"]
         rows = [("throughput (req/s)", ng.rps, bp.rps, md.rps),
@@ -351,10 +509,12 @@ def main() -> int:
         for label, a, b, c in rows:
             print(f"| {label:20} | {a:9.2f} | {b:12.2f} | {c:9.2f} | {c / a:14.2f} | {c / b:13.2f} |")
 
-        rate = md.rps / 2
-        fixed = {name: openloop(urls[name], rate, args) for name in ("upstream", "nginx", "bare", "mediator")}
+        rate = args.fixed_rate or md.rps / 2
+        fixed = {name: openloop(urls[name], rate, args, request_headers(features, origin))
+                 for name in ("upstream", "nginx", "bare", "mediator")}
         print()
-        print(f"fixed rate {rate:.0f} req/s (half of the mediator's saturation), open loop, {args.duration}s")
+        print(f"fixed rate {rate:.0f} req/s ({'given' if args.fixed_rate else 'half of the mediator saturation'}), "
+              f"open loop, {args.duration}s")
         print(f"| {'':10} | {'achieved':>9} | {'p50 ms':>8} | {'p99 ms':>8} | {'max ms':>8} | "
               f"{'p99 added vs direct':>19} | {'errors':>6} |")
         print(f"|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 21}|{'-' * 8}|")
@@ -366,7 +526,7 @@ def main() -> int:
         ratio = md.rps / ng.rps
         print()
         print(f"targets: throughput mediator/nginx {ratio:.2f} (>= 0.5: {'met' if ratio >= 0.5 else 'NOT met'}); "
-              f"p99 added at half saturation {added_p99:.2f} ms (<= 2 ms: {'met' if added_p99 <= 2 else 'NOT met'})")
+              f"p99 added at {rate:.0f} req/s {added_p99:.2f} ms (<= 2 ms: {'met' if added_p99 <= 2 else 'NOT met'})")
         if args.json:
             args.json.write_text(json.dumps({
                 "closed": {k: vars(v) for k, v in closed.items()}, "fixed_rate": rate, "fixed": fixed,
@@ -379,10 +539,12 @@ def main() -> int:
     finally:
         processes.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
+        if any("rate limits" in f.name for f in features):
+            delete_redis_keys(f"bench-{run_id}:")
 
 
-def fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def fetch(url: str, headers: dict[str, str] | None = None) -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as resp:
         body: bytes = resp.read()
         return body
 

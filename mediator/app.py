@@ -8,7 +8,6 @@ client, JWKS refresh, replica sync) are started and closed by its cleanup contex
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,7 +26,7 @@ from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.json_limits import parse_body
 from mediator.load_protection import LoadProtection
-from mediator.logs import bind_request_id, unbind_request_id
+from mediator.logs import JsonEvent, bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
 from mediator.pipeline import (
     BodyReadTimeout,
@@ -210,7 +209,7 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
         exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
         return response
     finally:
-        metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - started)
+        metrics.upstream_seconds_children.labels(upstream.name).observe(time.perf_counter() - started)
 
 
 def _final_reason(exchange: Exchange) -> str:
@@ -269,8 +268,8 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
     channel = exchange.channel.name if exchange.channel is not None else "none"
     reason = _final_reason(exchange)
     elapsed = time.perf_counter() - started
-    metrics.requests.labels(channel, str(response.status), reason).inc()
-    metrics.request_seconds.labels(channel).observe(elapsed)
+    metrics.request_children.labels(channel, str(response.status), reason).inc()
+    metrics.request_seconds_children.labels(channel).observe(elapsed)
     _log_access(exchange, channel, response.status, reason, elapsed)
     request.app[AUDIT].record(exchange, response.status, reason)
     unbind_request_id(log_context)
@@ -290,7 +289,7 @@ def _log_access(exchange: Exchange, channel: str, status: int, reason: str, elap
         "status": status, "reason": reason, "ms": round(elapsed * 1000, 2),
     }
     # Query strings and bodies carry personal data (insuree numbers); they are never logged.
-    access_log.info(json.dumps(record, separators=(",", ":")))
+    access_log.info(JsonEvent(record))
 
 
 async def handle_healthz(request: web.Request) -> web.Response:

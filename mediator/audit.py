@@ -169,7 +169,10 @@ class AuditLog:
 
     def record(self, exchange: Exchange, status: int, reason: str) -> None:
         event = audit_event(exchange, status, reason, time.time())
-        self.logger.info(json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+        # makeRecord + handle is Logger.info without findCaller's stack walk: the event names its own
+        # source, and the formatter writes the message only.
+        self.logger.handle(self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, text, None, None))
 
     def close(self) -> None:
         for handler in self.handlers:

@@ -163,6 +163,15 @@ class BaseUrlRewriter:
         self._encoded = re.compile(r"https?%3A%2F%2F[^%/?#\s&]+(?:%3A\d+)?" + re.escape(encoded_path),
                                    re.IGNORECASE)
         self._public_encoded = quote(public_base_url, safe="")
+        # Every URL either pattern rewrites contains one of these (raw path, or its encoding in any case).
+        self._markers = (upstream_base_path.encode(), encoded_path.lower().encode())
+
+    def may_need_rewriting(self, body: bytes) -> bool:
+        """False when no URL in this answer can contain the upstream base: the Bundle walk is skipped.
+        Any JSON escape (`\\/`, `\\u…`) may hide the base in the bytes, so then the walk runs; percent-encoded
+        URLs are matched case-insensitively, hence the lower-cased copy."""
+        raw, encoded = self._markers
+        return raw in body or b"\\" in body or (b"%2" in body and encoded in body.lower())
 
     def rewrite_url(self, url: str) -> str:
         new = self._raw.sub(self._public, url, count=1)

@@ -35,18 +35,47 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class JsonEvent:
+    """A structured log message (the access log, per-request stage events): its fields are serialised
+    once, by whichever formatter writes them (JsonFormatter embeds the dict as `"event"`; any other
+    formatter, or `record.getMessage()`, gets the compact JSON text)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return json.dumps(self.fields, separators=(",", ":"), default=str)
+
+
 class JsonFormatter(logging.Formatter):
     """`{"ts","level","logger","msg","request_id"[,"exc"]}`; a message that is itself a JSON object
-    (the access log) is embedded as `"event"` rather than as an escaped string."""
+    (a JsonEvent, or text starting with "{") is embedded as `"event"` rather than as an escaped string."""
+
+    _second: int = -1
+    _second_text: str = ""
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # strftime once per second, not once per line
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record),
             "level": record.levelname,
             "logger": record.name,
             "request_id": getattr(record, "request_id", None),
         }
+        if isinstance(record.msg, JsonEvent) and not record.args:
+            line["event"] = record.msg.fields
+            if record.exc_info:
+                line["exc"] = self.formatException(record.exc_info)
+            return json.dumps(line, separators=(",", ":"), default=str)
+        message = record.getMessage()
         if message.startswith("{"):
             try:
                 line["event"] = json.loads(message)

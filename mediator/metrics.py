@@ -9,7 +9,7 @@ import os
 import platform
 from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -50,6 +50,25 @@ class UpstreamPoolCollector(Collector):
         yield limit
 
 
+class LabelChildren:
+    """`metric.labels(*values)` remembered per label tuple: the hot path (every request, every stage)
+    then costs one dict lookup instead of prometheus-client's validation, lock and lookup. Same children,
+    same bound: label values here are bounded by design (see module doc), and prometheus-client keeps
+    every child it made anyway. Only for metrics that are never `clear()`ed or `remove()`d."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -68,6 +87,11 @@ class Metrics:
         self.upstream_seconds = Histogram(
             "mediator_upstream_duration_seconds", "Time spent waiting for openIMIS",
             ["upstream"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        # Per-request children, looked up once per label tuple (LabelChildren).
+        self.decision_children = LabelChildren(self.decisions)
+        self.request_children = LabelChildren(self.requests)
+        self.request_seconds_children = LabelChildren(self.request_seconds)
+        self.upstream_seconds_children = LabelChildren(self.upstream_seconds)
 
         # Operations (README "Operations"): reloads, build, worker identity, process, upstream pools.
         self.config_reloads = Counter(
@@ -141,4 +165,4 @@ class Metrics:
         self.worker_pid.labels(str(index)).set(os.getpid())
 
     def record(self, stage: str, decision: Decision) -> None:
-        self.decisions.labels(stage, "allow" if decision.allow else "deny", decision.reason).inc()
+        self.decision_children.labels(stage, "allow" if decision.allow else "deny", decision.reason).inc()

@@ -11,6 +11,7 @@ goes straight to the feature, whose declared `on_store_error` decides.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,12 @@ from mediator.config.models import RedisConfig
 
 # What a failing or unreachable Redis raises through redis.asyncio.
 STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(parts: tuple[str, ...]) -> str:
+    """Pure, and the same few keys (per client, per user) come with every request: remembered (bounded)."""
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()[:40]
 
 
 class RedisStore:
@@ -60,8 +67,7 @@ class RedisStore:
     def key(self, feature: str, *parts: str) -> str:
         """`<key_prefix><feature>:<digest of parts>`: bounded length, no separator confusion between parts."""
         prefix = self.config.key_prefix if self.config is not None else ""
-        digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()[:40]
-        return f"{prefix}{feature}:{digest}"
+        return f"{prefix}{feature}:{_digest(parts)}"
 
     async def close(self) -> None:
         if self._client is not None:

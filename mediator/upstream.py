@@ -271,7 +271,8 @@ class OpenImisUpstream:
                 document = json.loads(body)
             except (ValueError, RecursionError) as exc:
                 raise UpstreamInvalidAnswer(f"answer {reply.status} is not valid JSON") from exc
-            if isinstance(document, dict) and self.rewriter.rewrite_bundle(document):
+            if isinstance(document, dict) and self.rewriter.may_need_rewriting(body) and \
+                    self.rewriter.rewrite_bundle(document):
                 body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if is_json:
             content_type = FHIR_JSON if wants_fhir_json(request) else PLAIN_JSON

@@ -1,4 +1,8 @@
+import json
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mediator.fhir import BaseUrlRewriter, MalformedRequest, operation_outcome, parse_fhir_path
 
@@ -63,6 +67,33 @@ def test_non_bundles_are_left_alone():
     claim = {"resourceType": "Claim", "link": [{"url": "http://b/api/api_fhir_r4/x"}]}
     assert not rewriter.rewrite_bundle(claim)
     assert claim["link"][0]["url"] == "http://b/api/api_fhir_r4/x"
+
+
+@pytest.mark.parametrize(("body", "may"), [
+    (b'{"resourceType":"Bundle","link":[{"url":"http://b:8000/api/api_fhir_r4/Claim/"}]}', True),
+    (rb'{"resourceType":"Bundle","link":[{"url":"http:\/\/b\/api\/api_fhir_r4\/Claim\/"}]}', True),
+    (b'{"resourceType":"Bundle","link":[{"url":"HTTP%3A%2F%2FB%2FAPI%2FAPI_FHIR_R4%2FClaim"}]}', True),
+    (b'{"resourceType":"Bundle","total":0,"link":[{"url":"https://elsewhere.org/x"}]}', False),
+])
+def test_the_bundle_walk_is_skipped_only_when_no_upstream_url_can_be_in_the_body(body, may):
+    rewriter = BaseUrlRewriter("/api/api_fhir_r4/", "https://iol.example.org/fhir/")
+    assert rewriter.may_need_rewriting(body) is may
+    assert rewriter.rewrite_bundle(json.loads(body)) is may
+
+
+URL_PIECES = ["http://", "https://", "HTTP%3A%2F%2F", "host:8000", "/api/api_fhir_r4/", "%2Fapi%2Fapi_fhir_r4%2F",
+              "%2FAPI%2FAPI_FHIR_R4%2F", "/api/", "Claim/", "?page=2", "é", "\"", "%2", "/"]
+
+
+@given(st.lists(st.lists(st.sampled_from(URL_PIECES), max_size=6).map("".join), min_size=1, max_size=3),
+       st.booleans())
+def test_skipping_the_walk_never_skips_a_rewrite(urls, ascii_only):
+    """Whatever the URLs and however the JSON is escaped: no marker in the bytes → the walk changes nothing."""
+    rewriter = BaseUrlRewriter("/api/api_fhir_r4/", "https://iol.example.org/fhir/")
+    bundle = {"resourceType": "Bundle", "link": [{"url": u} for u in urls], "entry": [{"fullUrl": u} for u in urls]}
+    body = json.dumps(bundle, ensure_ascii=ascii_only).encode()
+    if not rewriter.may_need_rewriting(body):
+        assert not rewriter.rewrite_bundle(json.loads(body))
 
 
 @pytest.mark.parametrize(("status", "code"), [(400, "invalid"), (403, "forbidden"), (404, "not-found"),

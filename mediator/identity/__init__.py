@@ -36,21 +36,26 @@ from mediator.identity.keys import (
     load_public_key_file,
 )
 from mediator.identity.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
-from mediator.identity.verify import Expectations, Failure, Verified, unverified_header, verify
+from mediator.identity.verify import Expectations, Failure, Verified, VerifiedTokenCache, verify
 
 if TYPE_CHECKING:
     from mediator.stages.client_ip import IPAddress
     from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
 
 POLICY_KEY = "clients"
+VERIFIED_TOKENS_PER_SIGNER = 4096
+"""Bound of each VerifiedTokenCache (the mediator's access tokens; each client's user tokens)."""
 
 
 class KeyProvider:
     """The public keys of one signer: fixed (file) or a JWKS URL kept fresh by a JwksCache."""
 
-    def __init__(self, static: KeySet | None = None, cache: JwksCache | None = None) -> None:
+    def __init__(self, static: KeySet | None = None, cache: JwksCache | None = None,
+                 verified: VerifiedTokenCache | None = None) -> None:
         self.static = static
         self.cache = cache
+        self.verified = verified
+        """Signature checks to reuse (tokens sent again and again: user tokens); None: check every time."""
 
     def current(self) -> KeySet:
         if self.static is not None:
@@ -60,14 +65,11 @@ class KeyProvider:
         return KeySet([])
 
     async def verify(self, token: str, expect: Expectations, now: int) -> Verified | Failure:
-        header = unverified_header(token)
-        if isinstance(header, Failure):
-            return header
-        result = verify(token, self.current(), expect, now, header)
+        result = verify(token, self.current(), expect, now, cache=self.verified)
         # An unknown kid may be a key the IdP just rotated in: one throttled refetch, then decide.
         if isinstance(result, Failure) and result.check == "unknown_key" and self.cache is not None:
             if await self.cache.refetch_for_unknown_kid():
-                result = verify(token, self.current(), expect, now, header)
+                result = verify(token, self.current(), expect, now, cache=self.verified)
         return result
 
 
@@ -118,6 +120,12 @@ class Identity:
         self.replay_spec = replay_spec
         """What the replay store is (kind, URL, prefix): equal specs mean the store can be handed over."""
         self._session = session
+        self.signing_keys = KeySet([signing_key]) if signing_key is not None else KeySet([])
+        self.access_tokens = VerifiedTokenCache(VERIFIED_TOKENS_PER_SIGNER)
+        """Signature checks of our own access tokens (sent with every request until they expire)."""
+        self.expectations: dict[tuple[str, str], Expectations] = {}
+        """What each kind of token must say, built once per runtime by the authentication stage: one
+        stable object per kind lets a VerifiedTokenCache hit reuse the claim check of the same second."""
 
     @classmethod
     def from_config(cls, config: Config, previous: Identity | None = None) -> Identity:
@@ -138,9 +146,12 @@ class Identity:
         jwks: dict[str, JwksCache] = {}
         running = previous.jwks if previous is not None else {}
 
-        def provider(source: KeySource | None) -> KeyProvider | None:
+        def provider(source: KeySource | None, reused: bool = False) -> KeyProvider | None:
+            """`reused`: tokens of this signer come again with every request (user tokens), so
+            signature checks are cached; client assertions are single-use, so they are not."""
             if source is None:
                 return None
+            verified = VerifiedTokenCache(VERIFIED_TOKENS_PER_SIGNER) if reused else None
             if source.jwks_url is not None:
                 if source.jwks_url not in jwks:
                     kept = running.get(source.jwks_url)
@@ -148,16 +159,17 @@ class Identity:
                         and kept.min_refetch_s == service.jwks_min_refetch_s
                     jwks[source.jwks_url] = kept if kept is not None and unchanged else JwksCache(
                         source.jwks_url, service.jwks_refresh_s, service.jwks_min_refetch_s)
-                return KeyProvider(cache=jwks[source.jwks_url])
+                return KeyProvider(cache=jwks[source.jwks_url], verified=verified)
             if source.public_key_file is not None:
-                return KeyProvider(static=load_public_key_file(config.root / source.public_key_file))
+                return KeyProvider(static=load_public_key_file(config.root / source.public_key_file),
+                                   verified=verified)
             assert source.jwks_file is not None  # KeySource validates exactly one
-            return KeyProvider(static=load_jwks_file(config.root / source.jwks_file))
+            return KeyProvider(static=load_jwks_file(config.root / source.jwks_file), verified=verified)
 
         clients = {
             client_id: RegisteredClient(
                 client_id, entry, CompiledIpSet(tuple(ipaddress.ip_network(c) for c in entry.cidrs), ()),
-                provider(entry.keys), provider(entry.user_token.keys if entry.user_token else None))
+                provider(entry.keys), provider(entry.user_token.keys if entry.user_token else None, reused=True))
             for client_id, entry in policy.clients.items()
         }
         spec = _replay_spec(service)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import binascii
 import json
+from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from joserfc import jws, jwt
@@ -94,9 +96,77 @@ def pick_key(keys: KeySet, header: Mapping[str, Any]) -> PublicKey | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
+@dataclass(slots=True)
+class _SignatureChecked:
+    key: PublicKey
+    verified: Verified
+    drop_after: float
+    last_check: tuple[Expectations, int, Verified | Failure] | None = None
+    """The last claim check: (the very Expectations object, `now` in whole seconds, its result).
+    `check_claims` is a pure function of (claims, expectations, now), so the same inputs give it back."""
+
+
+class VerifiedTokenCache:
+    """Tokens whose signature already verified, so a token sent with every request costs one signature
+    check (ECDSA/RSA: most of the time authentication takes), not one per request.
+
+    Only the signature result is reused, and only when it is certain to be the same:
+    * the key is the whole token string: a token differing in any byte is another entry;
+    * an entry counts only if the key `pick_key` chooses now is the very key object that verified it
+      (a JWKS refresh or a configuration reload makes new key objects, so a rotated-out key misses);
+    * `alg`, `typ` and every claim (iss, aud, exp, nbf, iat, lifetime) are checked again on every use
+      with the current time: an expired token is refused even while cached;
+    * only tokens that passed every check are stored; an entry is dropped once its `exp` (plus the
+      leeway it was checked with) has passed, and the least recently used entry goes beyond
+      `max_entries` (bounded memory; a miss only costs a signature check).
+    One instance per signer's keys (the mediator's own signing key; each client's user-token keys);
+    used from the event loop only (no awaits inside, so no locking)."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self.hits = 0
+        """Signature checks saved so far (observability and tests)."""
+        self._entries: OrderedDict[str, _SignatureChecked] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._entries
+
+    def get(self, token: str, now: float) -> _SignatureChecked | None:
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        if now > entry.drop_after:
+            del self._entries[token]
+            return None
+        self._entries.move_to_end(token)
+        return entry
+
+    def put(self, token: str, key: PublicKey, verified: Verified, leeway_s: int) -> None:
+        exp = verified.claims.get("exp")
+        if not isinstance(exp, int | float):
+            return
+        # Read-only: one cached Verified is handed to many requests.
+        frozen = Verified(MappingProxyType(dict(verified.header)), MappingProxyType(dict(verified.claims)))
+        self._entries[token] = _SignatureChecked(key, frozen, float(exp) + leeway_s)
+        self._entries.move_to_end(token)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 def verify(token: str, keys: KeySet, expect: Expectations, now: int,
-           header: Mapping[str, Any] | None = None) -> Verified | Failure:
-    if header is None:
+           header: Mapping[str, Any] | None = None,
+           cache: VerifiedTokenCache | None = None) -> Verified | Failure:
+    """`cache`: reuse a previous signature check of this exact token with this exact key (see
+    VerifiedTokenCache); every other check runs as without it."""
+    cached = cache.get(token, now) if cache is not None else None
+    if cached is not None:
+        header = cached.verified.header
+    elif header is None:
         parsed = unverified_header(token)
         if isinstance(parsed, Failure):
             return parsed
@@ -109,11 +179,23 @@ def verify(token: str, keys: KeySet, expect: Expectations, now: int,
     key = pick_key(keys, header)
     if key is None:
         return Failure("unknown_key", "no configured key matches the token's kid")
+    if cached is not None and cached.key is key:
+        assert cache is not None
+        cache.hits += 1
+        last = cached.last_check
+        if last is not None and last[0] is expect and last[1] == now:
+            return last[2]
+        checked = check_claims(cached.verified.header, cached.verified.claims, expect, now)
+        cached.last_check = (expect, now, checked)
+        return checked
     try:
         token_obj = jwt.decode(token, key, algorithms=[alg])
     except JoseError:
         return Failure("bad_signature", "the token's signature does not verify")
-    return check_claims(token_obj.header, token_obj.claims, expect, now)
+    result = check_claims(token_obj.header, token_obj.claims, expect, now)
+    if cache is not None and isinstance(result, Verified):
+        cache.put(token, key, result, expect.leeway_s)
+    return result
 
 
 def _claim_failure(claim: str, claims: Mapping[str, Any]) -> Failure:

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from mediator.logs import JsonFormatter, RequestIdFilter, configure_logging
+from mediator.logs import JsonEvent, JsonFormatter, RequestIdFilter, configure_logging
 
 
 def _capture(logger_name: str) -> tuple[io.StringIO, logging.Handler]:
@@ -66,3 +66,13 @@ def test_configure_logging_installs_one_json_handler_on_an_unconfigured_root():
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_a_json_event_is_embedded_as_is_and_reads_as_json_text_elsewhere():
+    fields = {"request_id": "r-1", "status": 200, "reason": "upstream.answered", "ms": 1.5}
+    record = logging.LogRecord("mediator.access", logging.INFO, __file__, 1, JsonEvent(fields), None, None)
+    record.request_id = "r-1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event"] == fields and "msg" not in line and line["request_id"] == "r-1"
+    assert line["ts"].endswith("Z") and len(line["ts"]) == len("2026-01-01T00:00:00.000Z")
+    assert json.loads(record.getMessage()) == fields   # plain formatters and caplog see the JSON text

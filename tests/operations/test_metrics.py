@@ -87,3 +87,18 @@ async def test_build_info_worker_and_upstream_pool_state_are_exposed(tmp_path, s
     assert [(s.labels, s.value) for s in families["mediator_upstream_in_flight"]] == [({"upstream": "openimis"}, 0)]
     assert families["mediator_config_last_reload_success_timestamp_seconds"][0].value > 1.6e9
     assert "process_resident_memory_bytes" in families
+
+
+def test_label_children_are_the_metrics_own_children_remembered_per_label_tuple():
+    from mediator.metrics import Metrics
+
+    metrics = Metrics()
+    child = metrics.request_children.labels("master-data", "200", "upstream.answered")
+    assert child is metrics.requests.labels("master-data", "200", "upstream.answered")
+    assert metrics.request_children.labels("master-data", "200", "upstream.answered") is child
+    child.inc()
+    metrics.request_children.labels("master-data", "404", "channel.none").inc(2)
+    value = metrics.registry.get_sample_value
+    assert value("mediator_requests_total", {"channel": "master-data", "status": "200",
+                                             "reason": "upstream.answered"}) == 1
+    assert value("mediator_requests_total", {"channel": "master-data", "status": "404", "reason": "channel.none"}) == 2

@@ -210,6 +210,42 @@ async def test_a_token_from_the_endpoint_opens_the_channel(auth_mediator):
     assert response.status == 200
 
 
+async def test_a_token_sent_again_reuses_its_signature_check_but_a_tampered_copy_does_not(auth_mediator):
+    from mediator.app import RUNTIME
+
+    identity = auth_mediator.server.app[RUNTIME].current.identity
+    token, user = await get_token(auth_mediator), user_token(KEYS.idp)
+    headers = {"Authorization": f"Bearer {token}", "X-User-Token": user}
+    for _ in range(3):
+        assert (await auth_mediator.get("/fhir/Medication/", headers=headers)).status == 200
+    assert (identity.access_tokens.hits, len(identity.access_tokens)) == (2, 1)
+    user_cache = identity.clients["vendor-a"].user_token_keys.verified
+    assert (user_cache.hits, len(user_cache)) == (2, 1)
+    head, payload, signature = token.split(".")
+    forged = f"{head}.{payload}.{signature[:10]}{'A' if signature[10] != 'A' else 'B'}{signature[11:]}"
+    response = await auth_mediator.get("/fhir/Medication/", headers={"Authorization": f"Bearer {forged}"})
+    assert response.status == 401
+    assert reason_of(await response.json()) == "authentication.access_token_bad_signature"
+
+
+async def test_denials_are_logged_at_info_and_allows_only_at_debug(auth_mediator, caplog):
+    import json
+    import logging
+
+    token = await get_token(auth_mediator)
+    for level in (logging.INFO, logging.DEBUG):
+        caplog.clear()
+        caplog.set_level(level, logger="mediator.identity")
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert (await auth_mediator.get("/fhir/Medication/", headers=bearer)).status == 200
+        assert (await auth_mediator.get("/fhir/Medication/")).status == 401
+        events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mediator.identity"]
+        seen = [(e["outcome"], e["reason"]) for e in events if e.get("event") == "authentication"]
+        allowed = [("allow", "authentication.authenticated")] if level == logging.DEBUG else []
+        assert seen == allowed + [("deny", "authentication.missing_credentials")]
+        assert token not in caplog.text
+
+
 def _access_claims(**changes):
     now = _now()
     claims = {"iss": ORIGIN, "sub": "vendor-a", "client_id": "vendor-a", "aud": BASE, "iat": now, "nbf": now,
