@@ -570,6 +570,44 @@ async def test_claim_response_of_another_facility_is_refused(authz_mediator):
     assert missing.status == 404 and _reason(await missing.json()) == "authorization.owner_not_found"
 
 
+async def test_status_polls_look_the_owner_up_once_and_stay_refused_for_others(sandbox, authz_mediator):
+    client = await authz_mediator()
+
+    def owner_lookups() -> int:
+        return sum(1 for r in sandbox.requests if r["method"] == "GET" and r["path"].endswith(f"/Claim/{JM_CLAIM}/"))
+
+    for _ in range(3):
+        assert (await _get(client, f"/fhir/ClaimResponse/{JM_CLAIM}")).status == 200
+    assert owner_lookups() == 1  # the owner is remembered; each poll still reaches openIMIS for the answer
+    for _ in range(2):  # ...and the remembered owner still refuses the other facility
+        other = await _get(client, f"/fhir/ClaimResponse/{JM_CLAIM}", "ra-clerk")
+        assert (other.status, _reason(await other.json())) == (403, "authorization.owner_other_facility")
+    assert owner_lookups() == 1
+    missing = "00000000-0000-4000-8000-000000000000"
+    for _ in range(2):  # an unknown claim is asked for every time (a claim may appear)
+        assert (await _get(client, f"/fhir/ClaimResponse/{missing}")).status == 404
+    assert sum(1 for r in sandbox.requests if r["path"].endswith(f"/Claim/{missing}/")) == 2
+
+
+def test_owner_cache_is_bounded_expires_and_keeps_only_the_owner():
+    from mediator.stages.authorization import OwnerCache
+
+    now = [0.0]
+    cache = OwnerCache(2, ttl_s=10, clock=lambda: now[0])
+    claim = {"resourceType": "Claim", "id": "c1", "provider": {"reference": "Organization/x"},
+             "patient": {"reference": "Patient/p"}, "item": [{"sequence": 1}],
+             "contained": [{"resourceType": "Organization", "id": "o"}, {"resourceType": "Patient", "id": "p"}]}
+    kept = cache.put("openimis", "c1", claim)
+    assert kept == {"resourceType": "Claim", "id": "c1", "provider": {"reference": "Organization/x"},
+                    "contained": [{"resourceType": "Organization", "id": "o"}]}
+    assert cache.get("openimis", "c1") == kept and cache.get("other-upstream", "c1") is None
+    now[0] = 10.0
+    assert cache.get("openimis", "c1") is None  # expired after ttl_s
+    for cid in ("a", "b", "c"):
+        cache.put("openimis", cid, {"id": cid})
+    assert len(cache) == 2 and cache.get("openimis", "a") is None
+
+
 async def test_search_answers_lose_other_facilities_entries(sandbox, authz_mediator):
     client = await authz_mediator()
     response = await _get(client, "/fhir/ClaimResponse?_count=100")
