@@ -182,6 +182,11 @@ class TokenService(Strict):
     """Background refresh interval of every jwks_url."""
     jwks_min_refetch_s: Annotated[int, Field(ge=1, le=3600)] = 30
     """An unknown kid triggers at most one refetch per this interval per URL."""
+    requests_per_minute_per_address: Annotated[int, Field(ge=1, le=60_000)] = 60
+    """POST /auth/token calls admitted per caller address and minute (GCRA, in this process), checked
+    before any signature work; beyond: 429 slow_down with Retry-After. A client needs one token per
+    access_token_lifetime_s, so 60 is generous."""
+    request_burst: Annotated[int, Field(ge=1, le=10_000)] = 20
 
 
 class ClientsPolicy(Strict):

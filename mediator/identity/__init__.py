@@ -123,6 +123,15 @@ class Identity:
         self.signing_keys = KeySet([signing_key]) if signing_key is not None else KeySet([])
         self.access_tokens = VerifiedTokenCache(VERIFIED_TOKENS_PER_SIGNER)
         """Signature checks of our own access tokens (sent with every request until they expire)."""
+        # Imported here: mediator.stages imports this package (the authentication stage).
+        from mediator.stages.rate_limit import GcraLimit, LocalGcraStore
+
+        self.token_requests = LocalGcraStore(max_keys=10_000)
+        """Per-address admission to POST /auth/token (token_service.requests_per_minute_per_address)."""
+        rate = service.requests_per_minute_per_address if service is not None else 60
+        burst = service.request_burst if service is not None else 20
+        emission = 60_000_000 // rate
+        self.token_request_limit = GcraLimit("auth-token-per-address", rate, 60, emission, emission * burst, burst)
         self.expectations: dict[tuple[str, str], Expectations] = {}
         """What each kind of token must say, built once per runtime by the authentication stage: one
         stable object per kind lets a VerifiedTokenCache hit reuse the claim check of the same second."""

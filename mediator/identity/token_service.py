@@ -42,10 +42,12 @@ STAGE = "auth_token"
 class TokenError(Exception):
     """A refusal: an authlib OAuth2Error (status + RFC 6749 error code) and our own reason code."""
 
-    def __init__(self, error: oauth_errors.OAuth2Error, reason: str, status: int | None = None) -> None:
+    def __init__(self, error: oauth_errors.OAuth2Error, reason: str, status: int | None = None,
+                 retry_after: str | None = None) -> None:
         self.error = error
         self.reason = reason
         self.status = status or error.status_code
+        self.retry_after = retry_after
         super().__init__(reason)
 
 
@@ -58,6 +60,8 @@ def _error_response(exc: TokenError) -> web.Response:
     if exc.status == 401:
         # RFC 6749 §5.2: 401 invalid_client carries an authentication challenge.
         headers["WWW-Authenticate"] = 'Bearer realm="openimis-mediator", error="invalid_client"'
+    if exc.retry_after is not None:
+        headers["Retry-After"] = exc.retry_after
     return web.json_response(dict(exc.error.get_body()), status=exc.status, headers=headers)
 
 
@@ -73,6 +77,12 @@ async def _issue(identity: Identity, request: web.Request, client_ip_policy: Cli
     if request.content_type != "application/x-www-form-urlencoded":
         raise TokenError(oauth_errors.InvalidRequestError(
             description="send application/x-www-form-urlencoded"), "auth_token.bad_content_type")
+    address = await _client_address(request, client_ip_policy)
+    admitted, _ = identity.token_requests.apply([f"auth-token:{address}"], [identity.token_request_limit], 1)
+    if not admitted.allow:
+        # Before reading the form or verifying a signature: an assertion flood costs us next to nothing.
+        raise TokenError(oauth_errors.OAuth2Error(error="slow_down", description="too many token requests"),
+                         "auth_token.rate_limited", 429, retry_after=admitted.headers.get("Retry-After", "1"))
     if request.content_length is None or request.content_length > MAX_FORM_BYTES:
         raise TokenError(oauth_errors.InvalidRequestError(description="form missing or too large"),
                          "auth_token.bad_form")
@@ -103,7 +113,6 @@ async def _issue(identity: Identity, request: web.Request, client_ip_policy: Cli
     verified = await client.assertion_keys.verify(assertion, expect, now)
     if isinstance(verified, Failure):
         raise _invalid_client(f"auth_token.assertion_{verified.check}", verified.message)
-    address = await _client_address(request, client_ip_policy)
     if not identity.address_allowed(client, address):
         raise TokenError(oauth_errors.AccessDeniedError(description="this client may not call from this address"),
                          "auth_token.client_ip_denied", 403)

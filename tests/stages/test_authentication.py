@@ -492,6 +492,7 @@ def test_clients_policy_errors_name_file_line_and_message(tmp_path, replace, exp
     text = clients_yaml().replace(*replace)
     assert text != clients_yaml()
     root = write_config(tmp_path, channels_yaml("http://127.0.0.1:9/api/"), extra_policies={"clients.yaml": text})
+
     with pytest.raises(ConfigError) as info:
         load_config(root)
     assert [str(p) for p in info.value.problems] == [expected]
@@ -503,3 +504,40 @@ def test_signing_key_is_generated_once_with_mode_0600(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert load_or_create_signing_key(path).kid == first.kid
     assert os.path.getsize(path) > 0
+
+
+async def test_token_requests_are_limited_per_address_before_any_signature_work(tmp_path, sandbox_server,
+                                                                                 make_mediator):
+    write_keys(tmp_path / "config", KEYS)
+    clients = clients_yaml().replace("  signing_key_file: keys/mediator-signing.key\n",
+                                     "  signing_key_file: keys/mediator-signing.key\n"
+                                     "  requests_per_minute_per_address: 6\n  request_burst: 3\n")
+    client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=AUTH_CHANNELS),
+                                 extra_policies={"clients.yaml": clients})
+    statuses = []
+    for _ in range(3):
+        statuses.append((await client.post("/auth/token", data=form(good_assertion(KEYS)))).status)
+    assert statuses == [200, 200, 200]
+    # The 4th within the burst window is refused whatever it carries, even a garbage assertion.
+    refused = await client.post("/auth/token", data=form("not-even-a-jwt"))
+    assert refused.status == 429
+    assert (await refused.json())["error"] == "slow_down"
+    assert int(refused.headers["Retry-After"]) >= 1
+    counted = client.server.app[METRICS].registry.get_sample_value(
+        "mediator_stage_decisions_total",
+        {"stage": "auth_token", "outcome": "deny", "reason": "auth_token.rate_limited"})
+    assert counted == 1
+
+
+def test_token_request_limit_schema(tmp_path):
+    root = write_config(tmp_path / "config", channels_yaml("http://127.0.0.1:9/api/", channels=AUTH_CHANNELS),
+                        extra_policies={"clients.yaml": clients_yaml().replace(
+                            "  signing_key_file: keys/mediator-signing.key\n",
+                            "  signing_key_file: keys/mediator-signing.key\n  requests_per_minute_per_address: 0\n")})
+    from mediator.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(root)
+    assert [str(p) for p in info.value.problems] == [
+        "policies/clients.yaml:4:3: token_service.requests_per_minute_per_address: "
+        "Input should be greater than or equal to 1"]
