@@ -12,17 +12,10 @@ from mediator.certs import make_dev_pki
 from mediator.cli import main
 from mediator.tls import server_context
 from tests.conftest import channels_yaml, loaded, upstream_url, write_config
+from tests.identity.kit import TLS_BLOCK as KIT_TLS_BLOCK
 
-TLS_BLOCK = """\
-listen:
-  host: 127.0.0.1
-  port: 0
-  tls:
-    cert_file: certs/server.crt
-    key_file: certs/server.key
-    client_ca_file: certs/ca.crt
-    require_client_cert: {required}
-"""
+# The shared block plus the setting these tests vary.
+TLS_BLOCK = KIT_TLS_BLOCK + "    require_client_cert: {required}\n"
 
 
 async def _serve(root, unused_port):

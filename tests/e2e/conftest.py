@@ -47,18 +47,10 @@ def openimis() -> Any:
         yield harness.ensure_running()
     finally:
         mine.unlink(missing_ok=True)
-        others = [p for p in users.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        others = [p for p in users.iterdir() if p.name.isdigit() and harness._pid_alive(int(p.name))]
         if not was_running and not others:
             harness.down()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
