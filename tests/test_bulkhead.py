@@ -135,7 +135,7 @@ async def test_queue_overflow_is_503_with_retry_after(faults_server, make_mediat
         url, "    bulkhead:\n      max_concurrent: 1\n      max_queue: 1\n      retry_after_s: 7\n"))
     faults.mode = "hold"
     first = asyncio.create_task(client.get("/fhir/Medication/"))
-    await faults.arrived.wait()                       # one request is with openIMIS
+    await asyncio.wait_for(faults.arrived.wait(), 10)  # one request is with openIMIS
     second = asyncio.create_task(client.get("/fhir/Medication/"))
     runtime = client.server.app[RUNTIME].current
     bulkhead = runtime.protection.guards["openimis"].bulkhead

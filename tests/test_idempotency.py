@@ -131,7 +131,7 @@ async def test_a_duplicate_while_the_first_is_in_flight_is_409(faults_server, ma
     client = await make_mediator(_config(url, store_section))
     faults.mode = "hold"
     first = asyncio.create_task(_post(client, claim("C-1")))
-    await faults.arrived.wait()
+    await asyncio.wait_for(faults.arrived.wait(), 10)
     duplicate = await _post(client, claim("C-1"))
     assert duplicate.status == 409 and duplicate.headers["Retry-After"] == "1"
     assert (await duplicate.json())["issue"][0]["details"]["coding"][0]["code"] == "idempotency.in_flight"
@@ -147,7 +147,7 @@ async def test_in_flight_wait_mode_answers_the_duplicate_with_the_first_answer(f
     client = await make_mediator(_config(url, store_section, in_flight="wait"))
     faults.mode = "hold"
     first = asyncio.create_task(_post(client, claim("C-1")))
-    await faults.arrived.wait()
+    await asyncio.wait_for(faults.arrived.wait(), 10)
     duplicate = asyncio.create_task(_post(client, claim("C-1")))
     await asyncio.sleep(0.2)  # let the duplicate reach the store and start waiting
     faults.gate.set()

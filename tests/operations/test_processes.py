@@ -84,7 +84,7 @@ async def test_sigterm_drains_the_request_in_flight_then_refuses_and_exits_0(tmp
         await eventually(lambda: port_open(port), what="the mediator to listen")
         async with aiohttp.ClientSession() as session:
             in_flight = asyncio.create_task(session.get(f"http://127.0.0.1:{port}/fhir/Claim/"))
-            await slow.arrived.wait()  # the request is at openIMIS now
+            await asyncio.wait_for(slow.arrived.wait(), 10)  # the request is at openIMIS now
             proc.send_signal(signal.SIGTERM)
             await eventually(lambda: not port_open(port), what="the listener to close")
             assert proc.poll() is None  # still draining

@@ -68,7 +68,7 @@ async def test_unchanged_upstreams_are_reused_and_a_replaced_one_closes_after_it
     assert app[RUNTIME].current.upstreams["openimis"] is first  # same pool, same login
 
     in_flight = asyncio.create_task(client.get("/fhir/Claim/"))
-    await slow.arrived.wait()
+    await asyncio.wait_for(slow.arrived.wait(), 10)
     channels = root / "channels.yaml"
     channels.write_text(channels.read_text().replace("connect_timeout_s: 1", "connect_timeout_s: 2"))
     assert await reloader.reload("test")

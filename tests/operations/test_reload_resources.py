@@ -250,7 +250,9 @@ async def test_a_changed_redis_and_upstream_are_closed_after_the_drain_and_their
     slow = SlowOpenImis()
     upstream = upstream_url(await aiohttp_server(slow.app()))
     second_prefix = f"{redis_prefix}second:"
-    redis_section = f"{NO_POLL}redis:\n  url: {REDIS_URL}\n  key_prefix: \"{redis_prefix}\"\n"
+    # Generous command timeouts: on a loaded machine 0.5 s can pass, and a store error would refuse the
+    # request (on_store_error: deny) before it reaches the held upstream.
+    redis_section = f"{NO_POLL}redis:\n  url: {REDIS_URL}\n  key_prefix: \"{redis_prefix}\"\n  timeout_s: 5\n"
     rate_limits = "version: 1\nlimits:\n  - name: per-ip\n    per: [ip]\n    rate: 1000\n    period_s: 60\n" \
                   "    on_store_error: deny\n"
     root, app, reloader, client = await _reloadable(
@@ -263,9 +265,9 @@ async def test_a_changed_redis_and_upstream_are_closed_after_the_drain_and_their
     assert old_redis is not None and _redis_connected(old_redis)
 
     in_flight = asyncio.create_task(client.get("/fhir/Claim/"))
-    await slow.arrived.wait()
+    await asyncio.wait_for(slow.arrived.wait(), 10)
     await _edit_and_reload(root, reloader, "channels.yaml", f'key_prefix: "{redis_prefix}"\n',
-                           f'key_prefix: "{second_prefix}"\n    timeout_s: 0.4\n')
+                           f'key_prefix: "{second_prefix}"\n')
     channels = root / "channels.yaml"
     channels.write_text(channels.read_text().replace("connect_timeout_s: 1\n", "connect_timeout_s: 2\n"))
     assert await reloader.reload("test")
@@ -321,7 +323,9 @@ async def test_nothing_outlives_the_app_after_several_reloads(
         tmp_path, idp, sandbox_server, aiohttp_client, redis_prefix):
     idp.keys = [_key("2024")]
     write_keys(tmp_path / "config", KEYS_FOR_JWKS)
-    redis_section = f"{NO_POLL}redis:\n  url: {REDIS_URL}\n  key_prefix: \"{redis_prefix}\"\n"
+    # Generous command timeouts: on a loaded machine 0.5 s can pass, and a store error would refuse the
+    # request (on_store_error: deny) before it reaches the held upstream.
+    redis_section = f"{NO_POLL}redis:\n  url: {REDIS_URL}\n  key_prefix: \"{redis_prefix}\"\n  timeout_s: 5\n"
     root, app, reloader, client = await _reloadable(
         tmp_path, aiohttp_client,
         channels_yaml(upstream_url(sandbox_server), extra_server=redis_section, channels=MASTER_DATA),
