@@ -218,7 +218,16 @@ def _final_reason(exchange: Exchange) -> str:
 
 async def handle_fhir(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME].current
+    # Counted for the reload drain: a request cancelled mid-way (client gone) must not hold a retired
+    # runtime's resources open until the drain bound.
     runtime.in_flight += 1
+    try:
+        return await _handle_fhir(request, runtime)
+    finally:
+        runtime.in_flight -= 1
+
+
+async def _handle_fhir(request: web.Request, runtime: Runtime) -> web.StreamResponse:
     metrics = request.app[METRICS]
     started = time.perf_counter()
     exchange = Exchange(request, request_id_for(request))
@@ -273,7 +282,6 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
     _log_access(exchange, channel, response.status, reason, elapsed)
     request.app[AUDIT].record(exchange, response.status, reason)
     unbind_request_id(log_context)
-    runtime.in_flight -= 1
     return response
 
 

@@ -60,6 +60,7 @@ class ConfigReloader:
         self._lock = asyncio.Lock()
         self._stamps = watched_files(root)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._draining: list[Runtime] = []
         """Runtimes replaced by a reload whose retired resources are not closed yet, oldest first."""
 
@@ -104,6 +105,7 @@ class ConfigReloader:
         task = asyncio.create_task(self._retire(old, new, bound), name="reload: retire previous runtime")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(self._closing.discard)
         started = new.upstreams.keys() - {n for n, u in old.upstreams.items() if new.upstreams.get(n) is u}
         return sorted(started), [u.name for u in old.retired_upstreams(new)]
 
@@ -124,8 +126,11 @@ class ConfigReloader:
         except TimeoutError:
             log.warning("requests on the previous configuration still running after %.0fs; closing what "
                         "it alone used", bound_s)
-        finally:  # also when the application stops first
+        finally:  # also when the application stops first (close() cancels the wait, never the closing)
             self._draining.remove(old)
+            task = asyncio.current_task()
+            if task is not None:
+                self._closing.add(task)
             await old.close_retired(new)  # logs, never raises, a close that fails
 
     async def watch(self) -> None:
@@ -140,7 +145,8 @@ class ConfigReloader:
 
     async def close(self) -> None:
         for task in list(self._retiring):
-            task.cancel()
+            if task not in self._closing:  # a retirement already closing resources runs to its end
+                task.cancel()
         for task in list(self._retiring):
             try:
                 await task

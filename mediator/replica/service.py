@@ -9,7 +9,6 @@ public_base_url unchanged keeps the same Replica: its data and its sync task car
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -24,6 +23,8 @@ from mediator.replica.sync import Progress, ReplicaSyncer, SyncBusy, SyncFailed,
 from mediator.upstream import OpenImisUpstream
 
 log = logging.getLogger("mediator.replica")
+
+CLOSE_TIMEOUT_S = 5.0
 
 
 def store_for(config: Config, policy: ReplicaPolicy) -> ReplicaStore:
@@ -69,8 +70,11 @@ class Replica:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a shutdown or a reload must never wait forever on a sync stuck in I/O.
+            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                log.warning("replica: the sync task did not stop within %.0fs; closing its store anyway",
+                            CLOSE_TIMEOUT_S)
             self._task = None
         await self.store.close()
 
@@ -111,9 +115,16 @@ class Replica:
                 log.warning("replica: sync failed, serving the last good data: %s", exc)
                 delay = self.policy.retry_after_failure_s
             except Exception:  # a bug must not end the schedule for the life of the process
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py may turn our cancellation into a connection error; we are being closed.
+                    raise asyncio.CancelledError from None
                 log.exception("replica: unexpected error during sync")
                 self.metrics.replica_sync_errors.labels("auto").inc()
                 delay = self.policy.retry_after_failure_s
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a cancellation swallowed inside a client library
             await asyncio.sleep(delay)
 
     async def _state_quietly(self):  # type: ignore[no-untyped-def]

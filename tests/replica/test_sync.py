@@ -275,3 +275,35 @@ async def test_the_stand_in_filters_last_updated_like_openimis(sandbox, sandbox_
         assert (await client.get(base + "ge2023-11-14T22:13:20Z", headers=auth)).status == 500
     finally:
         await client.close()
+
+
+async def test_closing_never_hangs_on_a_sync_task_that_swallows_its_cancellation(monkeypatch):
+    """redis-py can turn a cancellation into a connection error; close must still return."""
+    import asyncio
+
+    from mediator.replica import service
+    from mediator.replica.service import Replica
+    from mediator.replica.store import MemoryReplicaStore
+
+    monkeypatch.setattr(service, "CLOSE_TIMEOUT_S", 0.2)
+    replica = Replica.__new__(Replica)  # only close() is exercised: its task and its store
+    replica.store = MemoryReplicaStore()
+
+    released = False
+
+    async def stubborn() -> None:
+        while not released:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue  # what a misbehaving client library does
+
+    replica._task = asyncio.create_task(stubborn())
+    stuck = replica._task
+    await asyncio.sleep(0)
+    await asyncio.wait_for(replica.close(), 2)  # bounded: returns after CLOSE_TIMEOUT_S
+    assert replica._task is None
+    assert not stuck.done()
+    released = True  # let the test's own stubborn task end
+    stuck.cancel()
+    await asyncio.wait_for(stuck, 2)
