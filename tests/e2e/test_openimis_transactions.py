@@ -9,7 +9,8 @@ import pytest
 from tests.e2e.conftest import harness
 from tests.e2e.vendors import _claim_for
 
-pytestmark = pytest.mark.openimis
+# The first e2e test may install and start openIMIS (pip ~2 min on an empty machine): a longer bound.
+pytestmark = [pytest.mark.openimis, pytest.mark.timeout(1800)]
 
 
 class _AsVendor:

@@ -12,7 +12,8 @@ from tests.conftest import DEFAULT_IP_POLICY, write_config
 from tests.e2e.conftest import e2e_channels
 from tests.e2e.vendors import CHANNELS
 
-pytestmark = pytest.mark.openimis
+# The first e2e test may install and start openIMIS (pip ~2 min on an empty machine): a longer bound.
+pytestmark = [pytest.mark.openimis, pytest.mark.timeout(1800)]
 
 REPLICA = """\
 version: 1

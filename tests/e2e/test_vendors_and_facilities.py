@@ -9,7 +9,8 @@ import pytest
 from tests.e2e.conftest import harness
 from tests.e2e.vendors import BASE, _claim_for, _reason
 
-pytestmark = pytest.mark.openimis
+# The first e2e test may install and start openIMIS (pip ~2 min on an empty machine): a longer bound.
+pytestmark = [pytest.mark.openimis, pytest.mark.timeout(1800)]
 
 
 async def test_no_credentials_no_entry(vendors):
