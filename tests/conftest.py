@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mediator.app import build_app
 from mediator.config import Config, load_config
+from mediator.errors import ConfigError
 from mediator.sandbox import OpenImisSandbox, build_sandbox_app
 
 SANDBOX_USER = {"OPENIMIS_USERNAME": "Admin", "OPENIMIS_PASSWORD": "admin123"}
@@ -124,3 +125,10 @@ async def mediator(sandbox_server: TestServer, make_mediator: MediatorFactory):
 
 def loaded(root: Path) -> Config:
     return load_config(root)
+
+
+def config_problems(root: Path) -> list[str]:
+    """The `file:line:col: message` lines a configuration directory is refused with (it must be)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(root)
+    return [str(p) for p in info.value.problems]

@@ -6,17 +6,10 @@ import pytest
 
 from mediator.cli import main
 from mediator.config import load_config
-from mediator.errors import ConfigError
-from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, write_config
+from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, config_problems, write_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOOD_CHANNELS = channels_yaml("http://127.0.0.1:8000/api/api_fhir_r4/")
-
-
-def _problems(root: Path) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load_config(root)
-    return [str(p) for p in info.value.problems]
 
 
 def test_the_shipped_example_configuration_is_valid():
@@ -44,7 +37,7 @@ def test_the_shipped_example_configuration_is_valid():
 )
 def test_ip_policy_errors_name_file_line_and_message(tmp_path, fixture, expected):
     root = write_config(tmp_path, GOOD_CHANNELS, (FIXTURES / fixture).read_text())
-    assert _problems(root) == expected
+    assert config_problems(root) == expected
 
 
 @pytest.mark.parametrize(
@@ -69,20 +62,20 @@ def test_ip_policy_errors_name_file_line_and_message(tmp_path, fixture, expected
 )
 def test_channel_errors_name_file_line_and_message(tmp_path, fixture, expected):
     root = write_config(tmp_path, (FIXTURES / fixture).read_text(), DEFAULT_IP_POLICY)
-    assert _problems(root) == expected
+    assert config_problems(root) == expected
 
 
 def test_every_broken_file_is_reported_at_once(tmp_path):
     root = write_config(tmp_path, (FIXTURES / "bad_upstream_base.yaml").read_text(),
                         (FIXTURES / "bad_version.yaml").read_text())
-    problems = _problems(root)
+    problems = config_problems(root)
     assert [p.split(":")[0] for p in problems] == ["channels.yaml", "policies/ip_allowlist.yaml"]
 
 
 def test_missing_policy_file_is_an_error(tmp_path):
     root = write_config(tmp_path, GOOD_CHANNELS)
     (root / "policies" / "ip_allowlist.yaml").unlink()
-    [problem] = _problems(root)
+    [problem] = config_problems(root)
     assert problem.startswith("policies/ip_allowlist.yaml:1:1: cannot read file")
 
 

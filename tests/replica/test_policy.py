@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mediator.config import load_config
-from mediator.errors import ConfigError
 from mediator.replica.policy import ReplicaPolicy
-from tests.conftest import channels_yaml, write_config
+from tests.conftest import channels_yaml, config_problems, write_config
 
 UPSTREAM = "http://127.0.0.1:8000/api/api_fhir_r4/"
 REPLICA_CHANNEL = """\
@@ -22,9 +21,7 @@ REPLICA_CHANNEL = """\
 def _problems(tmp_path, policy: str | None, *, channels: str | None = None, server: str = "") -> list[str]:
     extra = {"replica.yaml": policy} if policy is not None else {}
     root = write_config(tmp_path, channels_yaml(UPSTREAM, channels=channels, extra_server=server), extra_policies=extra)
-    with pytest.raises(ConfigError) as info:
-        load_config(root)
-    return [str(p) for p in info.value.problems]
+    return config_problems(root)
 
 
 def test_a_minimal_policy_takes_the_documented_defaults(tmp_path):
