@@ -151,12 +151,19 @@ class FacilityDirectoryConfig(Strict):
     page_size: int = Field(100, ge=1, le=1000)
     timeout_s: PositiveSeconds = 30
     """Each directory page and each owning-Claim lookup; beyond: the request is refused (fail closed)."""
+    graphql_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$")] = "/api/graphql"
+    """openIMIS's GraphQL endpoint on the upstream's host: the claim index (owners, facility-scoped searches)."""
 
 
 class SearchResultsConfig(Strict):
     foreign_entries: Literal["drop", "deny"] = "drop"
-    """A search answer holding a facility-bound entry the caller may not see: drop the entry (default;
-    Bundle.total is removed) or deny the whole answer (403)."""
+    """An answer to a forwarded search (a shadow rollout) or a bare resource holding a facility-bound entry
+    the caller may not see: drop the entry or deny the whole answer (403). Facility-scoped searches never
+    hold such entries (see mediator.stages.authorization_search)."""
+    max_page_size: int = Field(100, ge=1, le=100)
+    """Largest `_count` of a facility-scoped search (the claim index serves at most 100 per request)."""
+    window_entries: int = Field(100, ge=1, le=1000)
+    """`_count` of the one openIMIS list read per page (the window the page's claims are taken from)."""
 
 
 class AuthorizationPolicy(Strict):

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 
+from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
 from mediator.identity import Identity
 from mediator.metrics import Metrics
@@ -30,10 +31,12 @@ ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
                  registry: CollectorRegistry | None = None, identity: Identity | None = None, *,
-                 redis: RedisStore | None = None, metrics: Metrics | None = None) -> list[Stage]:
+                 redis: RedisStore | None = None, metrics: Metrics | None = None,
+                 guards: Mapping[str, UpstreamGuard] | None = None) -> list[Stage]:
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
+    `guards`: the runtime's per-upstream bulkhead + breaker, shared with forwarding (absent: fresh ones).
     `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's."""
     if upstreams is None:
         server = config.channels.server
@@ -47,7 +50,10 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         AuthenticationStage(identity or Identity.from_config(config)),
     ]
     if "authorization" in config.policies:
-        stages.append(AuthorizationStage.from_config(config, upstreams, registry))
+        if guards is None:
+            guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker)
+                      for name, u in config.channels.upstreams.items()}
+        stages.append(AuthorizationStage.from_config(config, upstreams, registry, guards))
     rate_limits = RateLimitTable.from_config(config)
     if rate_limits is not None:
         stages.append(RateLimitStage(rate_limits, redis, metrics))

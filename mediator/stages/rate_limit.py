@@ -248,9 +248,10 @@ def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
 
 
 async def request_cost(exchange: Exchange, max_body_bytes: int) -> int:
-    """A batch Bundle counts one per entry; anything else counts one."""
+    """A batch Bundle counts one per entry; anything else counts the openIMIS requests it may cause
+    (`Exchange.upstream_cost`: 1, or 2 for reads and searches of facility-bound types)."""
     if exchange.fhir is None or exchange.fhir.interaction != "batch-or-transaction":
-        return 1
+        return exchange.upstream_cost
     try:
         document = json.loads(await exchange.body(max_body_bytes))  # BodyTooLarge: 413 from the app
     except (ValueError, UnicodeDecodeError):
