@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -812,3 +813,38 @@ async def test_claim_submission_over_mtls_with_the_users_token(tmp_path, sandbox
         await runner.cleanup()
 
 
+
+
+@pytest.mark.parametrize("path", [f"/fhir/ClaimResponse/{JM_CLAIM}", "/fhir/ClaimResponse?_count=5"])
+async def test_ownership_and_index_lookups_go_through_the_upstreams_guard(sandbox, authz_mediator, path):
+    client = await authz_mediator()
+    headers = await credentials(client, "jm-clerk")
+    runtime = client.app[RUNTIME].current
+    stage = next(s for s in runtime.pipeline.stages if s.name == "authorization")
+    guard = runtime.protection.guards["openimis"]
+    assert stage.guards["openimis"] is guard   # one bulkhead for forwarded requests and lookups alike
+    await stage._snapshot()   # the facility directory is loaded (through the guard too) before the breaker opens
+    guard.breaker.state, guard.breaker.opened_at = "open", time.monotonic()
+    before = len(sandbox.requests)
+    response = await client.get(path, headers=headers)
+    assert (response.status, _reason(await response.json())) == (503, "upstream.circuit_open")
+    assert sandbox.requests[before:] == []   # the lookup waited for the guard, which refused it
+
+
+async def test_reads_and_searches_of_facility_bound_types_cost_two_in_the_rate_limit(authz_mediator, sandbox):
+    from mediator.pipeline import Exchange
+
+    client = await authz_mediator()
+    seen: list[Exchange] = []
+    runtime = client.app[RUNTIME].current
+    stage = next(s for s in runtime.pipeline.stages if s.name == "authorization")
+    original = stage.run
+
+    async def spy(exchange):
+        seen.append(exchange)
+        return await original(exchange)
+
+    stage.run = spy  # type: ignore[method-assign]
+    for path in (f"/fhir/ClaimResponse/{JM_CLAIM}", "/fhir/ClaimResponse", "/fhir/Medication"):
+        assert (await _get(client, path)).status in (200, 403)
+    assert [e.upstream_cost for e in seen] == [2, 2, 1]
