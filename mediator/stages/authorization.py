@@ -333,7 +333,7 @@ class AuthorizationStage:
                 owner_needed = True
             if owner_needed:
                 if claim_id is None:
-                    return FacilityFacts.failed("owner_unresolved", "no claim id to check")
+                    return FacilityFacts.failed("owner_unresolved", "no claim id to check"), None
                 owner = await self._owner_claim(upstream, claim_id, request_id, priority)
                 owner_id = owner.get("id") if owner is not None and isinstance(owner.get("id"), str) else None
             snapshot = await self._snapshot()

@@ -609,7 +609,8 @@ def test_owner_cache_is_bounded_expires_and_keeps_only_the_owner():
 
 @pytest.mark.parametrize("foreign_entries", ["drop", "deny"])
 async def test_searches_show_only_the_callers_claims_with_its_own_total(sandbox, authz_mediator, foreign_entries):
-    client = await authz_mediator(SHIPPED_POLICY.replace("foreign_entries: drop", f"foreign_entries: {foreign_entries}"))
+    policy = SHIPPED_POLICY.replace("foreign_entries: drop", f"foreign_entries: {foreign_entries}")
+    client = await authz_mediator(policy)
     response = await _get(client, "/fhir/ClaimResponse?_count=100")
     assert response.status == 200
     bundle = await response.json()
