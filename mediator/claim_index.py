@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,15 +128,29 @@ class ClaimIndex:
     """Asks openIMIS's GraphQL API; every request inside `guard` (bulkhead slot + breaker)."""
 
     def __init__(self, upstream: OpenImisUpstream, guard: UpstreamGuard, graphql_path: str,
-                 timeout_s: float) -> None:
+                 timeout_s: float, observe: Callable[[str, str], None] | None = None) -> None:
         self.upstream = upstream
+        self.observe = observe
+        """Called with (kind, outcome) per query: kind owner | owners | page, outcome ok | failed."""
         self.guard = guard
         self.url = URL(str(upstream.base)).with_path(graphql_path).with_query(None)
         self.timeout_s = timeout_s
         self.requests = 0
         """Requests sent (tests and the benchmark read it)."""
 
-    async def _post(self, query: str, variables: Mapping[str, Any], priority: int,
+    async def _post(self, kind: str, query: str, variables: Mapping[str, Any], priority: int,
+                    request_id: str) -> Mapping[str, Any]:
+        try:
+            data = await self._send(query, variables, priority, request_id)
+        except LookupFailed:
+            if self.observe is not None:
+                self.observe(kind, "failed")
+            raise
+        if self.observe is not None:
+            self.observe(kind, "ok")
+        return data
+
+    async def _send(self, query: str, variables: Mapping[str, Any], priority: int,
                     request_id: str) -> Mapping[str, Any]:
         body = json.dumps({"query": query, "variables": dict(variables)}).encode()
 
@@ -163,14 +177,14 @@ class ClaimIndex:
 
     async def owner(self, key: str, priority: int, request_id: str) -> IndexedClaim | None:
         """The claim whose uuid (else code) is `key`; None if there is none."""
-        return parse_owner(await self._post(OWNER_QUERY, {"key": key}, priority, request_id))
+        return parse_owner(await self._post("owner", OWNER_QUERY, {"key": key}, priority, request_id))
 
     async def owners(self, ids: list[str], priority: int, request_id: str) -> dict[str, IndexedClaim]:
         """Owners of many claims by uuid, in one request; ids that are not plain uuids are left out."""
         wanted = [i for i in ids if _ALIAS.match(i)]
         if not wanted:
             return {}
-        data = await self._post(owners_query(wanted), {}, priority, request_id)
+        data = await self._post("owners", owners_query(wanted), {}, priority, request_id)
         found: dict[str, IndexedClaim] = {}
         for n, cid in enumerate(wanted):
             _, nodes = _connection(data, f"c{n}")
@@ -183,4 +197,4 @@ class ClaimIndex:
         """The facility's claims at [offset, offset+count) in list order, and how many it has."""
         variables = {"hf": facility_uuid, "patient": patient, "code": code, "uuid": uuid,
                      "first": max(1, min(count, MAX_PAGE)), "offset": offset}
-        return parse_page(await self._post(PAGE_QUERY, variables, priority, request_id))
+        return parse_page(await self._post("page", PAGE_QUERY, variables, priority, request_id))

@@ -201,6 +201,11 @@ class AuthorizationMetrics:
         self.dropped = Counter("mediator_authorization_dropped_entries", "Search result entries "
                                "removed because they belong to another health facility",
                                ["resource_type", "shadow"], registry=registry)
+        self.lookups = Counter("mediator_authorization_index_requests", "Claim-index (openIMIS GraphQL) "
+                               "requests: owner lookups, page indexes, shadow owner batches",
+                               ["kind", "outcome"], registry=registry)
+        self.search_pages = Counter("mediator_authorization_search_pages", "Facility-scoped search pages "
+                                    "served by the mediator", ["resource_type", "outcome"], registry=registry)
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry | None) -> AuthorizationMetrics:
@@ -281,7 +286,8 @@ class AuthorizationStage:
         self.metrics = metrics
         self.owners = OwnerCache(OWNER_CACHE_SIZE, policy.facility_directory.ttl_s)
         spec = policy.facility_directory
-        self.indexes = {name: ClaimIndex(upstream, guards[name], spec.graphql_path, spec.timeout_s)
+        self.indexes = {name: ClaimIndex(upstream, guards[name], spec.graphql_path, spec.timeout_s,
+                                         lambda kind, outcome: metrics.lookups.labels(kind, outcome).inc())
                         for name, upstream in upstreams.items()}
 
     @classmethod
@@ -464,6 +470,10 @@ class AuthorizationStage:
         access = outcome.access
         assert access is not None and exchange.channel is not None
         rule = outcome.verdict.rule
+        if exchange.fhir is None or exchange.fhir.interaction != "search-type":
+            return Verdict(Decision.denied(f"{NAME}.search_not_scopable", 403,
+                                           "only searches of facility-bound types can be limited to the caller's "
+                                           "health facility, not their history"), rule)
         parsed = parse_search(access.resource_type, access.query, self.policy.search_results.max_page_size)
         if not isinstance(parsed, SearchRequest):
             return Verdict(parsed, rule)
@@ -490,7 +500,8 @@ class AuthorizationStage:
 
         guard = self.guards[upstream.name]
         exchange.served_by = ScopedSearch(parsed, facility_uuid, self.indexes[upstream.name], upstream, guard,
-                                          self.policy.search_results.window_entries, entry_ok)
+                                          self.policy.search_results.window_entries, entry_ok,
+                                          lambda rtype, result: self.metrics.search_pages.labels(rtype, result).inc())
         return outcome.verdict
 
     async def _resource_of(self, exchange: Exchange) -> tuple[dict[str, Any] | None, Decision | None]:

@@ -196,7 +196,8 @@ class ScopedSearch:
 
     def __init__(self, search: SearchRequest, facility_uuid: str, index: ClaimIndex,
                  upstream: OpenImisUpstream, guard: UpstreamGuard, window_entries: int,
-                 entry_ok: Callable[[Mapping[str, Any]], bool]) -> None:
+                 entry_ok: Callable[[Mapping[str, Any]], bool],
+                 observe: Callable[[str, str], None] | None = None) -> None:
         self.search = search
         self.facility_uuid = facility_uuid
         self.index = index
@@ -204,12 +205,19 @@ class ScopedSearch:
         self.guard = guard
         self.window_entries = window_entries
         self.entry_ok = entry_ok
+        self.observe = observe
+        """Called with (resource type, outcome) per page: full | short | empty | crowded | failed."""
+
+    def _count(self, outcome: str) -> None:
+        if self.observe is not None:
+            self.observe(self.search.resource_type, outcome)
 
     async def run(self, request: web.Request, client_ip: str, request_id: str, priority: int,
                   timeout_s: float) -> web.Response:
         try:
             return await self._run(request, client_ip, request_id, priority, timeout_s)
         except LookupFailed as exc:
+            self._count("failed")
             log.warning("facility-scoped search failed, request %s: %s", request_id, exc)
             return operation_outcome_response(502, f"{NAME}.lookup_failed",
                                               f"openIMIS did not answer the search properly; quote request id "
@@ -231,10 +239,12 @@ class ScopedSearch:
         try:
             result = assemble_page(search, page, window, self.upstream.public_base_url, self.entry_ok)
         except WindowCrowded:
+            self._count("crowded")
             return operation_outcome_response(
                 502, f"{NAME}.search_window_exceeded",
                 f"openIMIS lists more than {self.window_entries} claims of other facilities at this point; "
                 "narrow the search (patient=, identifier=)")
+        self._count("empty" if result.served == 0 else "full" if result.served == len(page.claims) else "short")
         body = json.dumps(result.bundle, ensure_ascii=False, separators=(",", ":")).encode()
         return web.Response(status=200, body=body, content_type="application/fhir+json"
                             if "fhir+json" in request.headers.get("Accept", "") else "application/json",

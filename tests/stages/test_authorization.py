@@ -621,6 +621,11 @@ async def test_searches_show_only_the_callers_claims_with_its_own_total(sandbox,
     assert RA_CLAIM in [e["resource"]["id"] for e in theirs["entry"]]
     assert JM_CLAIM not in [e["resource"]["id"] for e in theirs["entry"]]
     assert theirs["total"] == len(theirs["entry"])
+    registry = client.app[RUNTIME].current.pipeline._recorder.registry
+    assert registry.get_sample_value("mediator_authorization_search_pages_total",
+                                     {"resource_type": "ClaimResponse", "outcome": "full"}) == 2
+    assert registry.get_sample_value("mediator_authorization_index_requests_total",
+                                     {"kind": "page", "outcome": "ok"}) == 2
 
 
 async def test_identifier_search_finds_only_the_callers_claim(authz_mediator):
@@ -849,3 +854,14 @@ async def test_reads_and_searches_of_facility_bound_types_cost_two_in_the_rate_l
     for path in (f"/fhir/ClaimResponse/{JM_CLAIM}", "/fhir/ClaimResponse", "/fhir/Medication"):
         assert (await _get(client, path)).status in (200, 403)
     assert [e.upstream_cost for e in seen] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("path", ["/fhir/Claim/_history", "/fhir/CommunicationRequest"])
+async def test_facility_bound_histories_and_unscopable_searches_are_refused(sandbox, authz_mediator, path):
+    policy = SHIPPED_POLICY.replace("permissions: [user/ClaimResponse.rs]",
+                                    "permissions: [user/ClaimResponse.rs, user/Claim.rs, user/CommunicationRequest.rs]")
+    client = await authz_mediator(policy)
+    before = len(sandbox.requests)
+    response = await _get(client, path)
+    assert (response.status, _reason(await response.json())) == (403, "authorization.search_not_scopable")
+    assert [r for r in sandbox.requests[before:] if "/Claim" in r["path"] or "/Communication" in r["path"]] == []
