@@ -7,14 +7,21 @@ owner lookup per entry. Instead, per page:
 
 1. the claim index (GraphQL, one request) names the caller's facility's claims at positions
    [offset, offset + count) in openIMIS's list order (validity_from), and how many the facility has;
-2. one FHIR list read (the *window*) starting at the first of them (`_lastUpdated=ge…` for ClaimResponse,
-   `refDate=` for Claim, `_count` = `search_results.window_entries`) brings their content. Only entries the
-   index named are served, in index order; everything else in the window is discarded unseen.
+2. one FHIR list read (the *window*) starting at the first of them brings their content: ClaimResponse
+   `_lastUpdated=ge<its second>` with `_count` = twice the page's claims (at least 10, at most
+   `search_results.window_entries`: openIMIS spends ~50 ms per ClaimResponse it serialises, measured on the
+   demo backend, so the window follows the page, not the maximum); Claim `refDate=<its date>` (a whole day
+   earlier claims included) with `_count` = `window_entries`. Only entries the index named are served, in
+   index order; everything else in the window is discarded unseen.
 
-If the window holds fewer of the named claims than asked (other facilities' claims crowd it), the page is
-the longest run of named claims the window did hold and the `next` link continues from there: pages may be
-shorter than `_count`, never foreign. The answer's `total` is the caller's own count; links carry
-`_count` and `_offset` (positions among the caller's own claims only).
+A page of one claim reads it directly (`<Type>/<uuid>`) instead of a window: exact and cheaper.
+If the window holds fewer of the named claims than asked (other facilities' claims crowd it, or openIMIS's
+hour-long list-count cache cuts the list short), the page is the longest run of named claims the window did
+hold and the `next` link continues from there: pages may be shorter than `_count`, never foreign, never
+empty. If it holds none of them, a third request reads the first named claim directly (the only case
+above two requests per page; counted as `fallback` in mediator_authorization_search_pages_total).
+The answer's `total` is the caller's own count; links carry `_count` and `_offset` (positions among the
+caller's own claims only).
 
 `parse_search` and `assemble_page` are pure; `ScopedSearch.run` does the I/O, inside the upstream's guard.
 """
@@ -51,6 +58,7 @@ DEFAULT_COUNT = 10
 """openIMIS's default page size (api_fhir_r4 GeneralConfiguration)."""
 UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 MAX_OFFSET = 10_000_000
+WINDOW_MIN = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +83,14 @@ class SearchRequest:
         params += [("_count", str(self.count)), ("_offset", str(offset))]
         return f"{public_base_url.rstrip('/')}/{self.resource_type}?{urlencode(params)}"
 
-    def window_query(self, first: IndexedClaim, window_entries: int) -> str:
+    def window_size(self, named: int, window_entries: int) -> int:
+        if self.resource_type == "ClaimResponse":
+            return min(window_entries, max(2 * named, WINDOW_MIN))
+        return window_entries   # refDate starts at midnight: the day's earlier claims come first
+
+    def window_query(self, first: IndexedClaim, named: int, window_entries: int) -> str:
         """The FHIR list read whose first entries are `first` and the claims after it, in list order."""
-        params: list[tuple[str, str]] = [("_count", str(window_entries))]
+        params: list[tuple[str, str]] = [("_count", str(self.window_size(named, window_entries)))]
         if self.resource_type == "ClaimResponse":
             # openIMIS parses %Y-%m-%dT%H:%M:%S (seconds): ge the claim's second includes the claim itself.
             params.append(("_lastUpdated", "ge" + first.validity_from[:19]))
@@ -234,38 +247,65 @@ class ScopedSearch:
         if search.count == 0:
             page = replace(page, claims=())
         window: Mapping[str, Any] | None = None
-        if page.claims:
-            window = await self._window(request, page.claims[0], client_ip, request_id, priority, timeout_s)
+        outcome = "empty"
+        if len(page.claims) == 1:
+            # One claim: its own read is exact and cheaper than any list (openIMIS serialises each entry).
+            window = await self._read(request, page.claims[0], client_ip, request_id, priority, timeout_s)
+        elif page.claims:
+            window = await self._window(request, page.claims, client_ip, request_id, priority, timeout_s)
         try:
             result = assemble_page(search, page, window, self.upstream.public_base_url, self.entry_ok)
         except WindowCrowded:
-            self._count("crowded")
-            return operation_outcome_response(
-                502, f"{NAME}.search_window_exceeded",
-                f"openIMIS lists more than {self.window_entries} claims of other facilities at this point; "
-                "narrow the search (patient=, identifier=)")
-        self._count("empty" if result.served == 0 else "full" if result.served == len(page.claims) else "short")
+            # The window holds none of the page's claims: foreign claims crowd it, or openIMIS's count cache
+            # (api_fhir_r4 paginations.CachedCountQueryset: a list's count is kept an hour and the list is cut
+            # to it) hides claims created since. A third request reads the first claim itself.
+            self._count("fallback")
+            window = await self._read(request, page.claims[0], client_ip, request_id, priority, timeout_s)
+            try:
+                result = assemble_page(search, page, window, self.upstream.public_base_url, self.entry_ok)
+            except WindowCrowded:
+                raise LookupFailed("the page's first claim cannot be read") from None
+        if result.served:
+            outcome = "full" if result.served == len(page.claims) else "short"
+        self._count(outcome)
         body = json.dumps(result.bundle, ensure_ascii=False, separators=(",", ":")).encode()
         return web.Response(status=200, body=body, content_type="application/fhir+json"
                             if "fhir+json" in request.headers.get("Accept", "") else "application/json",
                             charset="utf-8")
 
-    async def _window(self, request: web.Request, first: IndexedClaim, client_ip: str, request_id: str,
-                      priority: int, timeout_s: float) -> Mapping[str, Any]:
-        query = self.search.window_query(first, self.window_entries)
+    async def _window(self, request: web.Request, named: tuple[IndexedClaim, ...], client_ip: str,
+                      request_id: str, priority: int, timeout_s: float) -> Mapping[str, Any]:
+        query = self.search.window_query(named[0], len(named), self.window_entries)
+        document = await self._get(request, self.search.resource_type, query, client_ip, request_id, priority,
+                                   timeout_s)
+        if document.get("resourceType") != "Bundle":
+            raise LookupFailed("search window is not a Bundle")
+        return document
+
+    async def _read(self, request: web.Request, claim: IndexedClaim, client_ip: str, request_id: str,
+                    priority: int, timeout_s: float) -> Mapping[str, Any]:
+        """One named claim read by uuid, as a one-entry window."""
+        rtype = self.search.resource_type
+        query = "contained=true" if self.search.contained else ""
+        document = await self._get(request, f"{rtype}/{claim.uuid}", query, client_ip, request_id, priority,
+                                   timeout_s)
+        return {"resourceType": "Bundle", "entry": [
+            {"fullUrl": f"{self.upstream.public_base_url.rstrip('/')}/{rtype}/{claim.uuid}", "resource": document}]}
+
+    async def _get(self, request: web.Request, path: str, query: str, client_ip: str, request_id: str,
+                   priority: int, timeout_s: float) -> dict[str, Any]:
         response = await self.guard.call(priority, lambda: self.upstream.forward(
-            request, self.search.resource_type, None, client_ip, request_id, timeout_s,
-            method="GET", raw_query=query))
+            request, path, None, client_ip, request_id, timeout_s, method="GET", raw_query=query))
         body = response.body if isinstance(response.body, bytes) else b""
         if response.status != 200:
             # SECURITY: openIMIS's error texts can name other facilities' claims ("malformed entry …/Claim/<uuid>").
-            log.warning("facility-scoped search window answered %s, request %s: %s", response.status,
+            log.warning("facility-scoped search read answered %s, request %s: %s", response.status,
                         request_id, body[:500].decode("utf-8", "replace"))
-            raise LookupFailed(f"search window answered {response.status}")
+            raise LookupFailed(f"search read answered {response.status}")
         try:
             document = json.loads(body)
         except ValueError as exc:
-            raise LookupFailed("search window is not JSON") from exc
-        if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
-            raise LookupFailed("search window is not a Bundle")
+            raise LookupFailed("search read is not JSON") from exc
+        if not isinstance(document, dict):
+            raise LookupFailed("search read is not a resource")
         return document

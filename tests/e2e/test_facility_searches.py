@@ -146,7 +146,13 @@ async def test_claim_search_by_patient_shows_only_the_callers_claims(relayed):
         bundles, costs, _ = await _walk(relay, vendors[name], f"/fhir/Claim?patient={patient}&_count=1")
         assert sorted(_ids(bundles)) == sorted(own), facility
         assert all(b["total"] == len(own) for b in bundles)
-        assert max(costs) <= 2, costs
+        assert max(costs) <= 2, costs   # a one-claim page: the index + that claim's read
+        # Pages of several claims read a window; when openIMIS's hour-long list-count cache hides claims
+        # created since (Claim?refDate= is day-granular), the page's first claim is read directly: 3.
+        bundles, costs, _ = await _walk(relay, vendors[name], f"/fhir/Claim?patient={patient}&_count=3")
+        assert sorted(_ids(bundles)) == sorted(own), facility
+        assert all(b["total"] == len(own) and b.get("entry") for b in bundles) or not own
+        assert max(costs) <= 3, costs
         hf_uuid = harness.HEALTH_FACILITIES[facility][0]
         assert all(hf_uuid in str(e["resource"]["provider"]) for b in bundles for e in b.get("entry", []))
     # Rapta's claim administrator has no claims for this insuree (Jambero has): nothing says Jambero's exist.

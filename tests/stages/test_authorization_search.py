@@ -73,9 +73,11 @@ def test_searches_we_cannot_scope_are_refused_with_a_reason(rtype, query, reason
 
 def test_the_window_starts_at_the_first_named_claim():
     first = _claim(7)
-    assert SearchRequest("ClaimResponse", 2, 0).window_query(first, 100) == \
-        "_count=100&_lastUpdated=ge2024-01-01T00%3A00%3A07"
-    assert SearchRequest("Claim", 2, 0, PATIENT, None, True).window_query(first, 50) == \
+    assert SearchRequest("ClaimResponse", 2, 0).window_query(first, 2, 100) == \
+        "_count=10&_lastUpdated=ge2024-01-01T00%3A00%3A07"
+    assert SearchRequest("ClaimResponse", 40, 0).window_query(first, 40, 100).startswith("_count=80&")
+    assert SearchRequest("ClaimResponse", 80, 0).window_query(first, 80, 100).startswith("_count=100&")
+    assert SearchRequest("Claim", 2, 0, PATIENT, None, True).window_query(first, 2, 50) == \
         f"_count=50&refDate=2024-01-01&patient={PATIENT}&contained=true"
 
 
