@@ -219,7 +219,7 @@ class ScopedSearch:
         self.window_entries = window_entries
         self.entry_ok = entry_ok
         self.observe = observe
-        """Called with (resource type, outcome) per page: full | short | empty | crowded | failed."""
+        """Called with (resource type, outcome) per page: full | short | empty | fallback | failed."""
 
     def _count(self, outcome: str) -> None:
         if self.observe is not None:
@@ -259,13 +259,13 @@ class ScopedSearch:
             # The window holds none of the page's claims: foreign claims crowd it, or openIMIS's count cache
             # (api_fhir_r4 paginations.CachedCountQueryset: a list's count is kept an hour and the list is cut
             # to it) hides claims created since. A third request reads the first claim itself.
-            self._count("fallback")
+            outcome = "fallback"
             window = await self._read(request, page.claims[0], client_ip, request_id, priority, timeout_s)
             try:
                 result = assemble_page(search, page, window, self.upstream.public_base_url, self.entry_ok)
             except WindowCrowded:
                 raise LookupFailed("the page's first claim cannot be read") from None
-        if result.served:
+        if result.served and outcome != "fallback":
             outcome = "full" if result.served == len(page.claims) else "short"
         self._count(outcome)
         body = json.dumps(result.bundle, ensure_ascii=False, separators=(",", ":")).encode()

@@ -865,3 +865,32 @@ async def test_facility_bound_histories_and_unscopable_searches_are_refused(sand
     response = await _get(client, path)
     assert (response.status, _reason(await response.json())) == (403, "authorization.search_not_scopable")
     assert [r for r in sandbox.requests[before:] if "/Claim" in r["path"] or "/Communication" in r["path"]] == []
+
+
+async def test_a_window_missing_the_pages_claims_falls_back_to_reading_the_first(sandbox, authz_mediator):
+    client = await authz_mediator()
+    headers = await credentials(client, "ra-clerk")
+    assert (await client.get("/fhir/ClaimResponse?_count=0", headers=headers)).status == 200   # warm up
+    original = sandbox.search
+
+    def stale_list(request, rtype):   # as openIMIS's hour-long count cache does: the list is cut short
+        answer = original(request, rtype)
+        document = json.loads(answer.body)
+        document["entry"] = []
+        return web.json_response(document)
+
+    sandbox.search = stale_list  # type: ignore[method-assign]
+    before = len(sandbox.requests)
+    response = await client.get("/fhir/ClaimResponse?_count=2", headers=headers)
+    assert response.status == 200
+    bundle = await response.json()
+    assert bundle["total"] == 2 and len(bundle["entry"]) == 1   # a short page, never an empty one
+    assert [link["relation"] for link in bundle["link"]] == ["self", "next"]
+    sent = [r["path"].rsplit("/api/", 1)[-1] for r in sandbox.requests[before:]]
+    assert sent[0] == "graphql" and sent[1] == "api_fhir_r4/ClaimResponse/" and len(sent) == 3
+    assert sent[2].startswith("api_fhir_r4/ClaimResponse/") and sent[2] != sent[1]
+    registry = client.app[RUNTIME].current.pipeline._recorder.registry
+    assert registry.get_sample_value("mediator_authorization_search_pages_total",
+                                     {"resource_type": "ClaimResponse", "outcome": "fallback"}) == 1
+    assert registry.get_sample_value("mediator_authorization_search_pages_total",
+                                     {"resource_type": "ClaimResponse", "outcome": "short"}) is None
