@@ -191,6 +191,61 @@ async def test_replayed_assertion_is_refused_across_instances_with_redis(tmp_pat
         await store.aclose()
 
 
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released): connecting is refused at once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_token_endpoint_with_its_replay_store_down_is_503_temporarily_unavailable(
+        tmp_path, sandbox_server, aiohttp_client, monkeypatch):
+    monkeypatch.setenv("MEDIATOR_TEST_REDIS", f"redis://127.0.0.1:{_closed_port()}/0")
+    replay = "  replay_store:\n    redis_url_env: MEDIATOR_TEST_REDIS\n"
+    root = write_config(tmp_path / "config", channels_yaml(upstream_url(sandbox_server), channels=AUTH_CHANNELS),
+                        extra_policies={"clients.yaml": clients_yaml(replay=replay)})
+    write_keys(root, KEYS)
+    client = await aiohttp_client(build_app(load_config(root)))
+    response = await client.post("/auth/token", data=form(good_assertion(KEYS)))
+    assert response.status == 503
+    assert (await response.json()) == {"error": "temporarily_unavailable", "error_description": "try again later"}
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["Cache-Control"] == "no-store"
+    assert counted(client, "auth_token", "auth_token.replay_store_unavailable") == 1
+
+
+def test_every_authlib_error_the_token_endpoint_uses_exists_in_the_pinned_authlib():
+    """An error class that does not exist is an AttributeError (a 500) exactly when it is needed."""
+    import ast
+    import inspect
+    import re
+
+    from authlib.oauth2.rfc6749 import errors as oauth_errors
+
+    import mediator.identity.token_service as token_service
+
+    tree = ast.parse(inspect.getsource(token_service))
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "oauth_errors"}
+    assert used >= {"InvalidClientError", "InvalidRequestError", "OAuth2Error"}  # the scan finds them
+    for name in sorted(used):
+        error_class = getattr(oauth_errors, name)   # AttributeError: the class does not exist
+        assert issubclass(error_class, oauth_errors.OAuth2Error)
+        if name == "OAuth2Error":
+            error = error_class(error="temporarily_unavailable", description="x", status_code=503)
+        else:
+            error = error_class("x") if name == "UnsupportedGrantTypeError" else error_class(description="x")
+        assert dict(error.get_body())["error"]
+    # The version tested is the version pinned.
+    import importlib.metadata
+    from pathlib import Path
+
+    pinned = re.search(r'"authlib==([^"]+)"', (Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pinned is not None and pinned[1] == importlib.metadata.version("authlib")
+
+
 # --- access tokens on FHIR channels ---------------------------------------------------------------
 
 async def test_no_credentials_is_401_with_a_bearer_challenge(auth_mediator, sandbox):
