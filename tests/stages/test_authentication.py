@@ -17,10 +17,10 @@ from aiohttp import web
 from mediator.app import METRICS, build_app
 from mediator.certs import ensure_ca, issue, make_dev_pki
 from mediator.config import load_config
+from mediator.facilities import DirectoryUnavailable, FacilitySnapshot, StaticFacilityDirectory
 from mediator.identity import Identity
 from mediator.identity.client import client_assertion
 from mediator.identity.keys import load_or_create_signing_key
-from mediator.facilities import DirectoryUnavailable, FacilitySnapshot, StaticFacilityDirectory
 from mediator.stages.authentication import Credentials, VouchedUsers, decide
 from mediator.tls import server_context
 from tests.conftest import channels_yaml, config_problems, upstream_url, write_config
@@ -561,9 +561,10 @@ async def test_mtls_clients_over_real_tls(tmp_path, sandbox_server, unused_tcp_p
             async with session.get(url, ssl=context(certs, "vendor-a")) as response:
                 assert response.status == 200
             # Vouched users are checked against the claim administrators openIMIS (here the stand-in) has.
-            async with session.get(url, ssl=context(certs, "vendor-b"), headers={"X-User-Name": "RHOS0011"}) as response:
+            vendor_b = context(certs, "vendor-b")
+            async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "RHOS0011"}) as response:
                 assert response.status == 200
-            async with session.get(url, ssl=context(certs, "vendor-b"), headers={"X-User-Name": "NOBODY"}) as response:
+            async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "NOBODY"}) as response:
                 assert response.status == 403
                 assert reason_of(await response.json()) == "authentication.unknown_user"
             async with session.get(url, ssl=context(certs, "vendor-c")) as response:  # our CA, not registered
