@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from functools import partial
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
