@@ -2,7 +2,7 @@
 
 No policy is not "no authorization": without rules nothing checks token scopes, roles or facilities,
 so a missing file (deleted, not deployed, a typo in its name) must fail closed, not open. The refusal
-is 403 `authorization.no_policy`; `check` and the start log say why.
+is 403 `authorization.no_policy`; a WARNING at start and on every reload says why.
 """
 
 from __future__ import annotations
