@@ -347,14 +347,16 @@ def test_policy_errors_name_file_line_and_message(tmp_path, fixture, expected):
     assert config_problems(root) == expected
 
 
-async def test_absent_policy_denies_everything_and_empty_rules_deny_all(tmp_path):
+async def test_absent_policy_denies_everything_and_empty_rules_deny_all(tmp_path, caplog):
     """No policies/authorization.yaml is not "no authorization": every request is denied (issue 13)."""
     from mediator.stages import build_stages
     from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 
     root = write_config(tmp_path, GOOD_CHANNELS, DEFAULT_IP_POLICY, {"authorization.yaml": None})
     assert not (root / "policies" / "authorization.yaml").exists()
-    stages = build_stages(load_config(root))
+    with caplog.at_level("WARNING", logger="mediator.authorization"):
+        stages = build_stages(load_config(root))
+    assert any("authorization.yaml is absent" in r.getMessage() for r in caplog.records)
     assert [s.name for s in stages][-1] == "authorization"
     assert isinstance(stages[-1], NoAuthorizationPolicyStage)
     decision = await stages[-1].run(None)  # type: ignore[arg-type]  # it looks at nothing
