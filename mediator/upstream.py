@@ -53,6 +53,8 @@ MAX_LOGGED_ERROR_BYTES = 4096
 def upstream_error_text(status: int) -> tuple[str, str]:
     """(reason code, diagnostics) for an error answer of openIMIS: per status, naming nothing of openIMIS
     (no URL, host, code, id or text of its own)."""
+    if status == 401:
+        return "upstream.refused", "openIMIS refused the mediator's own login"
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
@@ -308,7 +310,10 @@ class OpenImisUpstream:
         log.info(JsonEvent({"event": "upstream_error", "upstream": self.name, "status": reply.status,
                             "body": reply.body[:MAX_LOGGED_ERROR_BYTES].decode("utf-8", "replace")}))
         reason, message = upstream_error_text(reply.status)
-        return operation_outcome_response(reply.status, reason, message, headers)
+        # A 401 (after one fresh login) is about the mediator's credentials, not the caller's: passed on as
+        # 401 it would send the client re-authenticating with us for nothing. It is a gateway failure.
+        status = 502 if reply.status == 401 else reply.status
+        return operation_outcome_response(status, reason, message, headers)
 
     async def probe(self, timeout_s: float = 3.0) -> bool:
         """Readiness: openIMIS answers one small real request now (`GET Organization?_count=1`, one row:

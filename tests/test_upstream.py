@@ -182,7 +182,9 @@ def _internal_error_server(status: int, text: str):  # type: ignore[no-untyped-d
 
 async def test_openimis_errors_are_passed_on_generic_and_kept_whole_in_the_log(aiohttp_server, make_mediator,
                                                                                caplog):
-    for status, reason in ((500, "upstream.error"), (400, "upstream.refused"), (404, "upstream.refused")):
+    for status, reason, answered in ((500, "upstream.error", 500), (400, "upstream.refused", 400),
+                                     (404, "upstream.refused", 404),
+                                     (401, "upstream.refused", 502)):  # openIMIS refused *our* login
         server = await aiohttp_server(_internal_error_server(
             status, "[\"Claim with code 'FOREIGN-42' already exists.\"] at http://openimis.internal:8000/api/api_fhir_r4/"))
         upstream = upstream_url(server)
@@ -191,7 +193,7 @@ async def test_openimis_errors_are_passed_on_generic_and_kept_whole_in_the_log(a
         with caplog.at_level("INFO", logger="mediator.upstream"):
             response = await mediator.post("/fhir/Claim", json={"resourceType": "Claim"})
         text = await response.text()
-        assert response.status == status
+        assert response.status == answered
         assert response.content_type == "application/fhir+json"
         outcome = json.loads(text)
         assert outcome["resourceType"] == "OperationOutcome"
