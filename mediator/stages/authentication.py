@@ -246,12 +246,14 @@ async def _facility_of_vouched_user(name: str, registered: frozenset[str],
     except DirectoryUnavailable:
         return Decision.denied("authentication.directory_unavailable", 503,
                                "the facility directory is unavailable; try again later", {"Retry-After": "5"})
-    if facility is None:
-        return forbidden("unknown_user", f"{USER_NAME_HEADER} names no claim administrator known to openIMIS")
-    if facility not in registered:
-        return forbidden("user_facility_not_registered",
-                         "the user's health facility is not registered for this client")
-    return facility
+    if facility is not None and facility in registered:
+        return facility
+    # SECURITY: one answer for "nobody" and "a claim administrator of a facility not yours": two answers
+    # would tell the client which codes exist at other facilities. The log tells operators which it was.
+    log.info(JsonEvent({"event": "authentication.vouched_user_refused",
+                        "why": "unknown" if facility is None else "facility_not_registered"}))
+    return forbidden("unknown_user", f"{USER_NAME_HEADER} names no claim administrator of a health facility "
+                                     "registered for this client")
 
 
 async def decide(creds: Credentials, client_ip: Any, identity: Identity, now: int,

@@ -457,7 +457,8 @@ USERS = VouchedUsers(CLAIM_ADMINS)
     ("vendor-b", "bad name;", None, None, "authentication.malformed_user_name"),
     ("vendor-b", "NOBODY", None, None, "authentication.unknown_user"),                 # not in openIMIS
     ("vendor-b", "rhos0011", None, None, "authentication.unknown_user"),               # codes are exact
-    ("vendor-b", "JHOS0011", None, None, "authentication.user_facility_not_registered"),  # another HF's admin
+    # Another facility's claim administrator: the same answer as nobody (no oracle for other HFs' codes).
+    ("vendor-b", "JHOS0011", None, None, "authentication.unknown_user"),
     ("vendor-c", None, None, None, "authentication.unknown_client_certificate"),
 ])
 async def test_certificate_clients_and_the_trusted_user_header(identity, cn, user_name, method, user_id, reason):
@@ -470,6 +471,14 @@ async def test_certificate_clients_and_the_trusted_user_header(identity, cn, use
     else:
         assert principal is not None
         assert (principal.auth_method, principal.user_id) == (method, user_id)
+
+
+async def test_the_log_tells_operators_why_a_vouched_user_was_refused(identity, caplog):
+    with caplog.at_level("INFO", logger="mediator.identity"):
+        for name in ("NOBODY", "JHOS0011"):
+            await decide(Credentials(None, _cert(identity, "vendor-b"), None, name), LOCAL, identity, _now(), USERS)
+    whys = [r.getMessage() for r in caplog.records if "vouched_user_refused" in r.getMessage()]
+    assert len(whys) == 2 and '"unknown"' in whys[0] and '"facility_not_registered"' in whys[1]
 
 
 async def test_a_trusted_header_user_acts_for_their_own_facility_vouched_by_the_client(identity):
