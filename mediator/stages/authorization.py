@@ -69,8 +69,9 @@ LETTER_BY_INTERACTION = {
     "capabilities": "r",
 }
 FACILITY_BOUND_COST = 2
-"""What a read or search of a facility-bound type costs in the rate limit: the openIMIS requests it may
-cause (an ownership or index lookup, then the read). Constant, so the cost says nothing of the owner cache."""
+"""What a facility-checked read or search of a facility-bound type costs in the rate limit: the openIMIS
+requests it may cause (an ownership or index lookup, then the read). Decided by the rule, not by the owner
+cache, so the cost says nothing of whether someone polled that claim recently."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,8 +454,10 @@ class AuthorizationStage:
         self._annotate(exchange, principal, outcome)
         verdict = outcome.verdict
         access = outcome.access
-        if verdict.decision.allow and access is not None and access.facility_bound and access.letter in "rs":
-            exchange.upstream_cost = FACILITY_BOUND_COST
+        owner_checked = outcome.facts is not None and access is not None and \
+            access.resource_type in OWNED_BY_CLAIM and access.letter in "rud"
+        if verdict.decision.allow and (verdict.filter_search or owner_checked):
+            exchange.upstream_cost = FACILITY_BOUND_COST   # the facility check's lookup + the request itself
         if verdict.decision.allow and access is not None and access.resource_type == "Claim" and \
                 access.letter == "r" and outcome.owner_id is not None and outcome.owner_id != access.resource_id:
             exchange.upstream_path = f"Claim/{outcome.owner_id}"   # openIMIS's Claim/<code> read crashes
@@ -593,7 +596,7 @@ class AuthorizationStage:
             "reason": verdict.decision.reason,
             "rule": verdict.rule.name if verdict.rule else None,
             "client": principal.client_id if principal else None,
-            "user": principal.user_id if principal else None,
+            "user": principal.user_key if principal else None,  # namespaced by its voucher
             "caller_facilities": sorted(principal.health_facilities) if principal else [],
             "resource_type": fhir.resource_type if fhir else None,
             "resource_id": fhir.resource_id if fhir else None,
