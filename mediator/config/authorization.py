@@ -157,9 +157,8 @@ class FacilityDirectoryConfig(Strict):
 
 class SearchResultsConfig(Strict):
     foreign_entries: Literal["drop", "deny"] = "drop"
-    """An answer to a forwarded search (a shadow rollout) or a bare resource holding a facility-bound entry
-    the caller may not see: drop the entry or deny the whole answer (403). Facility-scoped searches never
-    hold such entries (see mediator.stages.authorization_search)."""
+    """Accepted so that older policy files load; no effect: facility-scoped searches never hold another
+    facility's entries (mediator.stages.authorization_search), and the shadow count never changes an answer."""
     max_page_size: int = Field(100, ge=1, le=100)
     """Largest `_count` of a facility-scoped search (the claim index serves at most 100 per request)."""
     window_entries: int = Field(100, ge=1, le=1000)
