@@ -173,5 +173,11 @@ async def test_reads_by_claim_code_work_and_stay_within_the_facility(relayed):
     for path in (f"/fhir/ClaimResponse/{code}", f"/fhir/Claim/{code}"):
         refused = await ra.request("GET", path)
         assert (refused.status, _reason(await refused.json())) == (403, "authorization.owner_other_facility")
+    # openIMIS's own Claim?identifier=<code> crashes too; the mediator answers it from the index.
+    found = await jm.request("GET", f"/fhir/Claim?identifier={code}")
+    assert found.status == 200, await found.text()
+    assert [e["resource"]["id"].lower() for e in (await found.json())["entry"]] == [claim_uuid]
+    hidden = await (await ra.request("GET", f"/fhir/Claim?identifier={code}")).json()
+    assert hidden["total"] == 0 and "entry" not in hidden   # not 403: nothing confirms Jambero's code
     missing = await jm.request("GET", "/fhir/ClaimResponse/NOSUCHCODE1")
     assert (missing.status, _reason(await missing.json())) == (404, "authorization.owner_not_found")
