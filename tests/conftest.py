@@ -71,12 +71,21 @@ def channels_yaml(upstream: str, *, extra_server: str = "", channels: str | None
     ) + textwrap.indent(textwrap.dedent(channels), "  ")
 
 
+SHIPPED_WRITE_PROFILES = (Path(__file__).parents[1] / "policies" / "write_profiles.yaml").read_text()
+"""The repository's policies/write_profiles.yaml: what the tests run with unless they say otherwise."""
+
+
 def write_config(root: Path, channels: str, ip_policy: str = DEFAULT_IP_POLICY,
                  extra_policies: dict[str, str] | None = None) -> Path:
+    """A configuration directory. With authorization.yaml the write firewall is required (README "Write
+    firewall"): the shipped write_profiles.yaml is added unless the test gives its own."""
     (root / "policies").mkdir(parents=True, exist_ok=True)
     (root / "channels.yaml").write_text(channels)
     (root / "policies" / "ip_allowlist.yaml").write_text(ip_policy)
-    for name, text in (extra_policies or {}).items():
+    policies = dict(extra_policies or {})
+    if "authorization.yaml" in policies:
+        policies.setdefault("write_profiles.yaml", SHIPPED_WRITE_PROFILES)
+    for name, text in policies.items():
         (root / "policies" / name).write_text(text)
     return root
 

@@ -1,7 +1,7 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → authentication → [authorization: issue 4] → [rate limit: issue 5]
-→ route (cache/upstream, in mediator.app). A test asserts this order.
+client_ip → channel → ip → authentication → request (body read and parsed once) → authorization
+→ write (the write firewall) → rate_limit → route (replica/upstream, in mediator.app). A test asserts this order.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
+from mediator.stages.request_body import RequestBodyStage
+from mediator.stages.write_firewall import WriteFirewallStage
 from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "authentication", "request", "authorization", "write",
+         "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -45,9 +48,16 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
         AuthenticationStage(identity or Identity.from_config(config)),
+        RequestBodyStage.from_config(config),
     ]
+    authorization: AuthorizationStage | None = None
     if "authorization" in config.policies:
-        stages.append(AuthorizationStage.from_config(config, upstreams, registry))
+        authorization = AuthorizationStage.from_config(config, upstreams, registry)
+        stages.append(authorization)
+    if "write_profiles" in config.policies:
+        # One facility directory per runtime: the firewall resolves references with authorization's.
+        stages.append(WriteFirewallStage.from_config(
+            config, authorization.directory if authorization is not None else None))
     rate_limits = RateLimitTable.from_config(config)
     if rate_limits is not None:
         stages.append(RateLimitStage(rate_limits, redis, metrics))

@@ -355,7 +355,7 @@ def test_absent_policy_means_no_authorization_stage_and_empty_rules_deny_all(tmp
     empty = "version: 1\nfacility_directory: {upstream: openimis}\nrules: []\n"
     root = write_config(tmp_path, GOOD_CHANNELS, DEFAULT_IP_POLICY, {"authorization.yaml": empty})
     config = load_config(root)
-    assert [s.name for s in build_stages(config)][-1] == "authorization"
+    assert [s.name for s in build_stages(config)][-2:] == ["authorization", "write"]
     assert evaluate(config.policies["authorization"].rules, HMS_ONLY,  # type: ignore[attr-defined]
                     _access("Medication", "s"), None).decision.reason == "authorization.no_matching_rule"
 
