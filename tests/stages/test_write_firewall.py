@@ -427,3 +427,64 @@ async def test_refusals_are_operation_outcomes_and_nothing_is_forwarded(make_med
     assert len(sandbox.requests) == seen   # nothing reached the stand-in
     allowed = await client.post("/fhir/Claim", json={"resourceType": "Claim", "status": "active"})
     assert allowed.status != 403 and len(sandbox.requests) > seen   # the control: an allowed body is forwarded
+
+
+async def test_explain_names_the_rule_and_the_element(tmp_path: Path, sandbox_server) -> None:
+    from mediator.config import load_config
+    from mediator.explain import explain
+
+    root = write_config(tmp_path, channels_yaml(upstream_url(sandbox_server), channels=OPEN_CHANNELS),
+                        DEFAULT_IP_POLICY, {"write_profiles.yaml": NO_BINDINGS})
+    body = json.dumps({"resourceType": "Claim", "status": "active",
+                       "contained": [{"resourceType": "Medication", "id": "0001"}]}).encode()
+    result = await explain(load_config(root), "POST", "/fhir/Claim", None, body=body)
+    assert result.reasons[-2:] == [("request", "request.parsed"), ("write", "write.contained_not_allowed")]
+    write_line = next(line for line in result.lines() if line.startswith("write "))
+    assert "rule=profiles.Claim.contained  element=Claim.contained[0]" in write_line
+    assert result.lines()[-1] == "result: 403 write.contained_not_allowed"
+
+
+async def test_an_edited_profile_applies_on_reload_and_a_broken_one_keeps_the_old(tmp_path: Path, sandbox_server,
+                                                                                 aiohttp_client) -> None:
+    from mediator.app import METRICS, build_app
+    from mediator.config import load_config
+    from mediator.reload import attach_reloader
+    from tests.operations.support import eventually
+
+    root = write_config(tmp_path, channels_yaml(upstream_url(sandbox_server), channels=OPEN_CHANNELS,
+                                                extra_server="reload:\n  poll_interval_s: 0.05\n"),
+                        DEFAULT_IP_POLICY, {"write_profiles.yaml": NO_BINDINGS})
+    app = build_app(load_config(root))
+    attach_reloader(app, root)
+    client = await aiohttp_client(app)
+
+    def reloads(outcome: str) -> float:
+        return app[METRICS].registry.get_sample_value("mediator_config_reloads_total",
+                                                      {"outcome": outcome, "trigger": "file"}) or 0.0
+
+    total = {"resourceType": "Claim", "status": "active", "total": {"value": 1}}
+    assert (await client.post("/fhir/Claim", json=total)).status == 422
+    profiles = root / "policies" / "write_profiles.yaml"
+    profiles.write_text(NO_BINDINGS.replace("status: any,", "status: any, total: any,"))
+    await eventually(lambda: reloads("success") == 1, what="the edited profile to load")
+    assert (await client.post("/fhir/Claim", json=total)).status != 422
+    profiles.write_text(NO_BINDINGS.replace("status: any,", "status: anything,"))
+    await eventually(lambda: reloads("failure") == 1, what="the broken profile to be refused")
+    assert (await client.post("/fhir/Claim", json=total)).status != 422   # the last good profile serves
+
+
+def test_the_audit_event_names_the_element_and_rule_never_a_value() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from mediator.audit import audit_event
+    from mediator.fhir import parse_fhir_path
+    from mediator.pipeline import Exchange
+
+    exchange = Exchange(make_mocked_request("POST", "/fhir/Claim"), "req-1")
+    exchange.fhir = parse_fhir_path("POST", "/Claim")
+    exchange.write_check = _check(contained_variant("Medication"))
+    event = audit_event(exchange, 403, exchange.write_check.decision.reason, 0.0)
+    details = [d for entity in event["entity"] for d in entity.get("detail", ())]
+    assert details == [{"type": "write-firewall-element", "valueString": "Claim.contained[0]"},
+                       {"type": "write-firewall-rule", "valueString": "profiles.Claim.contained"}]
+    assert "unitPrice" not in json.dumps(event) and event["outcomeDesc"] == "403 write.contained_not_allowed"
