@@ -11,6 +11,7 @@ administrator, an item's price for the whole scheme, a service.
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
 from tests.e2e.conftest import harness
@@ -37,68 +38,104 @@ def snapshot() -> dict[str, str]:
     return dict(line.split("|") for line in _psql(query).splitlines())
 
 
-def _master_ids() -> tuple[str, str, str]:
-    item, service, family = _psql(
+def _master_ids() -> tuple[str, str, str, str]:
+    """uuids of item 0001, service M1, the family of insuree 070707070 and Rapta's location."""
+    item, service, family, location = _psql(
         "SELECT \"ItemUUID\" FROM \"tblItems\" WHERE \"ItemCode\"='0001' AND \"ValidityTo\" IS NULL; "
         "SELECT \"ServiceUUID\" FROM \"tblServices\" WHERE \"ServCode\"='M1' AND \"ValidityTo\" IS NULL; "
         "SELECT f.\"FamilyUUID\" FROM \"tblFamilies\" f JOIN \"tblInsuree\" i ON i.\"FamilyID\" = f.\"FamilyID\" "
-        "WHERE i.\"CHFID\"='070707070' AND i.\"ValidityTo\" IS NULL").splitlines()
-    return item, service, family
+        "WHERE i.\"CHFID\"='070707070' AND i.\"ValidityTo\" IS NULL; "
+        "SELECT l.\"LocationUUID\" FROM \"tblHF\" h JOIN \"tblLocations\" l ON l.\"LocationId\" = h.\"LocationId\" "
+        f"WHERE lower(h.\"HfUUID\"::text) = '{RA_UUID}' AND h.\"ValidityTo\" IS NULL").splitlines()
+    return item.lower(), service.lower(), family.lower(), location.lower()
 
 
 def _ident(code: str, value: str) -> dict:
     return {"type": {"coding": [{"system": IDENTIFIER_SYSTEM, "code": code}]}, "value": value}
 
 
-def attack(kind: str) -> dict:
-    item_uuid, service_uuid, family_uuid = _master_ids()
-    claim = _claim_for("JMHOS001")
-    contained = {
-        # The issue's first attack: Jambero's identifiers, Rapta's id — openIMIS would overwrite Rapta's row.
-        "Organization": {"resourceType": "Organization", "id": RA_UUID, "name": "Jambero District Hospital",
-                         "type": [{"coding": [{"code": "prov"}]}],
-                         "identifier": [_ident("Code", "JMHOS001"), _ident("UUID", JM_UUID)]},
-        "Patient": {"resourceType": "Patient", "id": harness.INSUREE_070707070_UUID,
-                    "identifier": [_ident("Code", "070707070")], "name": [{"family": "Renamed", "given": ["By"]}]},
-        "Group": {"resourceType": "Group", "id": family_uuid, "type": "person", "actual": True, "quantity": 1,
-                  "identifier": [_ident("UUID", family_uuid)]},
-        "Practitioner": {"resourceType": "Practitioner", "id": RA_ADMIN_UUID,
-                         "identifier": [_ident("Code", RA_ADMIN_CODE)], "name": [{"family": "Moved"}]},
-        "PractitionerRole": {"resourceType": "PractitionerRole", "id": RA_ADMIN_UUID,
-                             "identifier": [_ident("Code", RA_ADMIN_CODE)],
-                             "practitioner": {"reference": f"Practitioner/{RA_ADMIN_UUID}"},
-                             "organization": {"reference": f"Organization/{JM_UUID}"}},
-        # The issue's price attack: the item's price for the whole scheme.
-        "Medication": {"resourceType": "Medication", "id": item_uuid, "identifier": [_ident("Code", "0001")],
-                       "code": {"text": "0001"},
-                       "extension": [{"url": "https://openimis.github.io/openimis_fhir_r4_ig/StructureDefinition/"
-                                             "unit-price", "valueMoney": {"value": 99999.0, "currency": "$"}}]},
-        "ActivityDefinition": {"resourceType": "ActivityDefinition", "id": service_uuid, "status": "active",
-                               "identifier": [_ident("Code", "M1")], "name": "M1", "title": "Renamed service"},
-    }[kind]
-    claim["contained"] = [contained]
-    if kind == "Organization":
-        claim["provider"] = {"reference": f"#Organization/{RA_UUID}", "type": "Organization"}
-    return claim
+async def _as_openimis_has_it(openimis: dict, path: str, wanted: str) -> dict:
+    """A resource as openIMIS itself serves it (read directly, as Admin): what an attacker would start from."""
+    token = harness.login(openimis["base_url"], *harness.ADMIN)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{openimis['fhir_base_url']}/{path}",
+                               headers={"Authorization": f"Bearer {token}"}) as response:
+            assert response.status == 200, await response.text()
+            document = await response.json()
+    if document.get("resourceType") != "Bundle":
+        return dict(document)
+    return next(e["resource"] for e in document["entry"] if e["resource"]["id"].lower() == wanted)
+
+
+def _set_unit_price(resource: dict, value: float) -> None:
+    for extension in resource.get("extension", ()):
+        if extension["url"].endswith("unit-price"):
+            extension["valueMoney"]["value"] = value
+
+
+async def attacks(openimis: dict) -> dict[str, dict]:
+    """One claim per contained type. Each is Jambero's in every field authorization checks and carries
+    openIMIS's own representation of a record with one change. Sent straight to openIMIS (on an isolated
+    database, README "Write firewall"), the Organization, Patient, Practitioner, PractitionerRole,
+    Medication and ActivityDefinition variants changed tblHF (Rapta's code became JMHOS001), tblInsuree,
+    tblClaimAdmin, tblItems (price 99999) and tblServices, each with a 201; the Group variant was swallowed
+    by openIMIS in this version (its update error is only a warning)."""
+    item, service, family, location = _master_ids()
+    current = {
+        "Organization": await _as_openimis_has_it(openimis, f"Organization/{RA_UUID}", RA_UUID),
+        "Patient": await _as_openimis_has_it(openimis, f"Patient/{harness.INSUREE_070707070_UUID}",
+                                             harness.INSUREE_070707070_UUID),
+        "Group": await _as_openimis_has_it(openimis, "Group?_count=200", family),
+        "Practitioner": await _as_openimis_has_it(openimis, "Practitioner?resourceType=ca&_count=200",
+                                                  RA_ADMIN_UUID),
+        "PractitionerRole": await _as_openimis_has_it(openimis, "PractitionerRole?resourceType=ca&_count=200",
+                                                      RA_ADMIN_UUID),
+        "Medication": await _as_openimis_has_it(openimis, "Medication?_count=200", item),
+        "ActivityDefinition": await _as_openimis_has_it(openimis, f"ActivityDefinition/{service}", service),
+    }
+    # Rapta's facility with Jambero's identifiers: openIMIS would rewrite Rapta's row (the issue's attack).
+    current["Organization"]["identifier"] = [_ident("Code", "JMHOS001"), _ident("UUID", JM_UUID)]
+    for address in current["Organization"].get("address", ()):
+        for extension in address.get("extension", ()):
+            if extension["url"].endswith("address-location-reference"):   # openIMIS serves itself here
+                extension["valueReference"] = {"reference": f"Location/{location}", "type": "Location",
+                                               "identifier": _ident("UUID", location)}
+    current["Patient"]["name"][0]["family"] = "Renamed"
+    current["Patient"]["extension"] = [e for e in current["Patient"]["extension"]
+                                       if not e["url"].endswith("patient-is-head")]
+    current["Group"]["extension"][0]["valueAddress"]["text"] = "Moved away"
+    current["Practitioner"]["name"][0]["family"] = "Moved"
+    current["PractitionerRole"]["organization"] = {"reference": f"Organization/{JM_UUID}", "type": "Organization",
+                                                   "identifier": _ident("UUID", JM_UUID)}
+    _set_unit_price(current["Medication"], 99999.0)       # the item's price for the whole scheme
+    _set_unit_price(current["ActivityDefinition"], 99999.0)
+    result = {}
+    for kind, resource in current.items():
+        claim = _claim_for("JMHOS001")
+        claim["contained"] = [resource]
+        result[kind] = claim
+    return result
 
 
 CONTAINED_TYPES = ["Organization", "Patient", "Group", "Practitioner", "PractitionerRole", "Medication",
                    "ActivityDefinition"]
 
 
-async def test_contained_attacks_are_refused_and_openimis_rows_are_unchanged(vendors):
+async def test_contained_attacks_are_refused_and_openimis_rows_are_unchanged(vendors, openimis):
     jm = vendors["vendor-jm"]
+    claims = await attacks(openimis)
     before = snapshot()
     for kind in CONTAINED_TYPES:
-        response = await jm.request("POST", "/fhir/Claim", json=attack(kind))
+        response = await jm.request("POST", "/fhir/Claim", json=claims[kind])
         outcome = await response.json()
-        assert (response.status, _reason(outcome)) == (403, "write.contained_not_allowed"), (kind, outcome)
+        assert response.status == 403, (kind, outcome)
+        assert _reason(outcome) == "write.contained_not_allowed", (kind, outcome)
         assert outcome["issue"][0]["details"]["text"].startswith("Claim.contained[0]: ")
         assert snapshot() == before, f"openIMIS rows changed after the contained {kind} attack"
     # The same attacks inside a batch Bundle, next to a legitimate claim: the whole Bundle is refused.
     bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "POST", "url": "Claim"}, "resource": _claim_for("JMHOS001")},
-        {"request": {"method": "POST", "url": "Claim"}, "resource": attack("Medication")}]}
+        {"request": {"method": "POST", "url": "Claim"}, "resource": claims["Medication"]}]}
     response = await jm.request("POST", "/fhir/", json=bundle)
     outcome = await response.json()
     assert (response.status, _reason(outcome)) == (403, "write.contained_not_allowed"), outcome
