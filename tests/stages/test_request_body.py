@@ -42,7 +42,10 @@ def nested(depth: int) -> str:
     ('{"a":"\\"[[[[[["}', 1, False),              # nor after an escaped quote
     ('[[[[]]],[[[]]]]', 4, False),
     ('[[[[]]],[[[[]]]]]', 4, True),
-    ("[" * 100_000, 32, True),                     # stops at the first bracket beyond the limit
+    ('{"a":"\\\\"}', 1, False),                 # an escaped backslash does not escape the closing quote
+    ('{"a":"\\\\\\"[[["}', 1, False),          # three backslashes: one escaped backslash, one escaped quote
+    ('["]]]]]]]]", [[[[]]]]]', 4, True),          # closing brackets in a string cannot hide real depth
+    ("[" * 100_000, 32, True),
 ])
 def test_nesting_depth_is_measured_outside_strings(text: str, limit: int, exceeds: bool) -> None:
     assert nesting_depth_exceeds(text, limit) is exceeds
