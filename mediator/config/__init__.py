@@ -47,7 +47,7 @@ POLICY_FILES: dict[str, PolicyFile] = {
     "rate_limits": PolicyFile("rate_limits.yaml", RateLimitsPolicy, required=False),
     # Absent: no master-data replica; channels must not say serve_from: replica.
     "replica": PolicyFile("replica.yaml", ReplicaPolicy, required=False),
-    # Absent: no write firewall stage, and then authorization.yaml must be absent too (see below).
+    # Absent: every write is refused (write.no_profile), like an absent authorization policy.
     "write_profiles": PolicyFile("write_profiles.yaml", WriteProfilesPolicy, required=False),
 }
 
@@ -187,13 +187,9 @@ CROSS_CHECKS.append(_replica_references)
 
 
 def _write_profiles_present(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
-    """The write firewall is what stops a claim body from rewriting other facilities and master data
-    (README "Write firewall"): a deployment that checks facilities must also check bodies. And facility
-    bindings need the facility directory, which authorization.yaml declares."""
+    """Facility bindings and contained rules resolve through the facility directory, which
+    authorization.yaml declares (README "Write firewall")."""
     profiles = config.policies.get("write_profiles")
-    if "authorization" in config.policies and profiles is None:
-        return [ConfigProblem("policies/write_profiles.yaml", 1, 1,
-                              "required when policies/authorization.yaml exists (the write firewall)")]
     if isinstance(profiles, WriteProfilesPolicy) and profiles.needs_directory() \
             and "authorization" not in config.policies:
         return [docs["write_profiles"].problem(("profiles",), "facility: caller and contained rules need "

@@ -8,6 +8,7 @@ to the caller's facility, a snapshot of the same facility directory authorizatio
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mediator.config import Config
@@ -15,6 +16,8 @@ from mediator.config.write_profiles import WriteProfilesPolicy
 from mediator.facilities import DirectoryUnavailable, FacilityDirectory, FacilitySnapshot
 from mediator.pipeline import Decision, Exchange
 from mediator.write_profiles import REASON, WriteCheck, check_write
+
+log = logging.getLogger("mediator.write_firewall")
 
 NAME = "write"
 INTERACTION_BY_METHOD = {"POST": "create", "PUT": "update", "PATCH": "patch"}
@@ -32,6 +35,11 @@ class WriteFirewallStage:
 
     @classmethod
     def from_config(cls, config: Config, directory: FacilityDirectory | None) -> WriteFirewallStage:
+        """Absent policies/write_profiles.yaml: no type has a profile, so every write is refused (fail
+        closed, like an absent authorization policy); a WARNING at start and on every reload says why."""
+        if "write_profiles" not in config.policies:
+            log.warning("policies/write_profiles.yaml is absent: every write is refused (write.no_profile)")
+            return cls(WriteProfilesPolicy(version=1), directory)
         return cls(config.policy("write_profiles", WriteProfilesPolicy), directory)
 
     async def _snapshot(self) -> FacilitySnapshot | None:

@@ -374,18 +374,21 @@ def test_a_broken_file_is_refused_with_file_line_col(tmp_path: Path, body: str, 
     assert config_problems(root) == [expected]
 
 
-def test_authorization_without_write_profiles_is_refused(tmp_path: Path) -> None:
-    policy = "version: 1\nfacility_directory: {upstream: openimis}\nrules: []\n"
-    root = write_config(tmp_path, channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/"), DEFAULT_IP_POLICY,
-                        {"authorization.yaml": policy, "write_profiles.yaml": "version: 1\n"})
-    (root / "policies" / "write_profiles.yaml").unlink()
-    assert config_problems(root) == ["policies/write_profiles.yaml:1:1: required when policies/authorization.yaml "
-                                     "exists (the write firewall)"]
+async def test_absent_write_profiles_refuse_every_write(make_mediator, sandbox, sandbox_server, caplog) -> None:
+    with caplog.at_level("WARNING", logger="mediator.write_firewall"):
+        client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=OPEN_CHANNELS),
+                                     extra_policies={"write_profiles.yaml": None})
+    assert "policies/write_profiles.yaml is absent: every write is refused (write.no_profile)" in caplog.text
+    seen = len(sandbox.requests)
+    response = await client.post("/fhir/Claim", json={"resourceType": "Claim", "status": "active"})
+    assert response.status == 403
+    assert (await response.json())["issue"][0]["details"]["coding"][0]["code"] == "write.no_profile"
+    assert len(sandbox.requests) == seen
 
 
 def test_facility_bindings_without_authorization_are_refused(tmp_path: Path) -> None:
     root = write_config(tmp_path, channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/"), DEFAULT_IP_POLICY,
-                        {"write_profiles.yaml": SHIPPED_WRITE_PROFILES})
+                        {"authorization.yaml": None, "write_profiles.yaml": SHIPPED_WRITE_PROFILES})
     assert config_problems(root) == ["policies/write_profiles.yaml:9:1: profiles: facility: caller and contained "
                                      "rules need policies/authorization.yaml (its facility_directory)"]
 
@@ -438,7 +441,8 @@ async def test_explain_names_the_rule_and_the_element(tmp_path: Path, sandbox_se
     body = json.dumps({"resourceType": "Claim", "status": "active",
                        "contained": [{"resourceType": "Medication", "id": "0001"}]}).encode()
     result = await explain(load_config(root), "POST", "/fhir/Claim", None, body=body)
-    assert result.reasons[-2:] == [("request", "request.parsed"), ("write", "write.contained_not_allowed")]
+    assert result.reasons[-3:] == [("request", "request.parsed"), ("authorization", "authorization.allowed"),
+                                   ("write", "write.contained_not_allowed")]
     write_line = next(line for line in result.lines() if line.startswith("write "))
     assert "rule=profiles.Claim.contained  element=Claim.contained[0]" in write_line
     assert result.lines()[-1] == "result: 403 write.contained_not_allowed"
