@@ -145,6 +145,11 @@ async def test_contained_attacks_are_refused_and_openimis_rows_are_unchanged(ven
     claim["item"][0]["modifierExtension"] = [{"url": "x", "valueString": "y"}]
     response = await jm.request("POST", "/fhir/Claim", json=claim)
     assert (response.status, _reason(await response.json())) == (422, "write.element_not_allowed")
+    # An item reference by absolute URL (openIMIS would take its last segment as a local id).
+    claim = _claim_for("JMHOS001")
+    claim["item"][0]["extension"][0]["valueReference"] = {"reference": "https://other.example/fhir/Medication/0001"}
+    response = await jm.request("POST", "/fhir/Claim", json=claim)
+    assert (response.status, _reason(await response.json())) == (422, "write.reference_not_allowed")
     assert snapshot() == before   # tblClaim included: not even the legitimate entry of the refused Bundle
 
 
