@@ -42,6 +42,7 @@ test: install redis
 
 lint: install
 	$(BIN)/ruff check mediator tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

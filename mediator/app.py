@@ -323,8 +323,9 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     return app
 
 
-def handler_args(config: Config) -> dict[str, float]:
-    """Header limits for aiohttp's HTTP parser (it answers 400 beyond them, before any handler runs)."""
+def handler_args(config: Config) -> dict[str, Any]:
+    """Keyword arguments of aiohttp's request handler (web.AppRunner, aiohttp_server): header limits for
+    its HTTP parser (it answers 400 beyond them, before any handler runs)."""
     limits = config.channels.server.limits
     return {"max_line_size": limits.max_request_line_bytes, "max_field_size": limits.max_header_field_bytes,
             "max_headers": limits.max_headers,

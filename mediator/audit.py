@@ -179,7 +179,7 @@ class AuditLog:
         text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
         # makeRecord + handle is Logger.info without findCaller's stack walk: the event names its own
         # source, and the formatter writes the message only.
-        self.logger.handle(self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, text, None, None))
+        self.logger.handle(self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, text, (), None))
 
     def close(self) -> None:
         for handler in self.handlers:

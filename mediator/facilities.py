@@ -121,8 +121,9 @@ class FacilitySnapshot:
             hfs = {orgs.get(k.lower()) for k in keys if isinstance(k, str)} - {None}
             if len(hfs) != 1 or _AMBIGUOUS in hfs:
                 continue
-            hf = hfs.pop()
-            assert hf is not None
+            only = hfs.pop()
+            assert only is not None
+            hf = only
             prac_ref = role.get("practitioner") or {}
             names = [reference_id(prac_ref.get("reference"), "Practitioner"), role.get("id")]
             if isinstance(prac_ref.get("identifier"), dict):

@@ -103,8 +103,8 @@ def _resolve(field: str, ref: Any, resource_type: str, contained: Mapping[str, d
                 return FacilityFacts.failed(f"{field}_unresolved", f"{field} is not a known {resource_type}")
             found.add(hf)
     if ident is not None:
-        value = ident.get("value") if isinstance(ident, dict) else None
-        hf = lookup(value) if isinstance(value, str) else None
+        given = ident.get("value") if isinstance(ident, dict) else None
+        hf = lookup(given) if isinstance(given, str) else None
         if hf is None:
             return FacilityFacts.failed(f"{field}_unresolved",
                                         f"{field}.identifier is not a known {resource_type}")

@@ -26,9 +26,14 @@ def _package_version(name: str) -> str:
 
 
 class PooledUpstream(Protocol):
-    name: str
-    in_flight: int
-    pool_limit: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def pool_limit(self) -> int: ...
 
 
 class UpstreamPoolCollector(Collector):

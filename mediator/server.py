@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ssl import SSLContext
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -45,7 +46,8 @@ class Site:
     port: int
     name: str
     ssl_context: SSLContext | None = None
-    handler_args: dict[str, int] = field(default_factory=dict)
+    handler_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of aiohttp's request handler (mediator.app.handler_args)."""
     reuse_port: bool = False
     shutdown_timeout: float = 60.0
 

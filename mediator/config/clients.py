@@ -15,9 +15,10 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from mediator.config.models import Strict
 from mediator.config.types import Cidr, Name
 
-# Asymmetric algorithms only (the `Algorithm` literal below). "none" and HS* are refused at load: an
+Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+# Asymmetric algorithms only (the `Algorithm` literal above). "none" and HS* are refused at load: an
 # HMAC "key" would be the public key text, which is the HS/RS confusion attack (RFC 8725 §2.1, §3.1).
-DEFAULT_ALGORITHMS = ("ES256", "ES384", "RS256", "RS384")
+DEFAULT_ALGORITHMS: tuple[Algorithm, ...] = ("ES256", "ES384", "RS256", "RS384")
 """SMART Backend Services asks servers to support RS384 and ES384; the 256 variants are common."""
 
 SCOPE_PATTERN = r"^system/(\*|[A-Z][A-Za-z]{1,63})\.(\*|read|write|[cruds]{1,5})$"
@@ -39,8 +40,6 @@ def _https_or_loopback(value: str) -> str:
         raise ValueError("must be an https URL (http only for localhost)")
     return value
 
-
-Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 Scope = Annotated[str, Field(pattern=SCOPE_PATTERN)]
 FacilityCode = Annotated[str, Field(pattern=FACILITY_PATTERN)]
 Fingerprint = Annotated[str, AfterValidator(_fingerprint)]

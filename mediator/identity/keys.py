@@ -64,7 +64,7 @@ def load_or_create_signing_key(path: Path) -> ECKey:
 
 
 def public_jwks(signing: ECKey) -> dict[str, Any]:
-    public = signing.as_dict(private=False)
+    public: dict[str, Any] = dict(signing.as_dict(private=False))
     public.update({"kid": signing.kid, "use": "sig", "alg": SIGNING_ALGORITHM})
     return {"keys": [public]}
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from mediator.fhir import RESOURCE_ID
 
@@ -161,7 +161,7 @@ def is_inactive(resource: dict[str, Any], now: float) -> bool:
     return False
 
 
-def valid_upstream_resource(resource: Any, rtype: str) -> bool:
+def valid_upstream_resource(resource: Any, rtype: str) -> TypeGuard[dict[str, Any]]:
     return (isinstance(resource, dict) and resource.get("resourceType") == rtype
             and isinstance(resource.get("id"), str) and RESOURCE_ID.match(resource["id"]) is not None)
 
@@ -174,8 +174,10 @@ def build_record(resource: dict[str, Any], now: float, previous: StoredResource 
     changed; else `now` (the sync's start), so HMS syncing from us incrementally see the change.
     """
     rtype, rid = resource["resourceType"], resource["id"]
-    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
-    upstream_updated = parse_instant(meta.get("lastUpdated")) if isinstance(meta.get("lastUpdated"), str) else None
+    given_meta = resource.get("meta")
+    meta: dict[str, Any] = given_meta if isinstance(given_meta, dict) else {}
+    given_updated = meta.get("lastUpdated")
+    upstream_updated = parse_instant(given_updated) if isinstance(given_updated, str) else None
 
     def render(last_updated: float) -> tuple[bytes, str]:
         new_meta = dict(meta)

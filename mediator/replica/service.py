@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from mediator.config import Config
 from mediator.metrics import Metrics
 from mediator.replica.policy import ReplicaPolicy
+from mediator.replica.records import SyncState
 from mediator.replica.serve import ReplicaReader
 from mediator.replica.store import MemoryReplicaStore, RedisReplicaStore, ReplicaStore
 from mediator.replica.sync import Progress, ReplicaSyncer, SyncBusy, SyncFailed, SyncReport
@@ -127,7 +128,7 @@ class Replica:
                 raise asyncio.CancelledError  # a cancellation swallowed inside a client library
             await asyncio.sleep(delay)
 
-    async def _state_quietly(self):  # type: ignore[no-untyped-def]
+    async def _state_quietly(self) -> SyncState | None:
         try:
             return await self.store.state()
         except Exception:

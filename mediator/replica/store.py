@@ -250,7 +250,7 @@ class RedisReplicaStore:
             pipe.set(self._prefix + "previous", current.generation)
         await self._execute(pipe)
         if older is not None:
-            older_name = older.decode()
+            older_name = _text(older)
             if older_name not in (state.generation, current.generation if current else None):
                 await self._drop(older_name)
 
@@ -258,7 +258,7 @@ class RedisReplicaStore:
         types_key = f"{self._prefix}g:{generation}:types"
         try:
             types = await self.redis.smembers(types_key)
-            keys = [self._key(generation, t.decode(), part) for t in types for part in ("body", "idx", "code", "order")]
+            keys = [self._key(generation, _text(t), part) for t in types for part in ("body", "idx", "code", "order")]
             await self.redis.delete(types_key, *keys)
         except RedisError as exc:
             raise ReplicaStoreError(f"redis: {type(exc).__name__}") from exc
@@ -304,7 +304,7 @@ class RedisReplicaStore:
             rows = await self.redis.hgetall(self._key(generation, rtype, "idx"))
         except RedisError as exc:
             raise ReplicaStoreError(f"redis: {type(exc).__name__}") from exc
-        return {k.decode(): StoredResource.from_index_row(rtype, k.decode(), v) for k, v in rows.items()}
+        return {_text(k): StoredResource.from_index_row(rtype, _text(k), v) for k, v in rows.items()}
 
     async def get(self, generation: str, rtype: str, rid: str, with_body: bool = True) -> StoredResource | None:
         pipe = self.redis.pipeline(transaction=False)
@@ -323,7 +323,7 @@ class RedisReplicaStore:
             rid = await self.redis.hget(self._key(generation, rtype, "code"), code.lower())
         except RedisError as exc:
             raise ReplicaStoreError(f"redis: {type(exc).__name__}") from exc
-        return await self.get(generation, rtype, rid.decode()) if rid is not None else None
+        return await self.get(generation, rtype, _text(rid)) if rid is not None else None
 
     async def _bodies(self, generation: str, rtype: str, rows: list[StoredResource]) -> list[StoredResource]:
         if not rows:
@@ -332,7 +332,7 @@ class RedisReplicaStore:
             bodies = await self.redis.hmget(self._key(generation, rtype, "body"), [r.rid for r in rows])
         except RedisError as exc:
             raise ReplicaStoreError(f"redis: {type(exc).__name__}") from exc
-        return [StoredResource(r.rtype, r.rid, b, r.last_updated, r.digest, r.codes, r.name)
+        return [StoredResource(r.rtype, r.rid, _bytes(b), r.last_updated, r.digest, r.codes, r.name)
                 for r, b in zip(rows, bodies, strict=True) if b is not None]
 
     async def search(self, generation: str, rtype: str, query: SearchQuery) -> SearchPage:
@@ -394,3 +394,11 @@ class RedisReplicaStore:
                 pass  # expired or Redis gone: the TTL frees it either way
             self._lock = None
 
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (the client is built without decode_responses: bodies stay bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

@@ -125,7 +125,7 @@ class ReplicaSyncer:
                 if totals is not None:
                     totals[rtype] = announced
             entries = bundle.get("entry") or []
-            resources = []
+            resources: list[dict[str, Any]] = []
             for entry in entries:
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if valid_upstream_resource(resource, rtype):

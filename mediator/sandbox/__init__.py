@@ -149,7 +149,7 @@ class OpenImisSandbox:
             data = await request.json()
         except ValueError:
             return _outcome(500, "JSON parse error")
-        if not isinstance(data, dict) or self.users.get(data.get("username")) != data.get("password"):
+        if not isinstance(data, dict) or self.users.get(str(data.get("username"))) != data.get("password"):
             return web.json_response({"detail": "Invalid credentials"}, status=401)
         token = secrets.token_urlsafe(24)
         exp = int(time.time()) + TOKEN_LIFETIME_S

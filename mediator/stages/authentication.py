@@ -195,9 +195,10 @@ async def prove_user(proof: ClientProof, creds: Credentials, identity: Identity,
             roles = roles | user_roles
         facilities = registered
         if policy.claims.health_facility in claims:
-            facilities = _strings(claims[policy.claims.health_facility])
-            if facilities is None:
+            claimed = _strings(claims[policy.claims.health_facility])
+            if claimed is None:
                 return unauthenticated("user_token_invalid_claim", "user token: health facility must be strings")
+            facilities = claimed
             if not facilities <= registered:
                 return forbidden("facility_not_registered",
                                  "the user's health facility is not registered for this client")

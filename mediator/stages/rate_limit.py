@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from redis.commands.core import AsyncScript
 
 from mediator.config import Config
 from mediator.config.rate_limits import RateLimit, RateLimitsPolicy
@@ -183,7 +185,7 @@ class RedisGcraStore:
 
     def __init__(self, redis: RedisStore) -> None:
         self._redis = redis
-        self._script = None
+        self._script: AsyncScript | None = None
 
     async def apply(self, keys: Sequence[str], limits: Sequence[GcraLimit], cost: int,
                     now: int | None = None) -> tuple[Decision, list[GcraResult]]:
@@ -205,7 +207,7 @@ class RedisGcraStore:
 class RateLimitTable:
     """The compiled policy: for each channel, the limits that apply (with the policy's key parts)."""
 
-    by_channel: dict[str, tuple[tuple[GcraLimit, tuple[str, ...]], ...]]
+    by_channel: Mapping[str, tuple[tuple[GcraLimit, tuple[str, ...]], ...]]
     max_body_bytes: int
 
     @classmethod
