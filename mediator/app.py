@@ -18,30 +18,21 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from mediator.audit import AuditLog
-from mediator.bulkhead import UpstreamGuard, UpstreamRefused
+from mediator.bulkhead import UpstreamGuard
+from mediator.chain import RequestChain, Upstreams
 from mediator.config import Config
-from mediator.fhir import operation_outcome_response
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.load_protection import LoadProtection
 from mediator.logs import JsonEvent, bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
-from mediator.pipeline import (
-    BodyReadTimeout,
-    BodyTooLarge,
-    Decision,
-    Exchange,
-    Pipeline,
-    apply_response_filters,
-    request_id_for,
-)
+from mediator.pipeline import Exchange, Pipeline, request_id_for
 from mediator.readiness import Readiness
 from mediator.redis_store import RedisStore
 from mediator.replica.service import Replica
 from mediator.stages import build_stages
 from mediator.stages.client_ip import ClientIpPolicy
-from mediator.stages.rate_limit import RESPONSE_HEADERS
-from mediator.upstream import OpenImisUpstream, UpstreamInvalidAnswer, UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import OpenImisUpstream
 
 log = logging.getLogger("mediator")
 access_log = logging.getLogger("mediator.access")
@@ -57,7 +48,7 @@ class Runtime:
     """
 
     config: Config
-    pipeline: Pipeline
+    chain: RequestChain
     upstreams: dict[str, OpenImisUpstream]
     identity: Identity
     client_ip_policy: ClientIpPolicy
@@ -66,6 +57,11 @@ class Runtime:
     replica: Replica | None = None
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired resources once it is 0."""
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The chain's stages."""
+        return self.chain.pipeline
 
     @classmethod
     def build(cls, config: Config, metrics: Metrics, previous: Runtime | None = None) -> Runtime:
@@ -100,8 +96,9 @@ class Runtime:
             else None)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
             else Replica.from_config(config, upstreams, metrics)
-        return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
-                   redis, protection, replica)
+        chain = RequestChain.build(Pipeline(stages, metrics), Upstreams(upstreams, protection), replica, metrics)
+        return cls(config, chain, upstreams, identity, ClientIpPolicy.from_config(config), redis, protection,
+                   replica)
 
     async def start_new(self, previous: Runtime | None) -> None:
         """Start the resources this runtime did not take over from `previous` (None: all of them). If one
@@ -164,28 +161,6 @@ AUDIT = web.AppKey("audit", AuditLog)
 READINESS = web.AppKey("readiness", Readiness)
 
 
-async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> web.StreamResponse:
-    channel = exchange.channel
-    fhir = exchange.fhir
-    assert channel is not None and fhir is not None  # the channel stage allowed the request
-    request = exchange.request
-    # The request stage parsed it; these are the bytes that document was parsed from.
-    body = exchange.body.raw if exchange.body is not None else None
-    if channel.config.serve_from == "replica" and runtime.replica is not None:
-        answered = await runtime.replica.reader.answer(request, fhir)
-        if answered is not None:  # None: not a replicated read/search, or the replica falls back upstream
-            exchange.decisions.append(("replica", answered.decision))
-            return answered.response
-    upstream = runtime.upstreams[channel.config.upstream]
-    started = time.perf_counter()
-    try:
-        response = await runtime.protection.forward(exchange, upstream, body)
-        exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
-        return response
-    finally:
-        metrics.upstream_seconds_children.labels(upstream.name).observe(time.perf_counter() - started)
-
-
 def _final_reason(exchange: Exchange) -> str:
     return exchange.decisions[-1][1].reason if exchange.decisions else "none"
 
@@ -202,52 +177,13 @@ async def handle_fhir(request: web.Request) -> web.StreamResponse:
 
 
 async def _handle_fhir(request: web.Request, runtime: Runtime) -> web.StreamResponse:
+    """The request chain (mediator.chain), then the record of its outcome: metrics, access log, audit."""
     metrics = request.app[METRICS]
     started = time.perf_counter()
     exchange = Exchange(request, request_id_for(request))
     exchange.body_read_timeout_s = runtime.config.channels.server.limits.body_read_timeout_s
     log_context = bind_request_id(exchange.request_id)
-    response: web.StreamResponse
-    try:
-        denial = await runtime.pipeline.run(exchange)
-        if denial is not None:
-            response = operation_outcome_response(denial.status, denial.reason, denial.message,
-                                                  denial.headers)
-        else:
-            response = await _forward(exchange, runtime, metrics)
-            response = await apply_response_filters(exchange, response)
-    except BodyTooLarge:
-        exchange.decisions.append(("request", Decision.denied("request.body_too_large", 413, "")))
-        response = operation_outcome_response(413, "request.body_too_large",
-                                              "the request body is larger than allowed")
-    except UpstreamRefused as exc:  # bulkhead full or circuit open: nothing was sent to openIMIS
-        exchange.decisions.append(("upstream", Decision.denied(exc.reason, 503, "")))
-        response = operation_outcome_response(503, exc.reason, exc.message,
-                                              {"Retry-After": str(exc.retry_after_s)})
-    except BodyReadTimeout:
-        exchange.decisions.append(("request", Decision.denied("request.body_timeout", 408, "")))
-        response = operation_outcome_response(408, "request.body_timeout",
-                                              "the request body did not arrive in time")
-        response.force_close()
-    except UpstreamTimeout:
-        exchange.decisions.append(("upstream", Decision.denied("upstream.timeout", 504, "")))
-        response = operation_outcome_response(504, "upstream.timeout", "openIMIS did not answer in time")
-    except UpstreamInvalidAnswer as exc:
-        log.warning("upstream answer refused: %s", exc)
-        exchange.decisions.append(("upstream", Decision.denied("upstream.invalid_answer", 502, "")))
-        response = operation_outcome_response(502, "upstream.invalid_answer",
-                                              "openIMIS answered something that is not FHIR JSON")
-    except UpstreamUnavailable as exc:
-        log.warning("upstream unavailable: %s", exc)
-        exchange.decisions.append(("upstream", Decision.denied("upstream.unavailable", 502, "")))
-        response = operation_outcome_response(502, "upstream.unavailable", "openIMIS is not reachable")
-    except Exception:  # nothing a request does may take the process down
-        log.exception("unhandled error, request %s", exchange.request_id)
-        exchange.decisions.append(("mediator", Decision.denied("mediator.internal_error", 500, "")))
-        response = operation_outcome_response(500, "mediator.internal_error",
-                                              f"internal error; quote request id {exchange.request_id}")
-    response.headers["X-Request-ID"] = exchange.request_id
-    response.headers.update(exchange.attributes.get(RESPONSE_HEADERS, {}))
+    response = await runtime.chain.run(exchange)
     channel = exchange.channel.name if exchange.channel is not None else "none"
     reason = _final_reason(exchange)
     elapsed = time.perf_counter() - started

@@ -151,12 +151,9 @@ async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[s
         async with parallel:
             try:
                 return await _answer(await create(entry))
-            except UpstreamRefused as exc:
-                return _entry(503, exc.reason, exc.message)
-            except UpstreamTimeout:
-                return _entry(504, "upstream.timeout", "openIMIS did not answer in time")
-            except UpstreamUnavailable:
-                return _entry(502, "upstream.unavailable", "openIMIS is not reachable")
+            except (UpstreamRefused, UpstreamTimeout, UpstreamUnavailable) as exc:
+                failed = exc.decision()   # the entry ends as the whole request would (mediator.errors)
+                return _entry(failed.status, failed.reason, failed.message)
 
     entries = await asyncio.gather(*(one(i, raw) for i, raw in enumerate(raw_entries)))
     if metrics is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -18,18 +19,26 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from mediator.config.models import BulkheadConfig, CircuitBreakerConfig
+from mediator.decision import Decision
+from mediator.errors import MediatorError
 from mediator.metrics import Metrics
 from mediator.upstream import UpstreamTimeout, UpstreamUnavailable
 
 
-class UpstreamRefused(Exception):
+class UpstreamRefused(MediatorError):
     """The mediator refused to send the request to openIMIS (so nothing was sent): 503 + Retry-After."""
+
+    status = 503
+    log_level = logging.DEBUG
 
     def __init__(self, reason: str, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.retry_after_s = retry_after_s
+
+    def decision(self) -> Decision:
+        return Decision.denied(self.reason, self.status, self.message, {"Retry-After": str(self.retry_after_s)})
 
 
 @dataclass(order=True, slots=True)

@@ -1,16 +1,38 @@
-"""One error hierarchy for the mediator: every error carries structured fields and one log()."""
+"""One error hierarchy for the mediator: every error carries structured fields and one log().
+
+An error that ends a request says how, as data: `decision()` is the Decision (reason code, status,
+message safe to show the caller, headers) the request ends with. The request chain turns any
+MediatorError raised by a stage or a step into its decision in one place (`mediator.chain`); anything
+else is `mediator.internal_error`.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
+
+from mediator.decision import Decision
 
 
 class MediatorError(Exception):
     """Base of the mediator's own errors."""
 
+    reason: str = "mediator.internal_error"
+    """Stable reason code `<stage>.<snake_case>` of the request this error ends."""
+    status: int = 500
+    public_message: str = "internal error"
+    """What the caller is told (never the exception text: it may name openIMIS's internals)."""
+    log_level: ClassVar[int] = logging.ERROR
+    """How `log()` logs it (with the exception text; errors that end a request as expected say less)."""
+    close_connection: ClassVar[bool] = False
+    """True: the connection is closed after the answer (the request was not read to its end)."""
+
+    def decision(self) -> Decision:
+        return Decision.denied(self.reason, self.status, self.public_message)
+
     def log(self, logger: logging.Logger) -> None:
-        logger.error("%s: %s", type(self).__name__, self)
+        logger.log(self.log_level, "%s (%s): %s", self.reason, type(self).__name__, self)
 
 
 @dataclass(frozen=True, slots=True)

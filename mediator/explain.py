@@ -137,7 +137,7 @@ async def explain(config: Config, method: str, path: str, principal: Principal |
         request = make_mocked_request(method.upper(), path, headers=request_headers, transport=_Peer(client_ip))
         exchange = Exchange(request, "explain", _body=body if body is not None else b"")
         final = await Pipeline(stages).run(exchange)
-        return Explanation(exchange.decisions, dict(exchange.attributes.get("authz", {})), final,
+        return Explanation(exchange.decisions, dict(exchange.authorization_facts), final,
                            exchange.write_check)
     finally:
         for upstream in upstreams.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,32 +18,15 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from mediator.decision import Decision as Decision  # re-exported: mediator.pipeline.Decision
+from mediator.errors import MediatorError
+
 if TYPE_CHECKING:
     from mediator.fhir import FhirRequest
     from mediator.stages.channel_match import Channel
     from mediator.write_profiles import WriteCheck
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One stage's verdict. `reason` is a stable code `<stage>.<snake_case>` used in logs, metrics, tests."""
-
-    allow: bool
-    reason: str
-    status: int = 200
-    message: str = ""
-    headers: Mapping[str, str] = field(default_factory=lambda: _NO_HEADERS)
-
-    @classmethod
-    def allowed(cls, reason: str, message: str = "") -> Decision:
-        return cls(True, reason, 200, message)
-
-    @classmethod
-    def denied(cls, reason: str, status: int, message: str,
-               headers: Mapping[str, str] | None = None) -> Decision:
-        return cls(False, reason, status, message, headers or _NO_HEADERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +84,21 @@ class ParsedBody:
         return str(self.document["resourceType"])
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(MediatorError):
+    """The body is larger than server.limits.max_body_bytes (413)."""
+
+    reason = "request.body_too_large"
+    status = 413
+    public_message = "the request body is larger than allowed"
 
 
-class BodyReadTimeout(Exception):
+class BodyReadTimeout(MediatorError):
     """The body did not arrive within server.limits.body_read_timeout_s (408)."""
+
+    reason = "request.body_timeout"
+    status = 408
+    public_message = "the request body did not arrive in time"
+    close_connection = True  # the rest of a slow body must not be read as the next request
 
 
 @dataclass(slots=True)
@@ -120,7 +112,15 @@ class Exchange:
     channel: Channel | None = None
     principal: Principal | None = None
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
-    attributes: dict[str, Any] = field(default_factory=dict)
+    authorization_facts: dict[str, Any] = field(default_factory=dict)
+    """What authorization decided and on what (rule, facilities, entries): for the audit record and explain.
+    Never tokens, claims or bodies."""
+    facility: str | None = None
+    """The one health facility authorization resolved the request to (its target), if exactly one."""
+    response_filters: list[ResponseFilter] = field(default_factory=list)
+    """Checks of openIMIS's answer a stage registered (the chain's `response_filters` step runs them)."""
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Headers a stage asked for on the final answer (RateLimit on admitted requests)."""
     _body: bytes | None = None
     body: ParsedBody | None = None
     """The parsed request body (POST/PUT/PATCH), set by the request stage; None before it or without a body."""
@@ -167,6 +167,9 @@ class LocalAnswer(Protocol):
                   timeout_s: float) -> web.Response: ...
 
 
+ResponseFilter = Callable[["Exchange", web.StreamResponse], Awaitable[web.StreamResponse]]
+
+
 class Stage(Protocol):
     """A pipeline stage. `name` is the reason-code prefix and the metrics label."""
 
@@ -210,13 +213,3 @@ def request_id_for(request: web.Request) -> str:
         return given
     return uuid.uuid4().hex
 
-
-RESPONSE_FILTERS = "response_filters"
-"""exchange.attributes key: callables (exchange, response) -> response that a stage registers to check
-openIMIS's answer before it reaches the client (e.g. authorization's search result filter)."""
-
-
-async def apply_response_filters(exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
-    for response_filter in exchange.attributes.get(RESPONSE_FILTERS, ()):
-        response = await response_filter(exchange, response)
-    return response

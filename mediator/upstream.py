@@ -25,6 +25,7 @@ from aiohttp import web
 from yarl import URL
 
 from mediator.config.models import UpstreamConfig
+from mediator.errors import MediatorError
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, operation_outcome_response, wants_fhir_json
 from mediator.logs import JsonEvent
 
@@ -64,12 +65,22 @@ def upstream_error_text(status: int) -> tuple[str, str]:
     return "upstream.error", f"openIMIS could not process the request ({status} {phrase})"
 
 
-class UpstreamUnavailable(Exception):
+class UpstreamUnavailable(MediatorError):
     """openIMIS could not be reached or did not answer properly: 502."""
 
+    reason = "upstream.unavailable"
+    status = 502
+    public_message = "openIMIS is not reachable"
+    log_level = logging.WARNING
 
-class UpstreamTimeout(Exception):
+
+class UpstreamTimeout(MediatorError):
     """openIMIS did not answer within the channel's timeout: 504."""
+
+    reason = "upstream.timeout"
+    status = 504
+    public_message = "openIMIS did not answer in time"
+    log_level = logging.DEBUG
 
 
 class UpstreamLoginFailed(UpstreamUnavailable):
@@ -78,6 +89,9 @@ class UpstreamLoginFailed(UpstreamUnavailable):
 
 class UpstreamInvalidAnswer(UpstreamUnavailable):
     """openIMIS answered something that is not JSON (or not parseable): 502, never passed on as FHIR."""
+
+    reason = "upstream.invalid_answer"
+    public_message = "openIMIS answered something that is not FHIR JSON"
 
 
 @dataclass(frozen=True, slots=True)

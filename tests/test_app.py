@@ -105,13 +105,13 @@ async def test_liveness_on_the_public_port_readiness_only_on_the_ops_listener(me
     assert (await mediator.get("/readyz")).status == 404   # tests/test_readiness.py: the ops listener
 
 async def test_an_internal_error_is_a_500_outcome_and_the_server_lives_on(mediator):
-    from mediator import app as app_module
+    from mediator.chain import ForwardStep
 
     async def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(app_module, "_forward", broken)
+        patch.setattr(ForwardStep, "send", broken)
         response = await mediator.get("/fhir/Medication/")
         assert response.status == 500
         outcome = await response.json()

@@ -104,8 +104,8 @@ async def test_explain_matches_the_live_decision(tmp_path, sandbox, sandbox_serv
 
     runtime = app[RUNTIME].current
     observed = ObservedAuthentication(next(s for s in runtime.pipeline.stages if s.name == "authentication"))
-    runtime.pipeline = Pipeline([observed if s.name == "authentication" else s for s in runtime.pipeline.stages],
-                                Recorder())
+    runtime.chain.pipeline = Pipeline([observed if s.name == "authentication" else s for s in runtime.pipeline.stages],
+                                      Recorder())
     client = await aiohttp_client(app)
     data = json.dumps(body).encode() if body is not None else None
     headers = await credentials(client, who) if who else {}

@@ -55,7 +55,7 @@ from mediator.facility_scope import (
     owner_facts,
 )
 from mediator.fhir import MalformedRequest, parse_fhir_path
-from mediator.pipeline import RESPONSE_FILTERS, Decision, Exchange, Principal
+from mediator.pipeline import Decision, Exchange, Principal
 from mediator.stages.authorization_search import ScopedSearch, SearchRequest, parse_search
 from mediator.upstream import OpenImisUpstream
 
@@ -463,8 +463,8 @@ class AuthorizationStage:
             exchange.upstream_path = f"Claim/{outcome.owner_id}"   # openIMIS's Claim/<code> read crashes
         filter_shadow = outcome.shadow is not None and outcome.shadow.filter_search and not verdict.filter_search
         if verdict.decision.allow and filter_shadow:
-            exchange.attributes.setdefault(RESPONSE_FILTERS, []).append(
-                SearchResultFilter(self, outcome.access, principal, upstream, shadow=True))
+            exchange.response_filters.append(SearchResultFilter(self, outcome.access, principal, upstream,
+                                                                shadow=True))
         return verdict.decision
 
     async def _scope_search(self, exchange: Exchange, principal: Principal | None, outcome: _Outcome,
@@ -605,7 +605,9 @@ class AuthorizationStage:
                                 "reason": outcome.shadow.decision.reason}
         if outcome.entries:
             record["entries"] = outcome.entries
-        exchange.attributes["authz"] = record
+        exchange.authorization_facts = record
+        if outcome.facts is not None and len(outcome.facts.facilities) == 1:
+            (exchange.facility,) = outcome.facts.facilities
 
 
 class SearchResultFilter:
@@ -667,6 +669,6 @@ class SearchResultFilter:
                 foreign += 1
         if foreign:
             self.stage.metrics.dropped.labels(self.access.resource_type, "true").inc(foreign)
-            exchange.attributes.setdefault("authz", {})["foreign_entries"] = foreign
+            exchange.authorization_facts["foreign_entries"] = foreign
             log.info(json.dumps({"event": "authorization.shadow_filter", "request_id": exchange.request_id,
                                  "would_drop": foreign}, separators=(",", ":")))

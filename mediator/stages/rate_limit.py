@@ -30,10 +30,6 @@ from mediator.redis_store import STORE_ERRORS, RedisStore
 
 log = logging.getLogger("mediator.rate_limit")
 
-RESPONSE_HEADERS = "response_headers"
-"""Exchange.attributes key: headers the app adds to the final response (RateLimit on admitted requests)."""
-
-
 @dataclass(frozen=True, slots=True)
 class GcraLimit:
     """A compiled limit. `emission_us` = T, `tolerance_us` = tau = T * burst."""
@@ -245,8 +241,7 @@ def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
             user = principal.user_key
             parts.append(user if user is not None else f"client={principal.client_id}")
         else:  # health_facility: the one authorization resolved for this request, else the principal's
-            resolved = exchange.attributes.get("health_facility")
-            facilities = [resolved] if isinstance(resolved, str) else sorted(principal.health_facilities)
+            facilities = [exchange.facility] if exchange.facility is not None else sorted(principal.health_facilities)
             parts.append("hf=" + ",".join(facilities) if facilities else f"client={principal.client_id}")
     return parts
 
@@ -295,7 +290,7 @@ class RateLimitStage:
             except STORE_ERRORS as exc:
                 decision, results = self._store_failed(exc, keys, limits, cost)
         if decision.allow:
-            exchange.attributes.setdefault(RESPONSE_HEADERS, {}).update(decision.headers)
+            exchange.response_headers.update(decision.headers)
         elif self._metrics is not None and decision.reason == "rate_limit.exceeded":
             for limit, result in zip(limits, results, strict=True):
                 if not result.allowed:

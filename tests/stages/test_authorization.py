@@ -774,16 +774,17 @@ async def test_audit_facts_are_on_the_exchange_without_secrets(authz_mediator):
         name = "rate_limit"
 
         async def run(self, exchange):
-            seen.append(dict(exchange.attributes["authz"]))
+            seen.append({**exchange.authorization_facts, "resolved_facility": exchange.facility})
             return Decision.allowed("rate_limit.spy")
 
-    runtime.pipeline = Pipeline([*runtime.pipeline.stages, Spy()], runtime.pipeline._recorder)
+    runtime.chain.pipeline = Pipeline([*runtime.pipeline.stages, Spy()], runtime.pipeline._recorder)
     headers = {**await credentials(client, "jm-clerk"), "Content-Type": "application/fhir+json"}
     response = await client.post("/fhir/Claim/", data=json.dumps(_claim()), headers=headers)
     assert response.status == 201
     record = seen[0]
     assert record["rule"] == "claim-submit" and record["client"] == "vendor-jm"
     assert record["caller_facilities"] == ["JMHOS001"] and record["target_facilities"] == ["JMHOS001"]
+    assert record["resolved_facility"] == "JMHOS001"   # the rate limit's health_facility key part
     text = json.dumps(record)
     assert "76aca309" not in text and "scopes" not in text and "user/" not in text
     access_token = headers["Authorization"].removeprefix("Bearer ")

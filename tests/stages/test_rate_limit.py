@@ -87,12 +87,11 @@ def test_a_batch_larger_than_the_burst_is_refused_for_good():
     assert states == [None]
 
 
-def _exchange(principal, channel_name="claims", attributes=None):
+def _exchange(principal, channel_name="claims", facility=None):
     class _Channel:
         name = channel_name
     exchange = Exchange(request=None, request_id="r", client_ip=ipaddress.ip_address("192.0.2.7"),  # type: ignore
-                        channel=_Channel(), principal=principal)  # type: ignore[arg-type]
-    exchange.attributes.update(attributes or {})
+                        channel=_Channel(), principal=principal, facility=facility)  # type: ignore[arg-type]
     return exchange
 
 
@@ -103,7 +102,7 @@ HEADER_USER = Principal("vendor-b", "trusted_header", user_id="u1", vouched_by="
 
 
 @pytest.mark.parametrize(
-    ("principal", "per", "attributes", "key"),
+    ("principal", "per", "facility", "key"),
     [
         (None, ("client",), None, ["ip=192.0.2.7"]),            # no authentication: the address
         (None, ("user", "channel"), None, ["ip=192.0.2.7", "channel=claims"]),
@@ -114,13 +113,13 @@ HEADER_USER = Principal("vendor-b", "trusted_header", user_id="u1", vouched_by="
         (HEADER_USER, ("user",), None, ["client=vendor-b/user=u1"]),
         (MACHINE, ("user",), None, ["client=vendor-b"]),        # no user: the client
         (VENDOR, ("health_facility",), None, ["hf=HF1,HF2"]),
-        (VENDOR, ("health_facility",), {"health_facility": "HF2"}, ["hf=HF2"]),  # authorization resolved it
+        (VENDOR, ("health_facility",), "HF2", ["hf=HF2"]),  # authorization resolved it
         (MACHINE, ("health_facility",), None, ["client=vendor-b"]),
         (VENDOR, ("ip", "client"), None, ["ip=192.0.2.7", "client=vendor-a"]),
     ],
 )
-def test_counting_keys(principal, per, attributes, key):
-    assert key_for(per, _exchange(principal, attributes=attributes)) == key
+def test_counting_keys(principal, per, facility, key):
+    assert key_for(per, _exchange(principal, facility=facility)) == key
 
 
 def test_one_user_id_vouched_for_by_two_parties_is_two_keys():

@@ -1,0 +1,172 @@
+"""The request chain: one declared order (pinned here and checked against README "How a request flows"),
+route steps tried in order, errors turned into decisions by one rule."""
+
+import re
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from mediator.app import Runtime
+from mediator.bulkhead import UpstreamRefused
+from mediator.chain import FINISH, RESPONSE, ROUTE, RequestChain, ResponseFiltersStep, ResponseHeadersStep
+from mediator.decision import Decision
+from mediator.errors import MediatorError
+from mediator.metrics import Metrics
+from mediator.pipeline import BodyReadTimeout, BodyTooLarge, Exchange, Pipeline
+from mediator.stages import ORDER
+from mediator.upstream import UpstreamInvalidAnswer, UpstreamLoginFailed, UpstreamTimeout, UpstreamUnavailable
+from tests.conftest import channels_yaml, loaded, write_config
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+DECLARED = (
+    ("stage", "client_ip"), ("stage", "channel"), ("stage", "ip"), ("stage", "authentication"),
+    ("stage", "request"), ("stage", "authorization"), ("stage", "write"), ("stage", "rate_limit"),
+    ("route", "replica"), ("route", "local_answer"), ("route", "batch"), ("route", "idempotent_create"),
+    ("route", "forward"),
+    ("response", "response_filters"),
+    ("finish", "response_headers"),
+)
+
+
+def test_the_whole_order_is_pinned():
+    assert tuple(("stage", n) for n in ORDER) + tuple(("route", n) for n in ROUTE) \
+        + tuple(("response", n) for n in RESPONSE) + tuple(("finish", n) for n in FINISH) == DECLARED
+
+
+def test_the_runtime_builds_the_declared_chain(tmp_path):
+    root = write_config(tmp_path, channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/"))
+    chain = Runtime.build(loaded(root), Metrics()).chain
+    # Stages without a policy file are absent (rate_limit here); whatever is built is in the declared order.
+    assert list(chain.order) == [step for step in DECLARED if step in chain.order]
+    assert [s for s in DECLARED if s not in chain.order] == [("stage", "rate_limit")]
+
+
+def _readme_steps() -> list[tuple[str, str]]:
+    text = README.read_text()
+    section = text[text.index("## How a request flows"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if re.match(r"^\| \d+ \|", line)]
+    steps = []
+    for number, row in enumerate(rows, 1):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == str(number), row
+        step = re.match(r"^`([a-z_]+)`", cells[2])
+        assert step is not None, row
+        steps.append((cells[1], step.group(1)))
+    return steps
+
+
+def test_the_readme_table_is_the_declared_order():
+    assert tuple(_readme_steps()) == DECLARED
+
+
+# --- the chain at work, without sockets ---------------------------------------------------------------------
+
+class _Allow:
+    name = "channel"
+
+    async def run(self, exchange):
+        return Decision.allowed("channel.ok")
+
+
+class _Route:
+    sends_upstream = False
+
+    def __init__(self, name, answer=None, raises=None, seen=None):
+        self.name, self._answer, self._raises, self._seen = name, answer, raises, seen
+
+    async def answer(self, exchange):
+        if self._seen is not None:
+            self._seen.append(self.name)
+        if self._raises is not None:
+            raise self._raises
+        return self._answer
+
+
+def _chain(route_steps):
+    return RequestChain(Pipeline([_Allow()]), route_steps, [ResponseFiltersStep()], [ResponseHeadersStep()])
+
+
+def _routes(*, replica=None, forward=None, raises=None, seen=None):
+    return [_Route("replica", replica, seen=seen), _Route("local_answer", seen=seen), _Route("batch", seen=seen),
+            _Route("idempotent_create", seen=seen), _Route("forward", forward, raises, seen=seen)]
+
+
+def _exchange():
+    return Exchange(request=None, request_id="rid-12345678")  # type: ignore[arg-type]
+
+
+def test_steps_must_be_the_declared_ones():
+    with pytest.raises(RuntimeError, match="declared"):
+        RequestChain(Pipeline([_Allow()]), list(reversed(_routes())), [ResponseFiltersStep()],
+                     [ResponseHeadersStep()])
+
+
+async def test_the_first_route_step_that_answers_ends_the_route():
+    seen: list[str] = []
+    exchange = _exchange()
+    exchange.response_headers["RateLimit"] = '"c";r=9;t=1'
+    response = await _chain(_routes(replica=web.Response(status=200, text="r"), seen=seen)).run(exchange)
+    assert seen == ["replica"] and response.status == 200
+    assert response.headers["X-Request-ID"] == "rid-12345678" and response.headers["RateLimit"] == '"c";r=9;t=1'
+
+    seen.clear()
+    response = await _chain(_routes(forward=web.Response(status=201), seen=seen)).run(_exchange())
+    assert seen == ["replica", "local_answer", "batch", "idempotent_create", "forward"] and response.status == 201
+
+
+async def test_response_filters_run_on_the_routed_answer():
+    exchange = _exchange()
+    calls = []
+
+    async def mark(exchange, response):
+        calls.append(response.status)
+        response.headers["X-Checked"] = "yes"
+        return response
+
+    exchange.response_filters.append(mark)
+    response = await _chain(_routes(forward=web.Response(status=200))).run(exchange)
+    assert calls == [200] and response.headers["X-Checked"] == "yes"
+
+
+@pytest.mark.parametrize(("error", "status", "reason"), [
+    (BodyTooLarge(), 413, "request.body_too_large"),
+    (BodyReadTimeout(), 408, "request.body_timeout"),
+    (UpstreamRefused("upstream.overloaded", "openIMIS is busy", 3), 503, "upstream.overloaded"),
+    (UpstreamTimeout(), 504, "upstream.timeout"),
+    (UpstreamInvalidAnswer("text/html"), 502, "upstream.invalid_answer"),
+    (UpstreamUnavailable("ClientOSError"), 502, "upstream.unavailable"),
+    (UpstreamLoginFailed("login answered 500"), 502, "upstream.unavailable"),
+    (KeyError("a bug"), 500, "mediator.internal_error"),
+])
+async def test_an_error_anywhere_becomes_one_decision(error, status, reason):
+    exchange = _exchange()
+    exchange.response_filters.append(lambda e, r: pytest.fail("no filter runs on an error"))
+    response = await _chain(_routes(raises=error)).run(exchange)
+    assert response.status == status and response.headers["X-Request-ID"] == "rid-12345678"
+    stage, decision = exchange.decisions[-1]
+    assert (stage, decision.reason, decision.status) == (reason.split(".")[0], reason, status)
+    assert reason.encode() in response.body
+    if isinstance(error, MediatorError):
+        assert error.decision() == decision
+    if isinstance(error, UpstreamRefused):
+        assert response.headers["Retry-After"] == "3"
+    if isinstance(error, KeyError):
+        assert b"a bug" not in response.body and b"rid-12345678" in response.body
+    # The rest of a body that did not arrive in time must not be read as the next request.
+    assert response.keep_alive is (False if isinstance(error, BodyReadTimeout) else None)
+
+
+async def test_an_error_in_a_stage_is_the_same_decision():
+    class Slow:
+        name = "request"
+
+        async def run(self, exchange):
+            raise BodyReadTimeout()
+
+    exchange = _exchange()
+    response = await RequestChain(Pipeline([Slow()]), _routes(), [ResponseFiltersStep()],
+                                  [ResponseHeadersStep()]).run(exchange)
+    assert response.status == 408 and exchange.decisions[-1][1].reason == "request.body_timeout"
