@@ -7,18 +7,27 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mediator.config import Config, load_config
 from mediator.errors import ConfigError
 from mediator.logs import configure_logging
 from mediator.server import Site, mediator_sites, run_sites, supervise, worker_command
 
+if TYPE_CHECKING:
+    from mediator.offline import AssumedFacts
+
 log = logging.getLogger("mediator")
 
 
 def _load_or_report(config_dir: str) -> Config | None:
+    root = Path(config_dir)
+    if not root.is_dir():
+        print(f"--config {config_dir}: no such directory (it should hold channels.yaml and policies/)",
+              file=sys.stderr)
+        return None
     try:
-        return load_config(Path(config_dir))
+        return load_config(root)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -48,11 +57,43 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from mediator.policy_tests import run_policy_tests
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    code, lines = run_policy_tests(config, args.cases, args.junit)
+    for line in lines:
+        print(line, file=sys.stderr if code == 2 else sys.stdout)
+    return code
+
+
+def _facts_or_report(path: str | None) -> AssumedFacts | None | bool:
+    """The facts of `explain --facts`: None without the option, False (reported) when invalid."""
+    from mediator.config import validate_document
+    from mediator.config.yaml_source import load_yaml
+    from mediator.offline import AssumedFacts
+
+    if path is None:
+        return None
+    try:
+        facts, problems = validate_document(load_yaml(Path(path), path), AssumedFacts)
+    except ConfigError as exc:
+        facts, problems = None, exc.problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return facts if facts is not None else False
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from mediator.explain import described_principal, explain
 
     config = _load_or_report(args.config)
     if config is None:
+        return 2
+    facts = _facts_or_report(args.facts)
+    if facts is False or facts is True:
         return 2
     try:
         principal = described_principal(args.claims, args.client, args.roles, args.facility, args.user,
@@ -63,7 +104,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 2
     headers = dict(h.split(":", 1) for h in args.header)
     result = asyncio.run(explain(config, args.method, args.path, principal, body=body, client_ip=args.ip,
-                                 headers={k.strip(): v.strip() for k, v in headers.items()}))
+                                 headers={k.strip(): v.strip() for k, v in headers.items()},
+                                 facts=facts))
     print(f"{args.method.upper()} {args.path}")
     for line in result.lines():
         print(line)
@@ -152,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--body", help="file with the request body")
     explain.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
     explain.add_argument("--header", action="append", default=[], help="extra request header 'Name: value'")
+    explain.add_argument("--facts", help="YAML file of assumed facts (facilities, claims; README \"Policy tests\"): "
+                         "lookups answered from it, fully offline. Absent: asked of openIMIS, as live")
     explain.set_defaults(func=cmd_explain)
+    test = sub.add_parser("test", help="run policy test cases offline; one line per case, exit 1 on a failure")
+    test.add_argument("--config", required=True)
+    test.add_argument("cases", nargs="*", help="case files or directories (default: DIR/policies/tests/*.yaml)")
+    test.add_argument("--junit", help="also write a JUnit XML report to this file")
+    test.set_defaults(func=cmd_test)
     sync = sub.add_parser("sync", help="sync the master-data replica now (policies/replica.yaml); exit 1 on failure")
     sync.add_argument("--config", required=True)
     sync.add_argument("--full", action="store_true", help="full sync even if an incremental one would do")

@@ -21,7 +21,7 @@ from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
 from mediator.replica.policy import ReplicaPolicy
 
-__all__ = ["Config", "PolicyFile", "load_config", "POLICY_FILES"]
+__all__ = ["Config", "PolicyFile", "load_config", "POLICY_FILES", "validate_document"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -73,7 +73,8 @@ def _message(error: Any) -> str:
     return msg
 
 
-def _validate(doc: SourcedDocument, model: type[M]) -> tuple[M | None, list[ConfigProblem]]:
+def validate_document(doc: SourcedDocument, model: type[M]) -> tuple[M | None, list[ConfigProblem]]:
+    """Validate a parsed YAML document against a schema: the model, or every problem at file:line:col."""
     if doc.data is None:
         return None, [ConfigProblem(doc.file, 1, 1, "file is empty")]
     try:
@@ -93,7 +94,7 @@ def _load(path: Path, display: str, model: type[M],
     except ConfigError as exc:
         return None, exc.problems
     docs[key] = doc
-    return _validate(doc, model)
+    return validate_document(doc, model)
 
 
 def load_config(root: Path | str) -> Config:

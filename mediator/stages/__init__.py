@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry
 
 from mediator.config import Config
+from mediator.facilities import FacilityDirectory
 from mediator.identity import Identity
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
@@ -30,11 +31,17 @@ ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
                  registry: CollectorRegistry | None = None, identity: Identity | None = None, *,
-                 redis: RedisStore | None = None, metrics: Metrics | None = None) -> list[Stage]:
+                 redis: RedisStore | None = None, metrics: Metrics | None = None,
+                 authentication: Stage | None = None,
+                 facility_directory: FacilityDirectory | None = None) -> list[Stage]:
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
-    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's."""
+    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's.
+
+    Offline evaluation (`mediator.offline`: explain, policy tests) passes `authentication`, a stage that
+    stands in for the authentication stage (no Identity is built: no signing key, no replay store), an
+    unconfigured `redis` (in-memory counters) and a `facility_directory` of assumed facts."""
     if upstreams is None:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
@@ -44,10 +51,10 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
-        AuthenticationStage(identity or Identity.from_config(config)),
+        authentication or AuthenticationStage(identity or Identity.from_config(config)),
     ]
     if "authorization" in config.policies:
-        stages.append(AuthorizationStage.from_config(config, upstreams, registry))
+        stages.append(AuthorizationStage.from_config(config, upstreams, registry, directory=facility_directory))
     rate_limits = RateLimitTable.from_config(config)
     if rate_limits is not None:
         stages.append(RateLimitStage(rate_limits, redis, metrics))

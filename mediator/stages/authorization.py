@@ -285,11 +285,14 @@ class AuthorizationStage:
 
     @classmethod
     def from_config(cls, config: Config, upstreams: Mapping[str, OpenImisUpstream],
-                    registry: CollectorRegistry | None = None) -> AuthorizationStage:
+                    registry: CollectorRegistry | None = None, *,
+                    directory: FacilityDirectory | None = None) -> AuthorizationStage:
+        """`directory`: absent, the facility directory is read from openIMIS (facility_directory)."""
         policy = config.policy("authorization", AuthorizationPolicy)
         spec = policy.facility_directory
-        directory = UpstreamFacilityDirectory(upstreams[spec.upstream], spec.ttl_s, spec.max_stale_s,
-                                              spec.page_size, spec.timeout_s)
+        if directory is None:
+            directory = UpstreamFacilityDirectory(upstreams[spec.upstream], spec.ttl_s, spec.max_stale_s,
+                                                  spec.page_size, spec.timeout_s)
         return cls(policy, directory, upstreams, config.channels.server.limits.max_body_bytes,
                    AuthorizationMetrics.for_registry(registry))
 

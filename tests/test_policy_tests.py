@@ -1,0 +1,254 @@
+"""`openimis-mediator test`: policy test cases run offline, output like a test runner, exit codes.
+
+The shipped cases must pass against the shipped configuration (this is how `make test` runs them); the
+fixture cases pin the exact output of a passing and a failing run; a run touches no network, no Redis
+and writes nothing (a listening socket standing in for openIMIS counts connections; Redis is scanned).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import textwrap
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import redis
+
+from mediator.cli import main
+
+REPO = Path(__file__).parents[1]
+
+
+def shipped_copy(root: Path) -> Path:
+    """The shipped channels.yaml and policies (without their tests) in a directory of their own."""
+    (root / "policies").mkdir(parents=True)
+    shutil.copy(REPO / "channels.yaml", root / "channels.yaml")
+    for policy in (REPO / "policies").glob("*.yaml"):
+        shutil.copy(policy, root / "policies" / policy.name)
+    return root
+
+
+def write_cases(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def shipped_case_count() -> int:
+    import yaml
+
+    return sum(len(yaml.safe_load(p.read_text())["cases"]) for p in (REPO / "policies" / "tests").glob("*.yaml"))
+
+
+def test_the_shipped_cases_pass_against_the_shipped_policies(capsys):
+    code = main(["test", "--config", str(REPO)])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0, "\n".join(out)
+    count = shipped_case_count()
+    assert count >= 30
+    assert out[-1] == f"{count} passed, 0 failed"
+    assert len([line for line in out if line.startswith("PASS  policies/tests/")]) == count
+
+
+GOOD = """\
+    version: 1
+    facts:
+      facilities:
+        RAHOS001: {claim_admins: [RHOS0011]}
+      claims: {Claim001: RAHOS001, Claim002: JMHOS001}
+    cases:
+      - name: own claim status
+        request: {method: GET, path: /fhir/ClaimResponse/Claim001, client: vendor-b, user: RHOS0011}
+        expect: {decision: allow, rule: claim-status}
+      - name: another facility's claim status
+        request: {method: GET, path: /fhir/ClaimResponse/Claim002, client: vendor-b, user: RHOS0011}
+        expect: {decision: deny, status: 403, reason: authorization.owner_other_facility, rule: claim-status}
+    """
+
+
+def test_a_passing_file_prints_one_line_per_case_and_the_summary(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    cases = write_cases(root / "policies" / "tests" / "status.yaml", GOOD)
+    assert main(["test", "--config", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "PASS  policies/tests/status.yaml:7 own claim status",
+        "PASS  policies/tests/status.yaml:10 another facility's claim status",
+        "2 passed, 0 failed",
+    ]
+    assert main(["test", "--config", str(root), str(cases)]) == 0   # named explicitly: the same
+
+
+FAILING = """\
+    version: 1
+    facts:
+      facilities: {RAHOS001: {}}
+      claims: {Claim002: JMHOS001}
+    cases:
+      - name: vendor-b reads Jambero's claim status (wrongly expected)
+        request: {method: GET, path: /fhir/ClaimResponse/Claim002, client: vendor-b, user: RHOS0011}
+        expect: {decision: allow}
+      - name: master data
+        request: {method: GET, path: /fhir/Medication, client: vendor-a}
+        expect: {decision: allow, rule: master-data-read}
+      - name: wrong rule expected
+        request: {method: GET, path: /fhir/Medication, client: vendor-a}
+        expect: {decision: allow, rule: claim-status}
+      - name: a user on a client that vouches for none
+        request: {method: GET, path: /fhir/Medication, client: vendor-a, user: someone}
+        expect: {decision: allow}
+    """
+
+
+def test_a_failing_file_shows_expected_actual_and_every_stage_and_exits_1(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    cases = write_cases(tmp_path / "cases" / "wrong.yaml", FAILING)
+    junit = tmp_path / "report.xml"
+    assert main(["test", "--config", str(root), str(cases), "--junit", str(junit)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"FAIL  {cases}:6 vendor-b reads Jambero's claim status (wrongly expected)",
+        "      expected: allow",
+        "      actual:   deny  403  authorization.owner_other_facility  stage=authorization  rule=claim-status",
+        "      client_ip       allow     client_ip.peer",
+        "      channel         allow     channel.matched  -- claims",
+        "      ip              allow     ip.allowed",
+        "      authentication  allow     authentication.described  -- the described principal, not verified",
+        "      authorization   deny 403  authorization.owner_other_facility  rule=claim-status  "
+        "facilities=JMHOS001  -- owner belongs to another health facility",
+        "                      assumed: GET Claim/Claim002: owned by JMHOS001",
+        "      result: 403 authorization.owner_other_facility",
+        f"PASS  {cases}:9 master data",
+        f"FAIL  {cases}:12 wrong rule expected",
+        "      expected: allow  rule=claim-status",
+        "      actual:   allow  rule=master-data-read",
+        "      client_ip       allow     client_ip.peer",
+        "      channel         allow     channel.matched  -- master-data",
+        "      ip              allow     ip.allowed",
+        "      authentication  allow     authentication.described  -- the described principal, not verified",
+        "      authorization   allow     authorization.allowed  rule=master-data-read",
+        "      rate_limit      allow     rate_limit.allowed",
+        "      result: allowed; the live mediator would forward this request to openIMIS",
+        f"FAIL  {cases}:15 a user on a client that vouches for none",
+        "      expected: allow",
+        "      error: vendor-a accepts no user (mtls: no user_token, no trust_user_header)",
+        "1 passed, 3 failed",
+    ]
+    report = ET.parse(junit).getroot()
+    assert (report.tag, report.get("tests"), report.get("failures")) == ("testsuites", "4", "3")
+    failures = {case.get("name"): case.find("failure") for case in report.iter("testcase")}
+    assert failures["master data"] is None
+    assert failures["wrong rule expected"].get("message") == \
+        "expected allow  rule=claim-status, got allow  rule=master-data-read"
+
+
+def test_invalid_case_files_are_all_reported_with_positions_and_exit_2(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    write_cases(root / "policies" / "tests" / "a.yaml", """\
+        version: 1
+        cases:
+          - name: no reason
+            request: {path: /fhir/Medication}
+            expect: {decision: deny}
+          - name: bad method
+            request: {method: FETCH, path: /fhir/Medication, bogus: 1}
+            expect: {decision: allow}
+        """)
+    write_cases(root / "policies" / "tests" / "b.yaml", """\
+        version: 1
+        cases:
+          - name: missing body file
+            request: {method: POST, path: /fhir/Claim, body: nowhere.json}
+            expect: {decision: allow}
+        """)
+    assert main(["test", "--config", str(root)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "policies/tests/a.yaml:5:5: cases[0].expect: a deny expectation needs its reason code",
+        "policies/tests/a.yaml:7:15: cases[1].request.method: unknown HTTP method 'FETCH'; allowed: DELETE, "
+        "GET, HEAD, OPTIONS, PATCH, POST, PUT",
+        "policies/tests/a.yaml:7:54: cases[1].request.bogus: Extra inputs are not permitted",
+        "policies/tests/b.yaml:4:48: cases[0].request.body: cannot read nowhere.json: No such file or directory",
+    ]
+
+
+def test_no_case_files_is_an_error(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    assert main(["test", "--config", str(root)]) == 2
+    assert "no case files" in capsys.readouterr().err
+
+
+@pytest.mark.redis
+def test_a_run_changes_no_shared_state_and_opens_no_connection(tmp_path, capsys, monkeypatch):
+    """openIMIS is a listening socket that counts connections; Redis is configured with its own prefix and
+    the replay store and openIMIS login name unset variables: none of them is touched."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    prefix = f"policy-test-{uuid.uuid4().hex}:"
+    root = shipped_copy(tmp_path / "config")
+    channels = (root / "channels.yaml").read_text()
+    channels = channels.replace("http://127.0.0.1:8000/api/api_fhir_r4/", f"http://127.0.0.1:{port}/api/api_fhir_r4/")
+    channels = channels.replace('  # redis: {url: "redis://127.0.0.1:6379/0", key_prefix: "mediator:"}',
+                                f'  redis: {{url: "redis://127.0.0.1:6379/0", key_prefix: "{prefix}"}}')
+    assert prefix in channels
+    (root / "channels.yaml").write_text(channels)
+    clients = (root / "policies" / "clients.yaml").read_text()
+    clients = clients.replace("  # replay_store: {redis_url_env: MEDIATOR_REDIS_URL}",
+                              "  replay_store: {redis_url_env: POLICY_TEST_UNSET_REDIS_URL}")
+    (root / "policies" / "clients.yaml").write_text(clients)
+    limits = (root / "policies" / "rate_limits.yaml").read_text().replace("rate: 120", "rate: 1").replace(
+        "per: [user]\n", "per: [user]\n    burst: 1\n")
+    (root / "policies" / "rate_limits.yaml").write_text(limits)
+    monkeypatch.delenv("OPENIMIS_PASSWORD", raising=False)
+    monkeypatch.delenv("POLICY_TEST_UNSET_REDIS_URL", raising=False)
+    same = "\n".join(f"""\
+          - name: poll {i}
+            request: {{method: GET, path: /fhir/ClaimResponse/Claim001, client: vendor-b, user: RHOS0011}}
+            expect: {{decision: allow}}""" for i in range(3))
+    cases = write_cases(tmp_path / "cases.yaml", "version: 1\nfacts: {claims: {Claim001: RAHOS001}}\ncases:\n"
+                        + textwrap.dedent(same) + "\n")
+    assert main(["test", "--config", str(root), str(cases)]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == "3 passed, 0 failed"
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    listener.close()
+    assert list(redis.Redis().scan_iter(match=f"{prefix}*")) == []
+    assert not (root / "certs").exists()   # no signing key was created
+
+
+@pytest.mark.redis
+def test_explain_charges_no_rate_limit_and_writes_nothing(tmp_path, capsys):
+    """Issue 13: explain used to build its stages with the live Redis store and charge the counters."""
+    prefix = f"explain-{uuid.uuid4().hex}:"
+    root = shipped_copy(tmp_path / "config")
+    channels = (root / "channels.yaml").read_text().replace(
+        '  # redis: {url: "redis://127.0.0.1:6379/0", key_prefix: "mediator:"}',
+        f'  redis: {{url: "redis://127.0.0.1:6379/0", key_prefix: "{prefix}"}}')
+    (root / "channels.yaml").write_text(channels)
+    limits = (root / "policies" / "rate_limits.yaml").read_text().replace("rate: 600", "rate: 1").replace(
+        "burst: 100", "burst: 1")
+    (root / "policies" / "rate_limits.yaml").write_text(limits)
+    argv = ["explain", "--config", str(root), "--path", "/fhir/Medication", "--client", "vendor-a",
+            "--roles", "hms"]
+    for _ in range(3):
+        assert main(argv) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == \
+            "result: allowed; the live mediator would forward this request to openIMIS"
+    assert list(redis.Redis().scan_iter(match=f"{prefix}*")) == []
+    assert not (root / "certs").exists()
+
+
+def test_explain_with_facts_is_offline(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    channels = (root / "channels.yaml").read_text().replace("127.0.0.1:8000", "127.0.0.1:9")   # nothing there
+    (root / "channels.yaml").write_text(channels)
+    code = main(["explain", "--config", str(root), "--path", "/fhir/ClaimResponse/Claim001", "--client", "vendor-b",
+                 "--roles", "hms,claim-admin", "--facility", "RAHOS001", "--user", "RHOS0011",
+                 "--facts", str(REPO / "policies" / "tests" / "facts" / "demo.yaml")])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0, out
+    assert "assumed: GET Claim/Claim001: owned by RAHOS001" in out[-2]
+    assert out[-1] == "result: allowed; the live mediator would forward this request to openIMIS"
