@@ -1,10 +1,11 @@
-"""Command line: serve, check, explain, sync, sandbox, dev, certs, token."""
+"""Command line: serve, check, explain, test, sync, sandbox, dev, certs, token."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,11 +51,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from mediator.config.lint import config_warnings
+
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    print(f"{args.config}: configuration is valid ({len(config.channels.channels)} channels)")
-    return 0
+    warnings = config_warnings(config)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    noted = f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+    print(f"{args.config}: configuration is valid ({len(config.channels.channels)} channels{noted})")
+    code = 2 if warnings and args.strict else 0
+    if args.with_tests:
+        from mediator.policy_tests import run_policy_tests
+
+        tested, lines = run_policy_tests(config, [])
+        for line in lines:
+            print(line, file=sys.stderr if tested == 2 else sys.stdout)
+        code = max(code, tested)
+    return code
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -102,6 +117,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"explain: {exc}", file=sys.stderr)
         return 2
+    if facts is None:
+        from mediator.config.lint import named_environment_variables
+
+        for _, _, variable, purpose in named_environment_variables(config):
+            if not os.environ.get(variable):
+                print(f"explain: environment variable {variable} is not set ({purpose} needs it): lookups in "
+                      "openIMIS will fail; set it, or answer them offline with --facts FILE", file=sys.stderr)
     headers = dict(h.split(":", 1) for h in args.header)
     result = asyncio.run(explain(config, args.method, args.path, principal, body=body, client_ip=args.ip,
                                  headers={k.strip(): v.strip() for k, v in headers.items()},
@@ -176,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes sharing the port (SO_REUSEPORT), supervised by this process")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
-    check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2")
+    check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2; "
+                           "warnings too, exit 0 (2 with --strict)")
     check.add_argument("--config", required=True)
+    check.add_argument("--strict", action="store_true", help="warnings fail the check too (exit 2)")
+    check.add_argument("--with-tests", action="store_true",
+                       help="also run the policy tests in DIR/policies/tests (exit 1 if one fails)")
     check.set_defaults(func=cmd_check)
     explain = sub.add_parser("explain", help="print every stage's decision for a described request")
     explain.add_argument("--config", required=True)
