@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from mediator.config import Config, load_config
 from mediator.errors import ConfigError
 from mediator.logs import configure_logging
-from mediator.server import Site, mediator_sites, run_sites, supervise, worker_command
+from mediator.server import ListenError, Site, mediator_sites, run_sites, supervise, worker_command
 
 if TYPE_CHECKING:
     from mediator.offline import AssumedFacts
@@ -46,7 +46,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.port is not None:
             argv += ["--port", str(args.port)]
         return supervise(worker_command(argv), args.workers)
-    asyncio.run(run_sites(mediator_sites(config, args.host, args.port, args.worker_index)))
+    return _run(mediator_sites(config, args.host, args.port, args.worker_index))
+
+
+def _run(sites: list[Site]) -> int:
+    """Serve until stopped; a listener that cannot bind is one line on stderr and exit 1 (no traceback)."""
+    try:
+        asyncio.run(run_sites(sites))
+    except ListenError as exc:
+        print(f"openimis-mediator: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -147,8 +156,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mediator.sandbox import build_sandbox_app
 
-    asyncio.run(run_sites([Site(build_sandbox_app(), args.host, args.port, "sandbox")]))
-    return 0
+    return _run([Site(build_sandbox_app(), args.host, args.port, "sandbox", port_setting="it with --port")])
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -158,9 +166,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    asyncio.run(run_sites([Site(build_sandbox_app(), "127.0.0.1", args.sandbox_port, "sandbox"),
-                           *mediator_sites(config)]))
-    return 0
+    return _run([Site(build_sandbox_app(), "127.0.0.1", args.sandbox_port, "sandbox",
+                      port_setting="it with --sandbox-port"), *mediator_sites(config)])
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
