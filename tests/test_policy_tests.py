@@ -252,3 +252,27 @@ def test_explain_with_facts_is_offline(tmp_path, capsys):
     assert code == 0, out
     assert "assumed: GET Claim/Claim001: owned by RAHOS001" in out[-2]
     assert out[-1] == "result: allowed; the live mediator would forward this request to openIMIS"
+
+
+def test_the_readme_explain_example_prints_what_the_readme_says():
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    section = (REPO / "README.md").read_text().split("### explain\n", 1)[1]
+    command, printed = re.findall(r"```(?:sh)?\n(.*?)```", section, re.S)[:2]
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[0] == ".venv/bin/openimis-mediator"
+    done = subprocess.run([sys.executable, "-m", "mediator", *argv[1:]], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == printed
+
+
+def test_serve_loads_a_configuration_whose_case_files_are_broken(tmp_path):
+    from mediator.config import load_config
+
+    root = shipped_copy(tmp_path / "config")
+    write_cases(root / "policies" / "tests" / "broken.yaml", "version: [\n")
+    assert load_config(root).channels.channels   # tests are a tool for admins, never a start-up gate
