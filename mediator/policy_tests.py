@@ -81,7 +81,9 @@ class Expectation(Strict):
     rule: str | None = None
     """The authorization rule that decided (null: no rule did)."""
     write_firewall: str | None = None
-    """The write-firewall rule that decided a write (needs the write_firewall stage)."""
+    """The write-firewall rule that decided a write (needs the write firewall stage)."""
+    write_element: str | None = None
+    """The element the write firewall's decision is about, e.g. Claim.contained[0] (null: the whole body)."""
 
     @model_validator(mode="after")
     def _deny_has_reason(self) -> Expectation:
@@ -141,9 +143,11 @@ class Outcome:
     stage: str | None
     rule: str | None
     write_firewall: str | None
+    write_element: str | None
 
     def describe(self, only: Iterable[str] | None = None) -> str:
-        keys = set(only) if only is not None else {"reason", "status", "stage", "rule", "write_firewall"}
+        keys = set(only) if only is not None else {"reason", "status", "stage", "rule", "write_firewall",
+                                                    "write_element"}
         parts = [self.decision]
         if "status" in keys and self.decision == "deny":
             parts.append(str(self.status))
@@ -155,6 +159,8 @@ class Outcome:
             parts.append(f"rule={self.rule or '-'}")
         if "write_firewall" in keys:
             parts.append(f"write_firewall={self.write_firewall or '-'}")
+        if "write_element" in keys:
+            parts.append(f"write_element={self.write_element or '-'}")
         return "  ".join(parts)
 
 
@@ -295,10 +301,11 @@ def principal_for(config: Config, request: CaseRequest) -> Principal | Decision 
 def outcome_of(explanation: Explanation) -> Outcome:
     final = explanation.final
     rule = explanation.authz.get("rule") if "authorization" in [s for s, _ in explanation.decisions] else None
-    firewall = explanation.stage_records.get("write_firewall", {}).get("rule")
+    firewall = explanation.stage_records.get("write_firewall", {})
+    write_rule, element = firewall.get("rule"), firewall.get("element")
     if final is None:
-        return Outcome("allow", "", 200, None, rule, firewall)
-    return Outcome("deny", final.reason, final.status, explanation.deciding_stage, rule, firewall)
+        return Outcome("allow", "", 200, None, rule, write_rule, element)
+    return Outcome("deny", final.reason, final.status, explanation.deciding_stage, rule, write_rule, element)
 
 
 def compare(expect: Expectation, actual: Outcome) -> bool:
@@ -306,7 +313,8 @@ def compare(expect: Expectation, actual: Outcome) -> bool:
     if expect.decision != actual.decision:
         return False
     return all(getattr(expect, key) == getattr(actual, key)
-               for key in ("reason", "status", "stage", "rule", "write_firewall") if key in expect.model_fields_set)
+               for key in ("reason", "status", "stage", "rule", "write_firewall", "write_element")
+               if key in expect.model_fields_set)
 
 
 def _expected_text(expect: Expectation) -> str:
@@ -322,13 +330,15 @@ def _expected_text(expect: Expectation) -> str:
         parts.append(f"rule={expect.rule or '-'}")
     if "write_firewall" in given:
         parts.append(f"write_firewall={expect.write_firewall or '-'}")
+    if "write_element" in given:
+        parts.append(f"write_element={expect.write_element or '-'}")
     return "  ".join(parts)
 
 
 async def run_case(config: Config, loaded: LoadedCase, stages: frozenset[str]) -> CaseResult:
     case = loaded.case
     expected = _expected_text(case.expect)
-    if case.expect.write_firewall is not None and "write_firewall" not in stages:
+    if {"write_firewall", "write_element"} & case.expect.model_fields_set and "write_firewall" not in stages:
         return CaseResult(loaded, False, expected, "", ["error: the case expects a write-firewall rule, but "
                                                         "this configuration builds no write_firewall stage"])
     try:
