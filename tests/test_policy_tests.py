@@ -276,3 +276,20 @@ def test_serve_loads_a_configuration_whose_case_files_are_broken(tmp_path):
     root = shipped_copy(tmp_path / "config")
     write_cases(root / "policies" / "tests" / "broken.yaml", "version: [\n")
     assert load_config(root).channels.channels   # tests are a tool for admins, never a start-up gate
+
+
+def test_the_shipped_cases_cover_every_client_and_every_rule():
+    import yaml
+
+    cases = [c for p in (REPO / "policies" / "tests").glob("*.yaml") for c in yaml.safe_load(p.read_text())["cases"]]
+    rules = {r["name"] for r in yaml.safe_load((REPO / "policies" / "authorization.yaml").read_text())["rules"]}
+    clients = set(yaml.safe_load((REPO / "policies" / "clients.yaml").read_text())["clients"])
+    allowed_by = {c["expect"].get("rule") for c in cases if c["expect"]["decision"] == "allow"}
+    denied_under = {c["expect"].get("rule") for c in cases if c["expect"]["decision"] == "deny"}
+    assert rules <= allowed_by
+    assert {"claim-submit", "claim-status"} <= denied_under   # the cross-facility denials
+    assert clients <= {c["request"].get("client") for c in cases}
+    assert None in {c["request"].get("client") for c in cases}   # and callers without credentials
+    reasons = {c["expect"].get("reason") for c in cases}
+    assert {"authorization.provider_other_facility", "authorization.enterer_other_facility",
+            "authorization.contained_other_facility", "authorization.owner_other_facility"} <= reasons
