@@ -47,7 +47,10 @@ class AssumedFacility(Strict):
     """Other values naming this facility in references and identifiers (its uuid, its Organization id).
     Its HF code always names it."""
     claim_admins: tuple[str, ...] = ()
-    """Its claim administrators, as Claim.enterer names them (code or uuid)."""
+    """Its claim administrators' codes: the openIMIS user names a trusted X-User-Name header carries, and
+    what Claim.enterer may name them by."""
+    claim_admin_keys: tuple[str, ...] = ()
+    """Other values naming its claim administrators in Claim.enterer (their uuids)."""
 
 
 class AssumedFacts(Strict):
@@ -69,7 +72,7 @@ class AssumedFacts(Strict):
                 raise ValueError(f"{code!r} is not an HF code")
         seen: dict[str, str] = {}
         for code, facility in self.facilities.items():
-            for key in (code, *facility.keys, *facility.claim_admins):
+            for key in (code, *facility.keys, *facility.claim_admins, *facility.claim_admin_keys):
                 if seen.setdefault(key.lower(), code) != code:
                     raise ValueError(f"{key!r} names two facilities ({seen[key.lower()]} and {code})")
         return self
@@ -82,14 +85,17 @@ class AssumedFacts(Strict):
     def snapshot(self) -> FacilitySnapshot:
         organizations: dict[str, str] = {}
         practitioners: dict[str, str] = {}
+        claim_administrators: dict[str, str] = {}
         for code in self.claims.values():
             organizations[code.lower()] = code
         for code, facility in self.facilities.items():
             for key in (code, *facility.keys):
                 organizations[key.lower()] = code
-            for admin in facility.claim_admins:
+            for admin in (*facility.claim_admins, *facility.claim_admin_keys):
                 practitioners[admin.lower()] = code
-        return FacilitySnapshot(organizations, practitioners, loaded_at=float("inf"))
+            for admin in facility.claim_admins:
+                claim_administrators[admin] = code   # exact, as openIMIS user names are
+        return FacilitySnapshot(organizations, practitioners, float("inf"), claim_administrators)
 
     def owner_claim(self, claim_id: str) -> dict[str, Any] | None:
         owner = self.claims.get(claim_id)

@@ -251,8 +251,9 @@ def _body(body: Any, base: Path, doc: SourcedDocument, index: int) -> tuple[byte
     return json.dumps(body).encode(), None
 
 
-def principal_for(config: Config, request: CaseRequest) -> Principal | Decision | None:
-    """The principal the authentication stage would build for this caller (or its refusal)."""
+def principal_for(config: Config, request: CaseRequest, facts: AssumedFacts) -> Principal | Decision | None:
+    """The principal the authentication stage would build for this caller (or its refusal); a trusted
+    header's user is looked up in the assumed facility directory, as live in openIMIS's."""
     if request.client is None:
         if request.user is not None or request.roles or request.facilities or request.scopes is not None:
             raise CaseError("user, roles, facilities and scopes need a client")
@@ -287,14 +288,23 @@ def principal_for(config: Config, request: CaseRequest) -> Principal | Decision 
                 return Decision.denied("authentication.facility_not_registered", 403,
                                        "the user's health facility is not registered for this client")
             facilities = frozenset(request.facilities)
-        return Principal(request.client, method, request.user, roles | frozenset(request.roles), scopes, facilities)
+        return Principal(request.client, method, request.user, roles | frozenset(request.roles), scopes, facilities,
+                         vouched_by=f"iss={entry.user_token.issuer}")
     if entry.trust_user_header and method == "mtls":
         if request.roles or request.facilities:
             raise CaseError(f"{request.client} vouches for users by X-User-Name, which carries no roles or "
                             "facilities")
         if not USER_NAME_PATTERN.match(request.user):
             return Decision.denied("authentication.malformed_user_name", 400, "malformed X-User-Name")
-        return Principal(request.client, "trusted_header", request.user, roles, scopes, facilities)
+        if "authorization" not in config.policies:
+            return Decision.denied("authentication.unknown_user", 403, "X-User-Name cannot be checked: no "
+                                   "facility directory is configured (policies/authorization.yaml)")
+        facility = facts.snapshot().facility_of_claim_administrator(request.user)
+        if facility is None or facility not in facilities:
+            return Decision.denied("authentication.unknown_user", 403, "X-User-Name names no claim "
+                                   "administrator of a health facility registered for this client")
+        return Principal(request.client, "trusted_header", request.user, roles, scopes, frozenset({facility}),
+                         vouched_by=f"client={request.client}")
     raise CaseError(f"{request.client} accepts no user ({method}: no user_token, no trust_user_header)")
 
 
@@ -342,7 +352,7 @@ async def run_case(config: Config, loaded: LoadedCase, stages: frozenset[str]) -
         return CaseResult(loaded, False, expected, "", ["error: the case expects a write-firewall rule, but "
                                                         "this configuration builds no write_firewall stage"])
     try:
-        principal = principal_for(config, case.request)
+        principal = principal_for(config, case.request, loaded.facts)
     except CaseError as exc:
         return CaseResult(loaded, False, expected, "", [f"error: {exc}"])
     request = case.request

@@ -84,7 +84,7 @@ def test_a_passing_file_prints_one_line_per_case_and_the_summary(tmp_path, capsy
 FAILING = """\
     version: 1
     facts:
-      facilities: {RAHOS001: {}}
+      facilities: {RAHOS001: {claim_admins: [RHOS0011]}}
       claims: {Claim002: JMHOS001}
     cases:
       - name: vendor-b reads Jambero's claim status (wrongly expected)
@@ -208,7 +208,8 @@ def test_a_run_changes_no_shared_state_and_opens_no_connection(tmp_path, capsys,
           - name: poll {i}
             request: {{method: GET, path: /fhir/ClaimResponse/Claim001, client: vendor-b, user: RHOS0011}}
             expect: {{decision: allow}}""" for i in range(3))
-    cases = write_cases(tmp_path / "cases.yaml", "version: 1\nfacts: {claims: {Claim001: RAHOS001}}\ncases:\n"
+    cases = write_cases(tmp_path / "cases.yaml", "version: 1\nfacts: {facilities: {RAHOS001: {claim_admins: [RHOS0011]}}, claims: {Claim001: RAHOS001}}\n"
+                        "cases:\n"
                         + textwrap.dedent(same) + "\n")
     assert main(["test", "--config", str(root), str(cases)]) == 0, capsys.readouterr().out
     assert capsys.readouterr().out.splitlines()[-1] == "3 passed, 0 failed"

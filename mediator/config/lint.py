@@ -11,7 +11,8 @@ Each warning is a `ConfigProblem` at the file:line:col of the value concerned, i
 * a permission that no channel routes (no channel passes that method on that resource type), so it can
   never match;
 * a channel no client can reach: its ip_allowlist admits nobody, no enabled client's networks overlap it,
-  or no authorization rule grants any request it routes.
+  or no authorization rule grants any request it routes;
+* policies/authorization.yaml absent (everything is denied).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def _routing_channels(config: Config, permission: Permission) -> set[str]:
 def _rules(config: Config) -> list[ConfigProblem]:
     policy = config.policies.get("authorization")
     if not isinstance(policy, AuthorizationPolicy):
-        return []
+        return [ConfigProblem("policies/authorization.yaml", 1, 1, "warning: the file is absent: every request "
+                              "is denied (authorization.no_policy)")]
     doc = config.sources.get("authorization")
     file = "policies/authorization.yaml"
     clients = _enabled_clients(config)
@@ -210,7 +212,7 @@ def _channels_granted(config: Config) -> set[str] | None:
     """Channels some rule's permission routes to (None: no authorization policy, nothing to say)."""
     policy = config.policies.get("authorization")
     if not isinstance(policy, AuthorizationPolicy):
-        return None
+        return None   # absent: everything is denied, which the one warning about the file says
     reached: set[str] = set()
     wildcard = [p for rule in policy.rules for p in rule.permissions if p.resource_type == "*"]
     for rule in policy.rules:
