@@ -208,8 +208,8 @@ def test_a_run_changes_no_shared_state_and_opens_no_connection(tmp_path, capsys,
           - name: poll {i}
             request: {{method: GET, path: /fhir/ClaimResponse/Claim001, client: vendor-b, user: RHOS0011}}
             expect: {{decision: allow}}""" for i in range(3))
-    cases = write_cases(tmp_path / "cases.yaml", "version: 1\nfacts: {facilities: {RAHOS001: {claim_admins: [RHOS0011]}}, claims: {Claim001: RAHOS001}}\n"
-                        "cases:\n"
+    facts = "facts: {facilities: {RAHOS001: {claim_admins: [RHOS0011]}}, claims: {Claim001: RAHOS001}}\n"
+    cases = write_cases(tmp_path / "cases.yaml", "version: 1\n" + facts + "cases:\n"
                         + textwrap.dedent(same) + "\n")
     assert main(["test", "--config", str(root), str(cases)]) == 0, capsys.readouterr().out
     assert capsys.readouterr().out.splitlines()[-1] == "3 passed, 0 failed"
