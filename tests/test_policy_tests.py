@@ -294,3 +294,51 @@ def test_the_shipped_cases_cover_every_client_and_every_rule():
     reasons = {c["expect"].get("reason") for c in cases}
     assert {"authorization.provider_other_facility", "authorization.enterer_other_facility",
             "authorization.contained_other_facility", "authorization.owner_other_facility"} <= reasons
+
+
+@pytest.mark.parametrize(("client", "user", "client_ip"), [
+    ("vendor-a", None, "127.0.0.1"),
+    ("vendor-a", "someone", "127.0.0.1"),        # X-User-Name from a client that is not trusted for it: ignored
+    ("vendor-b", None, "127.0.0.1"),
+    ("vendor-b", "RHOS0011", "127.0.0.1"),
+    ("vendor-b", "JHOS0011", "127.0.0.1"),       # another facility's claim administrator
+    ("vendor-b", "NOBODY", "127.0.0.1"),
+    ("vendor-b", "bad name", "127.0.0.1"),
+    ("vendor-b", "RHOS0011", "203.0.113.9"),     # off the client's networks
+])
+async def test_the_described_principal_is_what_authentication_proves(tmp_path, client, user, client_ip):
+    """The case's caller goes through the real authentication stage's decision (mTLS: the certificate of
+    make_dev_pki, the trusted header, the vouched-user directory fed the same facts): same outcome."""
+    import ipaddress
+
+    import yaml
+
+    from mediator.certs import make_dev_pki
+    from mediator.config import load_config
+    from mediator.facilities import StaticFacilityDirectory
+    from mediator.identity import Identity, describe_certificate
+    from mediator.offline import AssumedFacts
+    from mediator.pipeline import Decision
+    from mediator.policy_tests import CaseRequest, principal_for
+    from mediator.stages.authentication import Credentials, VouchedUsers, decide
+
+    root = shipped_copy(tmp_path / "config")
+    issued = {i.cert_path.stem: i for i in make_dev_pki(root / "certs")}
+    config = load_config(root)
+    facts = AssumedFacts.model_validate(yaml.safe_load((REPO / "policies/tests/facts/demo.yaml").read_text()))
+    identity = Identity.from_config(config)
+    der = __import__("ssl").PEM_cert_to_DER_cert(issued[client].cert_path.read_text())
+    creds = Credentials(None, describe_certificate(der), None, user)
+    live, proven = await decide(creds, ipaddress.ip_address(client_ip), identity, 0,
+                                VouchedUsers(StaticFacilityDirectory(facts.snapshot())))
+    described = principal_for(config, CaseRequest(path="/fhir/Medication", client=client, client_ip=client_ip,
+                                                  user=user if client == "vendor-b" else None), facts)
+    if isinstance(described, Decision):
+        assert (live.allow, live.reason, live.status) == (False, described.reason, described.status)
+    else:
+        assert live.allow and proven is not None
+        assert proven.user_key == described.user_key
+        assert (proven.client_id, proven.auth_method, proven.user_id, proven.roles, proven.scopes,
+                proven.health_facilities, proven.vouched_by) == \
+            (described.client_id, described.auth_method, described.user_id, described.roles, described.scopes,
+             described.health_facilities, described.vouched_by)
