@@ -54,7 +54,7 @@ class LoadProtection:
             return await guard.call(config.priority_value, lambda: upstream.forward(
                 request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s))
 
-        resource: dict[str, Any] | None = exchange.attributes.get("resource")
+        resource: dict[str, Any] | None = exchange.body.document if exchange.body is not None else None
         if fhir.interaction == "batch-or-transaction":
             if resource is None:
                 resource = {}

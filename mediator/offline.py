@@ -38,6 +38,7 @@ from mediator.redis_store import RedisStore
 from mediator.stages import build_stages
 from mediator.stages.authentication import unauthenticated
 from mediator.upstream import OpenImisUpstream, UpstreamReply, UpstreamUnavailable
+from mediator.write_profiles import WriteCheck
 
 
 class AssumedFacility(Strict):
@@ -195,8 +196,8 @@ class Explanation:
     final: Decision | None = None
     lookups: list[str] = field(default_factory=list)
     """Owner lookups answered from assumed facts (offline only)."""
-    stage_records: dict[str, Any] = field(default_factory=dict)
-    """Other stages' decision records by stage name (exchange fields such as the write firewall's)."""
+    write_check: WriteCheck | None = None
+    """What the write firewall decided, by which rule, about which element (None: it did not run)."""
 
     @property
     def reasons(self) -> list[tuple[str, str]]:
@@ -221,6 +222,10 @@ class Explanation:
                 if "shadow" in self.authz:
                     shadow = self.authz["shadow"]
                     line += f"  shadow: rule={shadow['rule']} would {shadow['decision']} ({shadow['reason']})"
+            if stage == "write" and self.write_check is not None:
+                line += f"  rule={self.write_check.rule or '-'}"
+                if self.write_check.element is not None:
+                    line += f"  element={self.write_check.element}"
             if decision.message:
                 line += f"  -- {decision.message}"
             out.append(line)
@@ -267,15 +272,10 @@ async def evaluate(config: Config, request: DescribedRequest, principal: Princip
         final = await Pipeline(stages).run(exchange)
         lookups = [lookup for u in upstreams.values() if isinstance(u, OfflineUpstream) for lookup in u.lookups]
         return Explanation(exchange.decisions, dict(exchange.attributes.get("authz", {})), final, lookups,
-                           stage_records(exchange))
+                           exchange.write_check)
     finally:
         for upstream in upstreams.values():
             await upstream.close()
-
-
-def stage_records(exchange: Exchange) -> dict[str, Any]:
-    """Decision records of stages that keep one on the exchange (none yet besides authorization)."""
-    return {}
 
 
 __all__ = ["AssumedFacility", "AssumedFacts", "DescribedPrincipal", "DescribedRequest", "Explanation",

@@ -115,6 +115,7 @@ def test_a_failing_file_shows_expected_actual_and_every_stage_and_exits_1(tmp_pa
         "      channel         allow     channel.matched  -- claims",
         "      ip              allow     ip.allowed",
         "      authentication  allow     authentication.described  -- the described principal, not verified",
+        "      request         allow     request.no_body",
         "      authorization   deny 403  authorization.owner_other_facility  rule=claim-status  "
         "facilities=JMHOS001  -- owner belongs to another health facility",
         "                      assumed: GET Claim/Claim002: owned by JMHOS001",
@@ -127,7 +128,9 @@ def test_a_failing_file_shows_expected_actual_and_every_stage_and_exits_1(tmp_pa
         "      channel         allow     channel.matched  -- master-data",
         "      ip              allow     ip.allowed",
         "      authentication  allow     authentication.described  -- the described principal, not verified",
+        "      request         allow     request.no_body",
         "      authorization   allow     authorization.allowed  rule=master-data-read",
+        "      write           allow     write.no_body",
         "      rate_limit      allow     rate_limit.allowed",
         "      result: allowed; the live mediator would forward this request to openIMIS",
         f"FAIL  {cases}:15 a user on a client that vouches for none",
@@ -342,3 +345,30 @@ async def test_the_described_principal_is_what_authentication_proves(tmp_path, c
                 proven.health_facilities, proven.vouched_by) == \
             (described.client_id, described.auth_method, described.user_id, described.roles, described.scopes,
              described.health_facilities, described.vouched_by)
+
+
+def test_a_wrong_write_firewall_expectation_shows_the_rule_and_element_that_decided(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    body = REPO / "policies" / "tests" / "bodies" / "claim-contained-rahos001.json"
+    cases = write_cases(tmp_path / "w.yaml", f"""\
+        version: 1
+        facts:
+          facilities: {{RAHOS001: {{claim_admins: [RHOS0011], keys: [d8a25f21-f36a-4d4d-9e58-1db8ffbe7036],
+                                   claim_admin_keys: [598e43ca-9977-4f4b-a678-992528ce3454]}}}}
+        cases:
+          - name: contained expected to pass
+            request: {{method: POST, path: /fhir/Claim, client: vendor-b, user: RHOS0011, body: {body}}}
+            expect: {{decision: allow, write_firewall: profiles.Claim}}
+        """)
+    assert main(["test", "--config", str(root), str(cases)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [
+        f"FAIL  {cases}:6 contained expected to pass",
+        "      expected: allow  write_firewall=profiles.Claim",
+        "      actual:   deny  403  write.contained_not_allowed  stage=write  rule=claim-submit  "
+        "write_firewall=profiles.Claim.contained",
+    ]
+    assert "      write           deny 403  write.contained_not_allowed  rule=profiles.Claim.contained  " \
+           "element=Claim.contained[0]  -- Claim.contained[0]: a contained Organization is not accepted: openIMIS " \
+           "would create or update it, keyed by its id" in out
+    assert out[-1] == "0 passed, 1 failed"

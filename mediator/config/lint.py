@@ -12,7 +12,8 @@ Each warning is a `ConfigProblem` at the file:line:col of the value concerned, i
   never match;
 * a channel no client can reach: its ip_allowlist admits nobody, no enabled client's networks overlap it,
   or no authorization rule grants any request it routes;
-* policies/authorization.yaml absent (everything is denied).
+* policies/authorization.yaml absent (everything is denied), policies/write_profiles.yaml absent (every
+  write is refused).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def _warning(doc: SourcedDocument | None, file: str, path: Sequence[str | int], 
 
 def config_warnings(config: Config, environ: dict[str, str] | None = None) -> list[ConfigProblem]:
     env = environ if environ is not None else dict(os.environ)
-    return [*_environment(config, env), *_rules(config), *_channels(config)]
+    absent = [] if "write_profiles" in config.policies else [ConfigProblem(
+        "policies/write_profiles.yaml", 1, 1, "warning: the file is absent: every write is refused (write.no_profile)")]
+    return [*_environment(config, env), *_rules(config), *absent, *_channels(config)]
 
 
 def named_environment_variables(config: Config) -> list[tuple[str, tuple[str | int, ...], str, str]]:

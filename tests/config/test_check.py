@@ -200,3 +200,15 @@ def test_check_with_tests_runs_the_policy_tests(tmp_path, capsys):
     assert out[1] == "FAIL  policies/tests/one.yaml:3 metadata is open"
     assert out[-1] == "0 passed, 1 failed"
     assert main(["check", "--config", str(root)]) == 0   # without the option the tests are not run
+
+
+def test_absent_authorization_and_write_profiles_are_warnings(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    (root / "policies" / "authorization.yaml").unlink()
+    (root / "policies" / "write_profiles.yaml").unlink()
+    assert main(["check", "--config", str(root), "--strict"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "policies/authorization.yaml:1:1: warning: the file is absent: every request is denied "
+        "(authorization.no_policy)",
+        "policies/write_profiles.yaml:1:1: warning: the file is absent: every write is refused (write.no_profile)",
+    ]
