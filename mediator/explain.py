@@ -4,8 +4,10 @@ The request goes through `mediator.offline.evaluate`: the same `build_stages` th
 described principal standing in for the authentication stage and in-memory stores, so explain never
 changes shared state (no rate-limit counter in Redis, no replay store entry, no signing key written).
 Nothing is forwarded to openIMIS. The lookups authorization needs (the facility directory, a
-ClaimResponse's owning Claim) are answered from `--facts FILE` (the policy-test facts format, fully
-offline) or, without it, asked of openIMIS with the mediator's own login, as live (GET requests only).
+claim's owner from the claim index, by uuid or code) are answered from `--facts FILE` (the policy-test
+facts format, fully offline) or, without it, asked of openIMIS with the mediator's own login, as live
+(read-only: directory GETs, claim-index queries). An allowed facility-scoped search is reported as such:
+the live mediator answers it from the caller's claims, which is not evaluated offline.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def test_a_failing_file_shows_expected_actual_and_every_stage_and_exits_1(tmp_pa
         "      request         allow     request.no_body",
         "      authorization   deny 403  authorization.owner_other_facility  rule=claim-status  "
         "facilities=JMHOS001  -- owner belongs to another health facility",
-        "                      assumed: GET Claim/Claim002: owned by JMHOS001",
+        "                      assumed: claim index owner of Claim002: owned by JMHOS001",
         "      result: 403 authorization.owner_other_facility",
         f"PASS  {cases}:9 master data",
         f"FAIL  {cases}:12 wrong rule expected",
@@ -203,15 +203,15 @@ def test_a_run_changes_no_shared_state_and_opens_no_connection(tmp_path, capsys,
                               "  replay_store: {redis_url_env: POLICY_TEST_UNSET_REDIS_URL}")
     (root / "policies" / "clients.yaml").write_text(clients)
     limits = (root / "policies" / "rate_limits.yaml").read_text().replace("rate: 120", "rate: 1").replace(
-        "per: [user]\n", "per: [user]\n    burst: 1\n")
+        "per: [user]\n", "per: [user]\n    burst: 2\n")   # one claim-status read costs 2 (its owner lookup)
     (root / "policies" / "rate_limits.yaml").write_text(limits)
     monkeypatch.delenv("OPENIMIS_PASSWORD", raising=False)
     monkeypatch.delenv("POLICY_TEST_UNSET_REDIS_URL", raising=False)
     same = "\n".join(f"""\
           - name: poll {i}
-            request: {{method: GET, path: /fhir/ClaimResponse/Claim001, client: vendor-b, user: RHOS0011}}
+            request: {{method: GET, path: /fhir/ClaimResponse/RAD00001, client: vendor-b, user: RHOS0011}}
             expect: {{decision: allow}}""" for i in range(3))
-    facts = "facts: {facilities: {RAHOS001: {claim_admins: [RHOS0011]}}, claims: {Claim001: RAHOS001}}\n"
+    facts = "facts: {facilities: {RAHOS001: {claim_admins: [RHOS0011]}}, claims: {RAD00001: RAHOS001}}\n"
     cases = write_cases(tmp_path / "cases.yaml", "version: 1\n" + facts + "cases:\n"
                         + textwrap.dedent(same) + "\n")
     assert main(["test", "--config", str(root), str(cases)]) == 0, capsys.readouterr().out
@@ -249,13 +249,27 @@ def test_explain_with_facts_is_offline(tmp_path, capsys):
     root = shipped_copy(tmp_path / "config")
     channels = (root / "channels.yaml").read_text().replace("127.0.0.1:8000", "127.0.0.1:9")   # nothing there
     (root / "channels.yaml").write_text(channels)
-    code = main(["explain", "--config", str(root), "--path", "/fhir/ClaimResponse/Claim001", "--client", "vendor-b",
+    code = main(["explain", "--config", str(root), "--path", "/fhir/ClaimResponse/RAD00001", "--client", "vendor-b",
                  "--roles", "hms,claim-admin", "--facility", "RAHOS001", "--user", "RHOS0011",
                  "--facts", str(REPO / "policies" / "tests" / "facts" / "demo.yaml")])
     out = capsys.readouterr().out.splitlines()
     assert code == 0, out
-    assert "assumed: GET Claim/Claim001: owned by RAHOS001" in out[-2]
+    assert "assumed: claim index owner of RAD00001: owned by RAHOS001" in out[-2]
     assert out[-1] == "result: allowed; the live mediator would forward this request to openIMIS"
+
+
+def test_explain_with_facts_reports_a_scoped_search_as_not_evaluated_offline(tmp_path, capsys):
+    root = shipped_copy(tmp_path / "config")
+    channels = (root / "channels.yaml").read_text().replace("127.0.0.1:8000", "127.0.0.1:9")   # nothing there
+    (root / "channels.yaml").write_text(channels)
+    code = main(["explain", "--config", str(root), "--path", "/fhir/ClaimResponse?_count=5", "--client", "vendor-b",
+                 "--roles", "hms,claim-admin", "--facility", "RAHOS001", "--user", "RHOS0011",
+                 "--facts", str(REPO / "policies" / "tests" / "facts" / "demo.yaml")])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0, out
+    assert not any("assumed:" in line for line in out)   # deciding it needs no lookup; serving it would
+    assert out[-1] == ("result: allowed; the live mediator would answer this search itself from the claims of "
+                       "facility RAHOS001 (openIMIS's claim index); the page's entries are not evaluated offline")
 
 
 def test_the_readme_explain_example_prints_what_the_readme_says():
@@ -372,3 +386,33 @@ def test_a_wrong_write_firewall_expectation_shows_the_rule_and_element_that_deci
            "element=Claim.contained[0]  -- Claim.contained[0]: a contained Organization is not accepted: openIMIS " \
            "would create or update it, keyed by its id" in out
     assert out[-1] == "0 passed, 1 failed"
+
+
+async def test_the_offline_upstream_answers_the_claim_index_owner_lookup_from_facts_and_nothing_else():
+    """The live ClaimIndex asks the offline stand-in: owner by code or uuid from the facts (the facility
+    named by its assumed uuid), an unknown claim is None, any other index question fails closed."""
+    import yaml
+
+    from mediator.bulkhead import UpstreamGuard
+    from mediator.claim_index import ClaimIndex
+    from mediator.config.models import UpstreamConfig
+    from mediator.facilities import LookupFailed
+    from mediator.offline import AssumedFacts, OfflineUpstream
+
+    facts = AssumedFacts.model_validate(yaml.safe_load((REPO / "policies/tests/facts/demo.yaml").read_text()))
+    config = UpstreamConfig.model_validate({"base_url": "http://127.0.0.1:9/api/api_fhir_r4/"})
+    upstream = OfflineUpstream("openimis", config, "https://mediator.example.org/fhir/", facts)
+    index = ClaimIndex(upstream, UpstreamGuard.build("openimis", config.bulkhead, config.circuit_breaker),
+                       "/api/graphql", 5)
+    by_code = await index.owner("RAD00001", 0, "t")
+    by_uuid = await index.owner("9a1b2c3d-0000-4000-8000-00000000a001", 0, "t")
+    assert by_code is not None and by_code.facility_uuid == "d8a25f21-f36a-4d4d-9e58-1db8ffbe7036"
+    assert by_uuid is not None and by_uuid.facility_uuid == "026e088a-fbd5-474e-8d42-069958a34127"
+    assert facts.snapshot().facility_of_organization(by_code.facility_uuid) == "RAHOS001"
+    assert await index.owner("NOSUCH01", 0, "t") is None
+    with pytest.raises(LookupFailed):
+        await index.page("d8a25f21-f36a-4d4d-9e58-1db8ffbe7036", 0, 10, 0, "t")
+    assert upstream.lookups == ["claim index owner of RAD00001: owned by RAHOS001",
+                                "claim index owner of 9a1b2c3d-0000-4000-8000-00000000a001: owned by JMHOS001",
+                                "claim index owner of NOSUCH01: no such claim in the assumed facts",
+                                "POST /api/graphql: not answerable offline"]

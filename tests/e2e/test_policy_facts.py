@@ -37,6 +37,8 @@ async def test_the_shipped_facts_match_the_real_openimis_directory(openimis: Any
     assumed = facts.snapshot()
     checked = 0
     for code, facility in facts.facilities.items():
+        # The uuid the offline claim index names the facility by is the one openIMIS's index filters by.
+        assert (code, real.uuid_of_facility(code)) == (code, assumed.uuid_of_facility(code))
         for key in (code, *facility.keys):
             assert (key, real.facility_of_organization(key)) == (key, code)
             assert assumed.facility_of_organization(key) == code
