@@ -30,6 +30,7 @@ from mediator.pipeline import Exchange, Pipeline, request_id_for
 from mediator.readiness import Readiness
 from mediator.redis_store import RedisStore
 from mediator.replica.service import Replica
+from mediator.request_view import RequestView
 from mediator.stages import build_stages
 from mediator.stages.client_ip import ClientIpPolicy
 from mediator.upstream import OpenImisUpstream
@@ -180,7 +181,7 @@ async def _handle_fhir(request: web.Request, runtime: Runtime) -> web.StreamResp
     """The request chain (mediator.chain), then the record of its outcome: metrics, access log, audit."""
     metrics = request.app[METRICS]
     started = time.perf_counter()
-    exchange = Exchange(request, request_id_for(request))
+    exchange = Exchange(RequestView.from_aiohttp(request), request_id_for(request))
     exchange.body_read_timeout_s = runtime.config.channels.server.limits.body_read_timeout_s
     log_context = bind_request_id(exchange.request_id)
     response = await runtime.chain.run(exchange)

@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from mediator.request_view import RequestView
+
 RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 # https://hl7.org/fhir/R4/datatypes.html#id ; openIMIS ids are UUIDs or codes, both fit.
 RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -136,7 +138,7 @@ def operation_outcome(status: int, reason: str, message: str, severity: str = "e
     }
 
 
-def wants_fhir_json(request: web.Request) -> bool:
+def wants_fhir_json(request: RequestView) -> bool:
     fmt = request.query.get("_format", "")
     return FHIR_JSON in request.headers.get("Accept", "") or fmt in ("json", FHIR_JSON) or \
         request.headers.get("Content-Type", "").startswith(FHIR_JSON)

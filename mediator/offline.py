@@ -30,8 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp.test_utils import make_mocked_request
-from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from pydantic import model_validator
 from yarl import URL
@@ -44,6 +42,7 @@ from mediator.facilities import FacilitySnapshot, StaticFacilityDirectory
 from mediator.fhir import PLAIN_JSON
 from mediator.pipeline import Decision, Exchange, Pipeline, Principal
 from mediator.redis_store import RedisStore
+from mediator.request_view import RequestView
 from mediator.stages import build_stages
 from mediator.stages.authentication import unauthenticated
 from mediator.stages.authorization_search import ScopedSearch
@@ -211,21 +210,6 @@ class DescribedRequest:
     client_ip: str = "127.0.0.1"
 
 
-class _Peer:
-    """The transport of the offline request, reporting the described client address."""
-
-    def __init__(self, ip: str) -> None:
-        self._ip = ip
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
-            return (self._ip, 50000)
-        return default
-
-    def is_closing(self) -> bool:
-        return False
-
-
 @dataclass(slots=True)
 class Explanation:
     """Every stage's decision for one described request, the authorization record, the final denial."""
@@ -287,12 +271,11 @@ class Explanation:
         return out
 
 
-def offline_request(request: DescribedRequest) -> Any:
-    headers = CIMultiDict(request.headers)
-    if request.body is not None and "Content-Type" not in headers:
+def offline_request(request: DescribedRequest) -> RequestView:
+    headers = dict(request.headers)
+    if request.body is not None and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/fhir+json"
-    return make_mocked_request(request.method.upper(), request.path, headers=headers,
-                               transport=_Peer(request.client_ip))
+    return RequestView.described(request.method, request.path, headers, request.client_ip)
 
 
 async def evaluate(config: Config, request: DescribedRequest, principal: Principal | Decision | None,

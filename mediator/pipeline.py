@@ -20,6 +20,7 @@ from aiohttp import web
 
 from mediator.decision import Decision as Decision  # re-exported: mediator.pipeline.Decision
 from mediator.errors import MediatorError
+from mediator.request_view import RequestView
 
 if TYPE_CHECKING:
     from mediator.fhir import FhirRequest
@@ -105,7 +106,8 @@ class BodyReadTimeout(MediatorError):
 class Exchange:
     """What the pipeline knows about one request so far. Created per request; not shared."""
 
-    request: web.Request
+    request: RequestView
+    """The request as received, parsed once by the adapter (the HTTP handler, or offline evaluation)."""
     request_id: str
     client_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     fhir: FhirRequest | None = None
@@ -152,7 +154,9 @@ class Exchange:
     async def _read(self, max_bytes: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        async for chunk in self.request.content.iter_chunked(65536):
+        if self.request.body is None:
+            return b""
+        async for chunk in self.request.body:
             size += len(chunk)
             if size > max_bytes:
                 raise BodyTooLarge()
@@ -163,7 +167,7 @@ class Exchange:
 class LocalAnswer(Protocol):
     """An answer built by the mediator from its own openIMIS requests (each inside the upstream's guard)."""
 
-    async def run(self, request: web.Request, client_ip: str, request_id: str, priority: int,
+    async def run(self, request: RequestView, client_ip: str, request_id: str, priority: int,
                   timeout_s: float) -> web.Response: ...
 
 

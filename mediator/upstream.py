@@ -28,6 +28,7 @@ from mediator.config.models import UpstreamConfig
 from mediator.errors import MediatorError
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, operation_outcome_response, wants_fhir_json
 from mediator.logs import JsonEvent
+from mediator.request_view import RequestView
 
 log = logging.getLogger("mediator.upstream")
 
@@ -230,7 +231,7 @@ class OpenImisUpstream:
             url += "?" + raw_query
         return URL(url, encoded=True)
 
-    def _headers(self, request: web.Request, token: str | None, client_ip: str, request_id: str,
+    def _headers(self, request: RequestView, token: str | None, client_ip: str, request_id: str,
                  has_body: bool) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS_TO_KEEP}
         headers["Accept"] = PLAIN_JSON
@@ -267,7 +268,7 @@ class OpenImisUpstream:
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(type(exc).__name__) from exc
 
-    async def forward(self, request: web.Request, relative_path: str, body: bytes | None,
+    async def forward(self, request: RequestView, relative_path: str, body: bytes | None,
                       client_ip: str, request_id: str, timeout_s: float, *, method: str | None = None,
                       raw_query: str | None = None) -> web.Response:
         """`method`/`raw_query` default to the request's; a batch entry gives its own (POST, none)."""
@@ -276,13 +277,13 @@ class OpenImisUpstream:
         try:
             return await self._forward(request, relative_path, body, client_ip, request_id, timeout_s,
                                        method or request.method,
-                                       request.rel_url.raw_query_string if raw_query is None else raw_query)
+                                       request.raw_query_string if raw_query is None else raw_query)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def _forward(self, request: web.Request, relative_path: str, body: bytes | None,
+    async def _forward(self, request: RequestView, relative_path: str, body: bytes | None,
                        client_ip: str, request_id: str, timeout_s: float, method: str,
                        raw_query: str) -> web.Response:
         url = self.upstream_url(relative_path, raw_query)
@@ -296,7 +297,7 @@ class OpenImisUpstream:
             reply = await self.send(method, url, headers, body, timeout_s)
         return self.to_client(request, reply)
 
-    def to_client(self, request: web.Request, reply: UpstreamReply) -> web.Response:
+    def to_client(self, request: RequestView, reply: UpstreamReply) -> web.Response:
         headers = {k: v for k, v in reply.headers.items() if k.lower() in RESPONSE_HEADERS_TO_KEEP}
         location = reply.headers.get("Location")
         if location:

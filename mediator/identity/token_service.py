@@ -29,6 +29,7 @@ from mediator.identity.keys import ACCESS_TOKEN_TYPE, SIGNING_ALGORITHM, public_
 from mediator.identity.replay import ReplayStoreUnavailable
 from mediator.identity.verify import Expectations, Failure, unverified_claims, unverified_header
 from mediator.pipeline import Decision, Exchange, request_id_for
+from mediator.request_view import RequestView
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage, IPAddress
 
 log = logging.getLogger("mediator.identity")
@@ -165,7 +166,7 @@ def _client_named_by(identity: Identity, assertion: str, client_id: str | None) 
 
 async def _client_address(request: web.Request, policy: ClientIpPolicy) -> IPAddress | None:
     # The one strict resolver (STYLE rule 8), exactly as the pipeline runs it.
-    exchange = Exchange(request, "token")
+    exchange = Exchange(RequestView.from_aiohttp(request), "token")
     decision = await ClientIpStage(policy).run(exchange)
     return exchange.client_ip if decision.allow else None
 

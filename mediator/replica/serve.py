@@ -25,6 +25,7 @@ from mediator.pipeline import Decision
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import SearchQuery, StoredResource, SyncState, parse_instant
 from mediator.replica.store import ReplicaStore, ReplicaStoreError
+from mediator.request_view import RequestView
 
 SEARCH_PARAMETERS = frozenset({"_count", "page-offset", "identifier", "code", "name", "name:contains",
                                "_lastUpdated", "_format"})
@@ -63,14 +64,14 @@ class ParsedSearch:
     """Filters as given, in a fixed order, for self/next links."""
 
 
-def _single(request: web.Request, key: str) -> str | None:
+def _single(request: RequestView, key: str) -> str | None:
     values = request.query.getall(key, [])
     if len(values) > 1:
         raise InvalidSearch("replica.invalid_parameter", f"{key} may be given only once")
     return values[0] if values else None
 
 
-def parse_search(request: web.Request, policy: ReplicaPolicy) -> ParsedSearch:
+def parse_search(request: RequestView, policy: ReplicaPolicy) -> ParsedSearch:
     unknown = sorted(set(request.query) - SEARCH_PARAMETERS)
     if unknown:
         # openIMIS silently ignores unknown parameters and answers everything; we say so instead.
@@ -141,7 +142,7 @@ class ReplicaReader:
     def serves(self, fhir: FhirRequest) -> bool:
         return fhir.interaction in ("read", "search-type") and fhir.resource_type in self.served_types
 
-    async def answer(self, request: web.Request, fhir: FhirRequest) -> Answer | None:
+    async def answer(self, request: RequestView, fhir: FhirRequest) -> Answer | None:
         """The replica's response, or None when the channel's upstream should answer instead."""
         if not self.serves(fhir):
             return None
@@ -170,7 +171,7 @@ class ReplicaReader:
         self.metrics.replica_requests.labels(rtype, outcome).inc()
         return Answer(operation_outcome_response(status, reason, message), reason)
 
-    async def _read(self, request: web.Request, state: SyncState, rtype: str, key: str) -> Answer:
+    async def _read(self, request: RequestView, state: SyncState, rtype: str, key: str) -> Answer:
         record = await self.store.get(state.generation, rtype, key)
         if record is None:
             record = await self.store.get_by_code(state.generation, rtype, key)
@@ -178,7 +179,7 @@ class ReplicaReader:
             return self._refuse(rtype, "not_found", 404, "replica.not_found", f"{rtype}/{key} is not in the replica")
         return self._respond(request, state, rtype, record.body, f'W/"{record.digest}"', record.last_updated)
 
-    async def _search(self, request: web.Request, state: SyncState, rtype: str) -> Answer:
+    async def _search(self, request: RequestView, state: SyncState, rtype: str) -> Answer:
         try:
             search = parse_search(request, self.policy)
         except InvalidSearch as exc:
@@ -212,7 +213,7 @@ class ReplicaReader:
             + b',"resource":' + r.body + b',"search":{"mode":"match"}}' for r in items)
         return head + b',"entry":[' + entries + b"]}"
 
-    def _respond(self, request: web.Request, state: SyncState, rtype: str, body: bytes, etag: str,
+    def _respond(self, request: RequestView, state: SyncState, rtype: str, body: bytes, etag: str,
                  last_modified: float) -> Answer:
         age = max(0.0, self.clock() - state.last_success)
         headers = {"ETag": etag, "Last-Modified": formatdate(last_modified, usegmt=True),

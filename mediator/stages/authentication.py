@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -278,13 +277,7 @@ def read_credentials(exchange: Exchange) -> Credentials | Decision:
     for name in ("Authorization", USER_TOKEN_HEADER, USER_NAME_HEADER):
         if len(headers.getall(name, [])) > 1:
             return Decision.denied("authentication.repeated_header", 400, f"more than one {name} header")
-    certificate = None
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-        der = ssl_object.getpeercert(binary_form=True)
-        if der:
-            certificate = describe_certificate(der)
+    certificate = describe_certificate(request.peer_certificate) if request.peer_certificate else None
     return Credentials(headers.get("Authorization"), certificate, headers.get(USER_TOKEN_HEADER),
                        headers.get(USER_NAME_HEADER))
 

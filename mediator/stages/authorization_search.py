@@ -43,6 +43,7 @@ from mediator.claim_index import ClaimIndex, IndexedClaim, IndexPage
 from mediator.facilities import LookupFailed
 from mediator.fhir import operation_outcome_response
 from mediator.pipeline import Decision
+from mediator.request_view import RequestView
 from mediator.upstream import OpenImisUpstream
 
 log = logging.getLogger("mediator.authorization")
@@ -225,7 +226,7 @@ class ScopedSearch:
         if self.observe is not None:
             self.observe(self.search.resource_type, outcome)
 
-    async def run(self, request: web.Request, client_ip: str, request_id: str, priority: int,
+    async def run(self, request: RequestView, client_ip: str, request_id: str, priority: int,
                   timeout_s: float) -> web.Response:
         try:
             return await self._run(request, client_ip, request_id, priority, timeout_s)
@@ -236,7 +237,7 @@ class ScopedSearch:
                                               f"openIMIS did not answer the search properly; quote request id "
                                               f"{request_id}")
 
-    async def _run(self, request: web.Request, client_ip: str, request_id: str, priority: int,
+    async def _run(self, request: RequestView, client_ip: str, request_id: str, priority: int,
                    timeout_s: float) -> web.Response:
         search = self.search
         code = uuid = None
@@ -273,7 +274,7 @@ class ScopedSearch:
                             if "fhir+json" in request.headers.get("Accept", "") else "application/json",
                             charset="utf-8")
 
-    async def _window(self, request: web.Request, named: tuple[IndexedClaim, ...], client_ip: str,
+    async def _window(self, request: RequestView, named: tuple[IndexedClaim, ...], client_ip: str,
                       request_id: str, priority: int, timeout_s: float) -> Mapping[str, Any]:
         query = self.search.window_query(named[0], len(named), self.window_entries)
         document = await self._get(request, self.search.resource_type, query, client_ip, request_id, priority,
@@ -282,7 +283,7 @@ class ScopedSearch:
             raise LookupFailed("search window is not a Bundle")
         return document
 
-    async def _read(self, request: web.Request, claim: IndexedClaim, client_ip: str, request_id: str,
+    async def _read(self, request: RequestView, claim: IndexedClaim, client_ip: str, request_id: str,
                     priority: int, timeout_s: float) -> Mapping[str, Any]:
         """One named claim read by uuid, as a one-entry window."""
         rtype = self.search.resource_type
@@ -292,7 +293,7 @@ class ScopedSearch:
         return {"resourceType": "Bundle", "entry": [
             {"fullUrl": f"{self.upstream.public_base_url.rstrip('/')}/{rtype}/{claim.uuid}", "resource": document}]}
 
-    async def _get(self, request: web.Request, path: str, query: str, client_ip: str, request_id: str,
+    async def _get(self, request: RequestView, path: str, query: str, client_ip: str, request_id: str,
                    priority: int, timeout_s: float) -> dict[str, Any]:
         response = await self.guard.call(priority, lambda: self.upstream.forward(
             request, path, None, client_ip, request_id, timeout_s, method="GET", raw_query=query))

@@ -7,12 +7,11 @@ import json
 import sys
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
-from multidict import CIMultiDict
 
 from mediator.config.models import LimitsConfig
 from mediator.fhir import parse_fhir_path
 from mediator.pipeline import Decision, Exchange, Pipeline
+from mediator.request_view import RequestView
 from mediator.stages import ORDER
 from mediator.stages.rate_limit import request_cost
 from mediator.stages.request_body import RequestBodyStage, nesting_depth_exceeds, parse_json
@@ -24,7 +23,7 @@ LIMITS = LimitsConfig(max_json_depth=32, max_bundle_entries=10)
 
 
 def _exchange(method: str, path: str, body: bytes, content_type: str = "application/fhir+json") -> Exchange:
-    request = make_mocked_request(method, path, headers=CIMultiDict({"Content-Type": content_type}))
+    request = RequestView.described(method, path, {"Content-Type": content_type})
     exchange = Exchange(request, "test-request", _body=body)
     exchange.fhir = parse_fhir_path(method, path.removeprefix("/fhir"))
     return exchange

@@ -478,13 +478,12 @@ async def test_an_edited_profile_applies_on_reload_and_a_broken_one_keeps_the_ol
 
 
 def test_the_audit_event_names_the_element_and_rule_never_a_value() -> None:
-    from aiohttp.test_utils import make_mocked_request
-
     from mediator.audit import audit_event
     from mediator.fhir import parse_fhir_path
     from mediator.pipeline import Exchange
+    from mediator.request_view import RequestView
 
-    exchange = Exchange(make_mocked_request("POST", "/fhir/Claim"), "req-1")
+    exchange = Exchange(RequestView.described("POST", "/fhir/Claim"), "req-1")
     exchange.fhir = parse_fhir_path("POST", "/Claim")
     exchange.write_check = _check(contained_variant("Medication"))
     event = audit_event(exchange, 403, exchange.write_check.decision.reason, 0.0)
