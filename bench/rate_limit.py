@@ -13,8 +13,9 @@ import time
 import uuid
 
 from mediator.config.models import RedisConfig
+from mediator.gcra import GcraLimit, LocalGcraStore
 from mediator.redis_store import RedisStore
-from mediator.stages.rate_limit import GcraLimit, LocalGcraStore, RedisGcraStore
+from mediator.stages.rate_limit import RedisGcraStore
 
 LIMITS = [GcraLimit("per-client", 600, 60, 100_000, 10_000_000, 100),
           GcraLimit("per-user", 120, 60, 500_000, 60_000_000, 120)]

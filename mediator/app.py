@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from mediator.addresses import ClientIpPolicy
 from mediator.audit import AuditLog
 from mediator.bulkhead import UpstreamGuard
 from mediator.chain import RequestChain, Upstreams
@@ -32,7 +33,6 @@ from mediator.redis_store import RedisStore
 from mediator.replica.service import Replica
 from mediator.request_view import RequestView
 from mediator.stages import build_stages
-from mediator.stages.client_ip import ClientIpPolicy
 from mediator.upstream import OpenImisUpstream
 
 log = logging.getLogger("mediator")

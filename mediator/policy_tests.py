@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from mediator.addresses import IpSetTable
 from mediator.config import Config, validate_document
 from mediator.config.clients import ClientsPolicy
 from mediator.config.models import Strict
@@ -33,7 +34,6 @@ from mediator.errors import ConfigError, ConfigProblem
 from mediator.offline import AssumedFacts, DescribedRequest, Explanation, evaluate
 from mediator.pipeline import Decision, Principal
 from mediator.stages.authentication import USER_NAME_PATTERN
-from mediator.stages.ip_allowlist import IpSetTable
 
 DEFAULT_CASES = "policies/tests"
 

@@ -18,7 +18,6 @@ import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,9 +25,11 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from joserfc.jwk import ECKey, KeySet
 
+from mediator.addresses import CompiledIpSet, IPAddress, IpSetTable
 from mediator.config import Config
 from mediator.config.clients import ClientEntry, ClientsPolicy, KeySource, TokenService
 from mediator.errors import MediatorError
+from mediator.gcra import GcraLimit, LocalGcraStore
 from mediator.identity.keys import (
     JwksCache,
     load_jwks_file,
@@ -37,10 +38,6 @@ from mediator.identity.keys import (
 )
 from mediator.identity.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
 from mediator.identity.verify import Expectations, Failure, Verified, VerifiedTokenCache, verify
-
-if TYPE_CHECKING:
-    from mediator.stages.client_ip import IPAddress
-    from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
 
 POLICY_KEY = "clients"
 VERIFIED_TOKENS_PER_SIGNER = 4096
@@ -123,9 +120,6 @@ class Identity:
         self.signing_keys = KeySet([signing_key]) if signing_key is not None else KeySet([])
         self.access_tokens = VerifiedTokenCache(VERIFIED_TOKENS_PER_SIGNER)
         """Signature checks of our own access tokens (sent with every request until they expire)."""
-        # Imported here: mediator.stages imports this package (the authentication stage).
-        from mediator.stages.rate_limit import GcraLimit, LocalGcraStore
-
         self.token_requests = LocalGcraStore(max_keys=10_000)
         """Per-address admission to POST /auth/token (token_service.requests_per_minute_per_address)."""
         rate = service.requests_per_minute_per_address if service is not None else 60
@@ -139,9 +133,6 @@ class Identity:
     @classmethod
     def from_config(cls, config: Config, previous: Identity | None = None) -> Identity:
         """`previous`: the running Identity on a reload; its live parts are taken over where unchanged."""
-        # Imported here: mediator.stages imports this package (the authentication stage).
-        from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
-
         base = config.channels.server.public_base_url
         parts = urlsplit(base)
         origin = f"{parts.scheme}://{parts.netloc}"

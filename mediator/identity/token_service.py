@@ -24,13 +24,12 @@ from authlib.oauth2.rfc6749 import errors as oauth_errors
 from authlib.oauth2.rfc6749.util import list_to_scope, scope_to_list
 from joserfc import jwt
 
+from mediator.addresses import ClientIpPolicy, IPAddress, client_address
 from mediator.identity import Identity, RegisteredClient
 from mediator.identity.keys import ACCESS_TOKEN_TYPE, SIGNING_ALGORITHM, public_jwks
 from mediator.identity.replay import ReplayStoreUnavailable
 from mediator.identity.verify import Expectations, Failure, unverified_claims, unverified_header
-from mediator.pipeline import Decision, Exchange, request_id_for
-from mediator.request_view import RequestView
-from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage, IPAddress
+from mediator.pipeline import Decision, request_id_for
 
 log = logging.getLogger("mediator.identity")
 
@@ -165,10 +164,9 @@ def _client_named_by(identity: Identity, assertion: str, client_id: str | None) 
 
 
 async def _client_address(request: web.Request, policy: ClientIpPolicy) -> IPAddress | None:
-    # The one strict resolver (STYLE rule 8), exactly as the pipeline runs it.
-    exchange = Exchange(RequestView.from_aiohttp(request), "token")
-    decision = await ClientIpStage(policy).run(exchange)
-    return exchange.client_ip if decision.allow else None
+    # The one strict resolver (STYLE rule 8), the one the client_ip stage runs.
+    decision, address = client_address(request.remote, request.headers, policy)
+    return address if decision.allow else None
 
 
 Recorder = Callable[[str, Decision], None]

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 
+from mediator.addresses import ClientIpPolicy, IpSetTable
 from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
 from mediator.facilities import FacilityDirectory
@@ -23,8 +24,8 @@ from mediator.stages.authentication import AuthenticationStage, VouchedUsers
 from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
-from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
-from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
+from mediator.stages.client_ip import ClientIpStage
+from mediator.stages.ip_allowlist import IpAllowlistStage
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
 from mediator.stages.request_body import RequestBodyStage
 from mediator.stages.write_firewall import WriteFirewallStage

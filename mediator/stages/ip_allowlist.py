@@ -7,42 +7,8 @@ The same engine (`IpSetTable.allows`) serves per-client allowlists in the authen
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable
-from dataclasses import dataclass
-
-from mediator.config import Config
-from mediator.config.models import IpAllowlistPolicy
+from mediator.addresses import IPAddress, IpSetTable
 from mediator.pipeline import Decision, Exchange
-from mediator.stages.client_ip import IPAddress, IPNetwork, in_networks
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledIpSet:
-    allow: tuple[IPNetwork, ...]
-    deny: tuple[IPNetwork, ...]
-
-    def contains(self, address: IPAddress) -> bool:
-        return in_networks(address, self.allow) and not in_networks(address, self.deny)
-
-
-@dataclass(frozen=True, slots=True)
-class IpSetTable:
-    sets: dict[str, CompiledIpSet]
-    unlisted_unrestricted: bool
-
-    @classmethod
-    def from_config(cls, config: Config) -> IpSetTable:
-        policy = config.policy("ip_allowlist", IpAllowlistPolicy)
-        sets = {
-            name: CompiledIpSet(tuple(ipaddress.ip_network(c) for c in s.allow),
-                                tuple(ipaddress.ip_network(c) for c in s.deny))
-            for name, s in policy.ip_sets.items()
-        }
-        return cls(sets, policy.unlisted_channels == "unrestricted")
-
-    def allows(self, address: IPAddress, set_names: Iterable[str]) -> bool:
-        return any(self.sets[name].contains(address) for name in set_names)
 
 
 def decide(address: IPAddress | None, channel_sets: tuple[str, ...] | None, table: IpSetTable) -> Decision:

@@ -9,9 +9,9 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mediator.stages import client_ip, ip_allowlist
-from mediator.stages.client_ip import ClientIpPolicy, IPAddress, IPNetwork
-from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable
+from mediator import addresses as address_module
+from mediator.addresses import ClientIpPolicy, CompiledIpSet, IPAddress, IPNetwork, IpSetTable
+from mediator.stages import ip_allowlist
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
 
@@ -117,7 +117,7 @@ def test_resolver_picks_the_first_untrusted_hop_from_the_right(case: tuple[list[
     trusted, chain = case
     *forwarded, peer = chain
     header = [", ".join(str(a) for a in forwarded)] if forwarded else []
-    decision, address = client_ip.decide(str(peer), header, _policy(trusted))
+    decision, address = address_module.resolve_client_ip(str(peer), header, _policy(trusted))
     assert decision.allow
     if not any(in_range(as_seen(peer), n) for n in trusted):
         # An untrusted peer's header is never read at all.
@@ -139,7 +139,7 @@ header_text = st.text(alphabet=st.sampled_from(list("0123456789abcdef:.,[] %\t;u
        st.lists(networks(), max_size=3), st.integers(1, 64))
 def test_resolver_never_raises_and_denies_with_a_client_ip_reason(peer: str | None, headers: list[str],
                                                                   trusted: list[IPNetwork], hops: int) -> None:
-    decision, address = client_ip.decide(peer, headers, _policy(trusted, hops))
+    decision, address = address_module.resolve_client_ip(peer, headers, _policy(trusted, hops))
     if decision.allow:
         assert address is not None
     else:
@@ -155,7 +155,7 @@ def test_garbage_left_of_the_client_is_ignored(case: tuple[list[IPNetwork], list
     *forwarded, peer = chain
     clean = [", ".join(str(a) for a in forwarded)] if forwarded else []
     dirty = [", ".join([garbage.replace(",", "")] + [str(a) for a in forwarded])]
-    before, who = client_ip.decide(str(peer), clean, _policy(trusted))
-    after, who_after = client_ip.decide(str(peer), dirty, _policy(trusted))
+    before, who = address_module.resolve_client_ip(str(peer), clean, _policy(trusted))
+    after, who_after = address_module.resolve_client_ip(str(peer), dirty, _policy(trusted))
     if who is not None and any(not any(in_range(as_seen(h), n) for n in trusted) for h in chain):
         assert (after.allow, who_after) == (before.allow, who)

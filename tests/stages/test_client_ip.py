@@ -3,7 +3,8 @@ import ipaddress
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from mediator.stages.client_ip import ClientIpPolicy, decide
+from mediator.addresses import ClientIpPolicy
+from mediator.addresses import resolve_client_ip as decide
 from tests.conftest import channels_yaml, upstream_url
 
 PROXIES = ClientIpPolicy((ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64")), 5)
@@ -112,4 +113,4 @@ def test_nothing_else_reads_forwarding_headers():
 
     reading = re.compile(r"""headers\.(get|getall|getone)\(\s*["'](x-forwarded-for|forwarded)["']""", re.I)
     readers = sorted(p.name for p in Path(mediator.__file__).parent.rglob("*.py") if reading.search(p.read_text()))
-    assert readers == ["client_ip.py"]
+    assert readers == ["addresses.py"]

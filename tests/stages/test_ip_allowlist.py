@@ -2,7 +2,8 @@ import ipaddress
 
 import pytest
 
-from mediator.stages.ip_allowlist import CompiledIpSet, IpSetTable, decide
+from mediator.addresses import CompiledIpSet, IpSetTable
+from mediator.stages.ip_allowlist import decide
 from tests.conftest import channels_yaml, upstream_url
 
 

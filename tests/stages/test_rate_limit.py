@@ -13,9 +13,10 @@ import pytest
 from mediator.app import METRICS
 from mediator.config import load_config
 from mediator.config.models import RedisConfig
+from mediator.gcra import GcraLimit, LocalGcraStore, decide, gcra
 from mediator.pipeline import Exchange, Principal
 from mediator.redis_store import RedisStore
-from mediator.stages.rate_limit import GcraLimit, LocalGcraStore, RedisGcraStore, decide, gcra, key_for
+from mediator.stages.rate_limit import RedisGcraStore, key_for
 from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, config_problems, upstream_url, write_config
 from tests.load_helpers import (
     SHARED_REDIS,
