@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from mediator.facilities import FacilitySnapshot, identifier_values, reference_id
-
-FACILITY_BOUND = frozenset({"Claim", "ClaimResponse", "CommunicationRequest", "CoverageEligibilityRequest"})
-"""Resource types whose access is checked against the caller's health facilities. ClaimResponse and
-CommunicationRequest ids equal the id of the Claim they belong to (openIMIS serves both from Claim)."""
-OWNED_BY_CLAIM = frozenset({"Claim", "ClaimResponse", "CommunicationRequest"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,3 +171,34 @@ def eligibility_facts(request: Mapping[str, Any], snapshot: FacilitySnapshot) ->
 def is_unresolved(facts: FacilityFacts) -> bool:
     """True for problems a fresher directory might fix (a facility or claim admin added recently)."""
     return facts.problem is not None and facts.problem.endswith("_unresolved")
+
+
+BodyFacts = Callable[[Mapping[str, Any], FacilitySnapshot], FacilityFacts]
+
+
+@dataclass(frozen=True, slots=True)
+class FacilityBinding:
+    """How one resource type is tied to a health facility (one entry of FACILITY_BINDINGS)."""
+
+    through_claim: bool
+    """Its facility is that of its Claim: reads, updates and deletes look the claim's owner up (openIMIS
+    serves ClaimResponse and CommunicationRequest from the Claim, with the Claim's id)."""
+    body_facts: BodyFacts | None = None
+    """The facilities a body of this type names (creates/updates in `body_letters`)."""
+    body_letters: str = ""
+    body_name: str = "request"
+    """How a refusal names the body that cannot be read ("the claim body cannot be read")."""
+
+
+FACILITY_BINDINGS: Mapping[str, FacilityBinding] = MappingProxyType({
+    "Claim": FacilityBinding(through_claim=True, body_facts=claim_facts, body_letters="cu", body_name="claim"),
+    "ClaimResponse": FacilityBinding(through_claim=True),
+    "CommunicationRequest": FacilityBinding(through_claim=True),
+    "CoverageEligibilityRequest": FacilityBinding(through_claim=False, body_facts=eligibility_facts,
+                                                  body_letters="c"),
+})
+"""Every facility-bound resource type, in one place: adding one is one entry here (plus its test)."""
+
+FACILITY_BOUND = frozenset(FACILITY_BINDINGS)
+"""Resource types whose access is checked against the caller's health facilities."""
+OWNED_BY_CLAIM = frozenset(name for name, binding in FACILITY_BINDINGS.items() if binding.through_claim)

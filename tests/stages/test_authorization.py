@@ -30,7 +30,7 @@ from mediator.identity.client import client_assertion
 from mediator.pipeline import Decision, Pipeline, Principal
 from mediator.sandbox import load_fixtures
 from mediator.stages.authentication import AuthenticationStage
-from mediator.stages.authorization import Access, evaluate, token_permissions
+from mediator.stages.authorization_policy import Access, evaluate, token_permissions
 from mediator.tls import server_context
 from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, config_problems, upstream_url, write_config
 from tests.identity.kit import (
@@ -291,6 +291,39 @@ def test_owner_and_eligibility_facts():
     assert eligibility_facts({"provider": _org_ref(RA_UUID)}, snapshot).bindings == (("provider", "RAHOS001"),)
     assert eligibility_facts({"facility": {"reference": "Location/JMHOS001"}}, snapshot).bindings == \
         (("location", "JMHOS001"),)
+
+
+@pytest.mark.parametrize(("access", "resource", "owner", "expected"), [
+    # Claim: its owner on read/update/delete, its body on create/update (both on update).
+    (Access("Claim", "r", None, "x"), None, "Claim001", ((("owner", "RAHOS001"),), None)),
+    (Access("Claim", "c", None), "claim", None, (None, None)),
+    (Access("Claim", "c", None), None, None, ((), "facility_unverifiable")),
+    # ClaimResponse and CommunicationRequest: through their Claim only.
+    (Access("ClaimResponse", "r", None, "x"), None, "Claim001", ((("owner", "RAHOS001"),), None)),
+    (Access("CommunicationRequest", "d", None, "x"), None, None, ((), "owner_not_found")),
+    # CoverageEligibilityRequest: its body on create; it cannot be read back through a claim.
+    (Access("CoverageEligibilityRequest", "c", None), {"facility": {"reference": "Location/JMHOS001"}}, None,
+     ((("location", "JMHOS001"),), None)),
+    (Access("CoverageEligibilityRequest", "r", None, "x"), None, None, ((), "facility_unverifiable")),
+])
+def test_the_facility_binding_table(access, resource, owner, expected):
+    from mediator.facility_scope import FACILITY_BINDINGS, FACILITY_BOUND, OWNED_BY_CLAIM
+    from mediator.stages.authorization_facts import facts_from
+
+    assert FACILITY_BOUND == set(FACILITY_BINDINGS) == {"Claim", "ClaimResponse", "CommunicationRequest",
+                                                        "CoverageEligibilityRequest"}
+    assert OWNED_BY_CLAIM == {"Claim", "ClaimResponse", "CommunicationRequest"}
+    snapshot = _snapshot()
+    body = _claim() if resource == "claim" else resource
+    binding = FACILITY_BINDINGS[access.resource_type]
+    owner_needed = binding.through_claim and access.letter in "rud"
+    facts = facts_from(access, body, _store()["Claim"][owner] if owner else None, owner_needed, snapshot)
+    bindings, problem = expected
+    assert facts.problem == problem
+    if bindings is not None:
+        assert facts.bindings == bindings
+    elif problem is None:
+        assert facts.facilities == {"JMHOS001"}   # the shipped JM claim names JMHOS001 throughout
 
 
 def test_directory_reads_only_health_facilities_and_claim_administrators():
@@ -607,7 +640,7 @@ async def test_status_polls_look_the_owner_up_once_and_stay_refused_for_others(s
 
 
 def test_owner_cache_is_bounded_expires_and_keeps_only_the_owner():
-    from mediator.stages.authorization import OwnerCache
+    from mediator.stages.authorization_facts import OwnerCache
 
     now = [0.0]
     cache = OwnerCache(2, ttl_s=10, clock=lambda: now[0])
