@@ -24,7 +24,7 @@ from yarl import URL
 
 from mediator.bulkhead import UpstreamGuard
 from mediator.facilities import LookupFailed
-from mediator.upstream import OpenImisUpstream, UpstreamReply, UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 MAX_PAGE = 100
 """graphene-django's RELAY_CONNECTION_MAX_LIMIT: a larger `first` is an error."""
@@ -135,8 +135,6 @@ class ClaimIndex:
         self.guard = guard
         self.url = URL(str(upstream.base)).with_path(graphql_path).with_query(None)
         self.timeout_s = timeout_s
-        self.requests = 0
-        """Requests sent (tests and the benchmark read it)."""
 
     async def _post(self, kind: str, query: str, variables: Mapping[str, Any], priority: int,
                     request_id: str) -> Mapping[str, Any]:
@@ -154,23 +152,9 @@ class ClaimIndex:
                     request_id: str) -> Mapping[str, Any]:
         body = json.dumps({"query": query, "variables": dict(variables)}).encode()
 
-        async def send() -> UpstreamReply:
-            headers = {"Accept": "application/json", "Content-Type": "application/json",
-                       "X-Request-ID": request_id}
-            reply: UpstreamReply | None = None
-            for attempt in (0, 1):
-                token = await self.upstream.token(force=attempt == 1)
-                if token:
-                    headers["Authorization"] = f"Bearer {token}"
-                self.requests += 1
-                reply = await self.upstream.send("POST", self.url, headers, body, self.timeout_s)
-                if reply.status != 401 or self.upstream.config.login is None:
-                    break
-            assert reply is not None
-            return reply
-
+        headers = {"Accept": "application/json", "Content-Type": "application/json", "X-Request-ID": request_id}
         try:
-            reply = await self.guard.call(priority, send)
+            reply = await self.upstream.call("POST", self.url, headers, body, self.timeout_s, self.guard, priority)
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             raise LookupFailed(f"claim index: {type(exc).__name__}") from exc
         return parse_answer(reply.status, reply.body)

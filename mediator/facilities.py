@@ -13,17 +13,15 @@ identifiers carry type code `Code` (the HF code) and `UUID`; a claim administrat
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from mediator.bulkhead import UpstreamGuard
-from mediator.upstream import OpenImisUpstream, UpstreamReply, UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator.facilities")
 
@@ -169,38 +167,6 @@ class FacilityDirectory(Protocol):
         ...
 
 
-async def fetch_json(upstream: OpenImisUpstream, relative_path: str, query: str, timeout_s: float,
-                     request_id: str, guard: UpstreamGuard | None = None, priority: int = 0) -> tuple[int, Any]:
-    """GET a FHIR path from openIMIS as the mediator's own user: (status, parsed JSON or None).
-
-    The caller's credentials are never involved. With `guard`, the request waits for a bulkhead slot
-    like any forwarded one. Raises LookupFailed for transport failures and answers that are not JSON.
-    """
-    url = upstream.upstream_url(relative_path, query)
-    headers = {"Accept": "application/json", "X-Request-ID": request_id}
-
-    async def send() -> UpstreamReply:
-        reply: UpstreamReply | None = None
-        for attempt in (0, 1):
-            token = await upstream.token(force=attempt == 1)
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-            reply = await upstream.send("GET", url, headers, None, timeout_s)
-            if reply.status != 401 or upstream.config.login is None:
-                break
-        assert reply is not None
-        return reply
-
-    try:
-        reply = await (guard.call(priority, send) if guard is not None else send())
-    except (UpstreamUnavailable, UpstreamTimeout) as exc:
-        raise LookupFailed(f"{relative_path}: {type(exc).__name__}") from exc
-    try:
-        return reply.status, json.loads(reply.body) if reply.body else None
-    except ValueError as exc:
-        raise LookupFailed(f"{relative_path}: answer is not JSON ({reply.status})") from exc
-
-
 class UpstreamFacilityDirectory:
     """A FacilityDirectory read from openIMIS, cached for `ttl_s`; one load at a time.
 
@@ -241,36 +207,26 @@ class UpstreamFacilityDirectory:
                 raise DirectoryUnavailable(str(exc)) from exc
 
     async def _load(self) -> FacilitySnapshot:
-        organizations = await self._all("Organization", f"type=prov&_count={self.page_size}")
-        roles = await self._all("PractitionerRole", f"resourceType=ca&_count={self.page_size}")
+        organizations = await self._all("Organization", {"type": "prov"})
+        roles = await self._all("PractitionerRole", {"resourceType": "ca"})
         self.loads += 1
         snapshot = FacilitySnapshot.from_resources(organizations, roles, time.time())
         log.info("facility directory loaded: %d organization keys, %d claim administrator keys",
                  len(snapshot.organizations), len(snapshot.practitioners))
         return snapshot
 
-    async def _all(self, resource_type: str, query: str) -> list[dict[str, Any]]:
+    async def _all(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Every page (OpenImisUpstream.pages), each inside the upstream's guard."""
         found: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        for _ in range(self.MAX_PAGES):
-            seen.add(query)
-            status, bundle = await fetch_json(self.upstream, resource_type, query, self.timeout_s,
-                                              "facility-directory", self.guard)
-            if status != 200 or not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                raise LookupFailed(f"{resource_type} list answered {status}")
-            for entry in bundle.get("entry") or ():
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
-                    found.append(resource)
-            next_query = None
-            for link in bundle.get("link") or ():
-                if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-                    # Only the query of the next link is used: the host in it is openIMIS's idea of itself.
-                    next_query = urlsplit(link["url"]).query
-            if not next_query or next_query in seen:
-                return found
-            query = next_query
-        raise LookupFailed(f"{resource_type} list has more than {self.MAX_PAGES} pages")
+        try:
+            async for page in self.upstream.pages(resource_type, params, self.page_size, self.timeout_s,
+                                                  "facility-directory", self.MAX_PAGES, self.guard):
+                if page.bundle is None:
+                    raise LookupFailed(f"{resource_type} list answered {page.status}")
+                found += page.resources(resource_type)
+        except (UpstreamUnavailable, UpstreamTimeout) as exc:   # UpstreamInvalidAnswer: too many pages
+            raise LookupFailed(f"{resource_type} list: {exc or type(exc).__name__}") from exc
+        return found
 
 
 class StaticFacilityDirectory:

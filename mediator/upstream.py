@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -93,6 +93,41 @@ class UpstreamInvalidAnswer(UpstreamUnavailable):
 
     reason = "upstream.invalid_answer"
     public_message = "openIMIS answered something that is not FHIR JSON"
+
+
+class Guard(Protocol):
+    """What guards a request to openIMIS (mediator.bulkhead.UpstreamGuard: breaker + bulkhead)."""
+
+    async def call(self, priority: int, send: Callable[[], Awaitable[UpstreamReply]]) -> UpstreamReply: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a search as openIMIS answered it (`OpenImisUpstream.pages`)."""
+
+    number: int
+    status: int
+    document: Any
+    """The parsed JSON answer (None: empty body)."""
+
+    @property
+    def bundle(self) -> dict[str, Any] | None:
+        """The answer if it is a 200 Bundle, else None."""
+        if self.status == 200 and isinstance(self.document, dict) and self.document.get("resourceType") == "Bundle":
+            return self.document
+        return None
+
+    def resources(self, resource_type: str) -> list[dict[str, Any]]:
+        """The page's entries' resources of `resource_type` (anything else in the Bundle is left out)."""
+        bundle = self.bundle or {}
+        found = (entry.get("resource") if isinstance(entry, dict) else None for entry in bundle.get("entry") or ())
+        return [r for r in found if isinstance(r, dict) and r.get("resourceType") == resource_type]
+
+    @property
+    def has_next(self) -> bool:
+        bundle = self.bundle
+        return bundle is not None and any(isinstance(link, dict) and link.get("relation") == "next"
+                                          for link in bundle.get("link") or ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +266,7 @@ class OpenImisUpstream:
             url += "?" + raw_query
         return URL(url, encoded=True)
 
-    def _headers(self, request: RequestView, token: str | None, client_ip: str, request_id: str,
-                 has_body: bool) -> dict[str, str]:
+    def _headers(self, request: RequestView, client_ip: str, request_id: str, has_body: bool) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS_TO_KEEP}
         headers["Accept"] = PLAIN_JSON
         if has_body:
@@ -241,8 +275,6 @@ class OpenImisUpstream:
         headers["X-Forwarded-Host"] = self._forwarded_host
         headers["X-Forwarded-Proto"] = self._forwarded_proto
         headers["X-Request-ID"] = request_id
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
         return headers
 
     async def send(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
@@ -268,6 +300,57 @@ class OpenImisUpstream:
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(type(exc).__name__) from exc
 
+    async def call(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
+                   timeout_s: float, guard: Guard | None = None, priority: int = 0) -> UpstreamReply:
+        """One request as the mediator's own openIMIS user: the one re-login rule. A 401 (token revoked,
+        openIMIS restarted with new keys) means openIMIS processed nothing, so it is sent again once with a
+        fresh login; repeating even a POST cannot submit twice. Sets `headers["Authorization"]`. `guard`:
+        the upstream's bulkhead + breaker, around both attempts (one slot)."""
+        async def attempts() -> UpstreamReply:
+            reply: UpstreamReply | None = None
+            for attempt in (0, 1):
+                token = await self.token(force=attempt == 1)
+                if token:
+                    headers["Authorization"] = f"Bearer {token}"
+                reply = await self.send(method, url, headers, body, timeout_s)
+                if reply.status != 401 or self.config.login is None:
+                    break
+            assert reply is not None
+            return reply
+
+        return await (guard.call(priority, attempts) if guard is not None else attempts())
+
+    async def get_document(self, relative_path: str, query: str, timeout_s: float,
+                           request_id: str, guard: Guard | None = None, priority: int = 0) -> tuple[int, Any]:
+        """GET a FHIR path as the mediator's own user: (status, the parsed JSON document, or None when the
+        answer is empty or not JSON: the caller judges the status). Raises UpstreamTimeout/Unavailable."""
+        url = self.upstream_url(relative_path, query)
+        reply = await self.call("GET", url, {"Accept": PLAIN_JSON, "X-Request-ID": request_id}, None, timeout_s,
+                                guard, priority)
+        try:
+            return reply.status, json.loads(reply.body) if reply.body else None
+        except (ValueError, RecursionError):
+            return reply.status, None
+
+    async def pages(self, resource_type: str, params: Mapping[str, str], page_size: int, timeout_s: float,
+                    request_id: str, max_pages: int, guard: Guard | None = None,
+                    priority: int = 0) -> AsyncGenerator[Page, None]:
+        """The one page iterator: `_count` and `page-offset` pages of a search, as the mediator's own user.
+        Stops after a page without a `next` link or any answer that is not a 200 Bundle (yielded, for the
+        caller to judge); raises UpstreamInvalidAnswer past `max_pages`. SECURITY: openIMIS's `next` URLs
+        are never followed (a wrong host there would receive our token); they only say another page exists.
+        `guard`: each page's request waits for a slot of the upstream's bulkhead."""
+        for number in range(1, max_pages + 1):
+            # Only values the mediator builds (never a caller's), so they are sent as they are.
+            query = "&".join(f"{k}={v}" for k, v in {"_count": str(page_size), "page-offset": str(number),
+                                                      **params}.items())
+            status, document = await self.get_document(resource_type, query, timeout_s, request_id, guard, priority)
+            page = Page(number, status, document)
+            yield page
+            if not page.has_next:
+                return
+        raise UpstreamInvalidAnswer(f"{resource_type}: more than {max_pages} pages")
+
     async def forward(self, request: RequestView, relative_path: str, body: bytes | None,
                       client_ip: str, request_id: str, timeout_s: float, *, method: str | None = None,
                       raw_query: str | None = None) -> web.Response:
@@ -287,15 +370,8 @@ class OpenImisUpstream:
                        client_ip: str, request_id: str, timeout_s: float, method: str,
                        raw_query: str) -> web.Response:
         url = self.upstream_url(relative_path, raw_query)
-        token = await self.token()
-        headers = self._headers(request, token, client_ip, request_id, body is not None)
-        reply = await self.send(method, url, headers, body, timeout_s)
-        if reply.status == 401 and self.config.login is not None:
-            # Token revoked or openIMIS restarted with new keys: log in again once. A 401 means
-            # openIMIS processed nothing, so repeating even a POST cannot submit twice.
-            headers["Authorization"] = f"Bearer {await self.token(force=True)}"
-            reply = await self.send(method, url, headers, body, timeout_s)
-        return self.to_client(request, reply)
+        headers = self._headers(request, client_ip, request_id, body is not None)
+        return self.to_client(request, await self.call(method, url, headers, body, timeout_s))
 
     def to_client(self, request: RequestView, reply: UpstreamReply) -> web.Response:
         headers = {k: v for k, v in reply.headers.items() if k.lower() in RESPONSE_HEADERS_TO_KEEP}
@@ -345,14 +421,8 @@ class OpenImisUpstream:
         url = self.upstream_url("Organization", "_count=1")
         try:
             async with asyncio.timeout(timeout_s):
-                for attempt in (0, 1):
-                    token = await self.token(force=attempt == 1)
-                    headers = {"Accept": PLAIN_JSON, "X-Request-ID": "readiness-probe"}
-                    if token:
-                        headers["Authorization"] = f"Bearer {token}"
-                    reply = await self.send("GET", url, headers, None, timeout_s)
-                    if reply.status != 401 or self.config.login is None:
-                        break
+                reply = await self.call("GET", url, {"Accept": PLAIN_JSON, "X-Request-ID": "readiness-probe"}, None,
+                                        timeout_s)
         except (UpstreamUnavailable, UpstreamTimeout, TimeoutError) as exc:
             log.warning("readiness: upstream %s unreachable (%s)", self.name, type(exc).__name__)
             return False

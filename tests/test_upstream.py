@@ -4,8 +4,10 @@ import asyncio
 import json
 import time
 
+import pytest
 from aiohttp import web
 
+from mediator.upstream import UpstreamInvalidAnswer
 from tests.conftest import channels_yaml, upstream_url
 
 
@@ -222,3 +224,45 @@ async def test_no_answer_names_the_server_software(mediator, tmp_path, sandbox_s
     assert {a.status for a in answers} >= {200, 404}
     for answer in answers:
         assert "Server" not in answer.headers, (answer.url, answer.headers.get("Server"))
+
+
+# --- the one openIMIS client API: re-login rule, parsed documents, one page iterator --------------------------
+
+def _client(server):
+    from mediator.config.models import UpstreamConfig
+    from mediator.upstream import OpenImisUpstream
+
+    config = UpstreamConfig.model_validate({"base_url": upstream_url(server),
+                                            "login": {"username": "Admin", "password_env": "OPENIMIS_PASSWORD"}})
+    return OpenImisUpstream("openimis", config, "https://mediator.example.org/fhir/",
+                            environ={"OPENIMIS_PASSWORD": "admin123"})
+
+
+async def test_get_document_logs_in_again_once_on_a_401(sandbox, sandbox_server):
+    upstream = _client(sandbox_server)
+    await upstream.start()
+    try:
+        status, document = await upstream.get_document("Medication", "_count=1", 5, "t-1")
+        assert status == 200 and document["resourceType"] == "Bundle" and sandbox.logins == 1
+        sandbox.tokens.clear()   # openIMIS restarted: the token is refused once, then a fresh login
+        status, _ = await upstream.get_document("Medication", "_count=1", 5, "t-2")
+        assert status == 200 and sandbox.logins == 2
+    finally:
+        await upstream.close()
+
+
+async def test_pages_reads_every_page_by_offset_and_stops_at_the_last(sandbox, sandbox_server):
+    upstream = _client(sandbox_server)
+    await upstream.start()
+    try:
+        total = len(sandbox.store["Practitioner"])
+        pages = [page async for page in upstream.pages("Practitioner", {}, 1, 5, "t-3", max_pages=total + 5)]
+        assert [p.number for p in pages] == list(range(1, total + 1)) and not pages[-1].has_next
+        assert sum(len(p.resources("Practitioner")) for p in pages) == total
+        queries = [r["query"] for r in sandbox.requests if "/Practitioner/" in r["path"]]
+        assert queries[:2] == ["_count=1&page-offset=1", "_count=1&page-offset=2"]   # never openIMIS's next URL
+        assert total == 3
+        with pytest.raises(UpstreamInvalidAnswer, match="more than 1 pages"):
+            _ = [page async for page in upstream.pages("Practitioner", {}, 1, 5, "t-4", max_pages=1)]
+    finally:
+        await upstream.close()

@@ -12,7 +12,6 @@ Either way, a failure anywhere leaves the last good data untouched.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -22,11 +21,10 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from mediator.fhir import PLAIN_JSON
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import StoredResource, SyncState, build_record, is_inactive, valid_upstream_resource
 from mediator.replica.store import ReplicaStore, ReplicaStoreError
-from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import OpenImisUpstream, UpstreamInvalidAnswer, UpstreamTimeout, UpstreamUnavailable
 
 SHORT_PAGE_FALLBACK = 10
 """Page size of the second pass when openIMIS's pages add up to less than the total it announced."""
@@ -79,72 +77,72 @@ class ReplicaSyncer:
         self.clock = clock
 
     async def _get(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
-        """GET from openIMIS as the mediator's service user; (status, JSON or None)."""
-        # SECURITY: only paths we build; openIMIS's `next` URLs are never followed (a wrong host there would
-        # receive our token), they only tell us whether another page exists.
+        """GET from openIMIS as the mediator's service user (OpenImisUpstream.get_document); (status, JSON or
+        None). Only paths and queries we build."""
         raw_query = "&".join(f"{k}={v}" for k, v in query.items())
-        url = self.upstream.upstream_url(path, raw_query)
-        headers = {"Accept": PLAIN_JSON, "X-Request-ID": f"replica-{uuid.uuid4().hex[:16]}"}
         try:
-            token = await self.upstream.token()
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-            reply = await self.upstream.send("GET", url, headers, None, self.policy.request_timeout_s)
-            if reply.status == 401 and self.upstream.config.login is not None:
-                headers["Authorization"] = f"Bearer {await self.upstream.token(force=True)}"
-                reply = await self.upstream.send("GET", url, headers, None, self.policy.request_timeout_s)
+            return await self.upstream.get_document(path, raw_query, self.policy.request_timeout_s,
+                                                    self._request_id())
         except UpstreamTimeout as exc:
             raise SyncFailed(f"{path}: openIMIS did not answer in time") from exc
         except UpstreamUnavailable as exc:
             raise SyncFailed(f"{path}: openIMIS unavailable ({exc})") from exc
-        try:
-            document = json.loads(reply.body) if reply.body else None
-        except ValueError:
-            document = None
-        return reply.status, document
+
+    @staticmethod
+    def _request_id() -> str:
+        return f"replica-{uuid.uuid4().hex[:16]}"
 
     async def _pages(self, rtype: str, extra: dict[str, str], progress: Progress | None,
                      page_size: int | None = None,
                      totals: dict[str, int] | None = None) -> AsyncIterator[list[dict[str, Any]]]:
-        """Page by page, so a full sync holds one page of parsed JSON at a time, not the whole type.
-        `totals` (optional) receives the `total` openIMIS announced for `rtype`."""
+        """Page by page (OpenImisUpstream.pages), so a full sync holds one page of parsed JSON at a time, not
+        the whole type. `totals` (optional) receives the `total` openIMIS announced for `rtype`."""
         received = 0
-        page = 1
         announced: int | None = None
         size = page_size or self.policy.page_size
-        while True:
-            status, bundle = await self._get(rtype, {"_count": str(size), "page-offset": str(page), **extra})
-            if status == 404 and page > 1:
-                break  # Django REST framework's "Invalid page." past the last page
-            if status != 200 or not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                if page == 1 and status == 500 and "_lastUpdated" in extra:
-                    raise FilterUnsupported(f"{rtype}: openIMIS answered 500 to _lastUpdated")
-                raise SyncFailed(f"{rtype} page {page}: openIMIS answered {status}")
-            if announced is None and isinstance(bundle.get("total"), int):
-                announced = bundle["total"]
-                if totals is not None:
-                    totals[rtype] = announced
-            entries = bundle.get("entry") or []
-            resources: list[dict[str, Any]] = []
-            for entry in entries:
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if valid_upstream_resource(resource, rtype):
-                    resources.append(resource)
-                else:
-                    log.warning("replica: skipped a malformed %s entry on page %d", rtype, page)
-            received += len(resources)
-            if received > self.policy.max_resources_per_type:
-                raise SyncFailed(f"{rtype}: more than max_resources_per_type "
-                                 f"({self.policy.max_resources_per_type})")
-            if progress is not None:
-                progress(rtype, received, announced)
-            yield resources
-            has_next = any(isinstance(link, dict) and link.get("relation") == "next"
-                           for link in bundle.get("link") or ())
-            if not entries or not has_next:
-                break
-            page += 1
-            await self.store.refresh_lock()
+        max_pages = self.policy.max_resources_per_type // size + 2   # beyond it max_resources_per_type failed
+        pages = self.upstream.pages(rtype, extra, size, self.policy.request_timeout_s, self._request_id(),
+                                    max_pages)
+        try:
+            async for page in pages:
+                if page.status == 404 and page.number > 1:
+                    break  # Django REST framework's "Invalid page." past the last page
+                bundle = page.bundle
+                if bundle is None:
+                    if page.number == 1 and page.status == 500 and "_lastUpdated" in extra:
+                        raise FilterUnsupported(f"{rtype}: openIMIS answered 500 to _lastUpdated")
+                    raise SyncFailed(f"{rtype} page {page.number}: openIMIS answered {page.status}")
+                if announced is None and isinstance(bundle.get("total"), int):
+                    announced = bundle["total"]
+                    if totals is not None:
+                        totals[rtype] = announced
+                entries = bundle.get("entry") or []
+                resources: list[dict[str, Any]] = []
+                for entry in entries:
+                    resource = entry.get("resource") if isinstance(entry, dict) else None
+                    if valid_upstream_resource(resource, rtype):
+                        resources.append(resource)
+                    else:
+                        log.warning("replica: skipped a malformed %s entry on page %d", rtype, page.number)
+                received += len(resources)
+                if received > self.policy.max_resources_per_type:
+                    raise SyncFailed(f"{rtype}: more than max_resources_per_type "
+                                     f"({self.policy.max_resources_per_type})")
+                if progress is not None:
+                    progress(rtype, received, announced)
+                yield resources
+                if not entries:
+                    break
+                if page.has_next:
+                    await self.store.refresh_lock()
+        except UpstreamInvalidAnswer as exc:
+            raise SyncFailed(f"{rtype}: {exc}") from exc
+        except UpstreamTimeout as exc:
+            raise SyncFailed(f"{rtype}: openIMIS did not answer in time") from exc
+        except UpstreamUnavailable as exc:
+            raise SyncFailed(f"{rtype}: openIMIS unavailable ({exc})") from exc
+        finally:
+            await pages.aclose()
 
     async def _whole_type(self, rtype: str, progress: Progress | None) -> list[dict[str, Any]]:
         """Every resource of `rtype`, re-read in small pages if openIMIS's pages come out short."""
