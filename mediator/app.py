@@ -88,15 +88,16 @@ class Runtime:
         kept_guards = {name: kept_guards.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker,
                                                                           metrics)
                        for name, u in config.channels.upstreams.items()}
+        replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
+            else Replica.from_config(config, upstreams, metrics)
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
-                              guards=kept_guards)
+                              guards=kept_guards,
+                              facility_source=replica.facilities if replica is not None else None)
         entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         protection = LoadProtection(
             config, redis, metrics, entry_checks, kept_guards=kept_guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
             else None)
-        replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
-            else Replica.from_config(config, upstreams, metrics)
         chain = RequestChain.build(Pipeline(stages, metrics), Upstreams(upstreams, protection), replica, metrics)
         return cls(config, chain, upstreams, identity, ClientIpPolicy.from_config(config), redis, protection,
                    replica)

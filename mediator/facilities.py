@@ -167,6 +167,12 @@ class FacilityDirectory(Protocol):
         ...
 
 
+class FacilitySource(Protocol):
+    """Facilities and claim administrators held elsewhere (mediator.replica.facilities)."""
+
+    async def resources(self, max_age_s: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None: ...
+
+
 class UpstreamFacilityDirectory:
     """A FacilityDirectory read from openIMIS, cached for `ttl_s`; one load at a time.
 
@@ -177,8 +183,11 @@ class UpstreamFacilityDirectory:
     MAX_PAGES = 1000
 
     def __init__(self, upstream: OpenImisUpstream, ttl_s: float, max_stale_s: float,
-                 page_size: int, timeout_s: float, guard: UpstreamGuard | None = None) -> None:
+                 page_size: int, timeout_s: float, guard: UpstreamGuard | None = None,
+                 replica: FacilitySource | None = None) -> None:
         self.upstream = upstream
+        self.replica = replica
+        """Where the directory's data is read first when it holds it (the master-data replica)."""
         self.guard = guard
         self.ttl_s = ttl_s
         self.max_stale_s = max_stale_s
@@ -198,7 +207,9 @@ class UpstreamFacilityDirectory:
             if current is not None and time.time() - current.loaded_at < limit:
                 return current   # another request reloaded while we waited
             try:
-                self._snapshot = await self._load()
+                # A refresh after a miss (max_age_s) reads openIMIS itself: the replica may not have the
+                # facility or claim administrator added a moment ago either.
+                self._snapshot = await self._load(from_replica=max_age_s is None)
                 return self._snapshot
             except LookupFailed as exc:
                 log.warning("facility directory reload failed: %s", exc)
@@ -206,13 +217,19 @@ class UpstreamFacilityDirectory:
                     return current
                 raise DirectoryUnavailable(str(exc)) from exc
 
-    async def _load(self) -> FacilitySnapshot:
-        organizations = await self._all("Organization", {"type": "prov"})
-        roles = await self._all("PractitionerRole", {"resourceType": "ca"})
+    async def _load(self, from_replica: bool) -> FacilitySnapshot:
+        held = await self.replica.resources(self.ttl_s) if self.replica is not None and from_replica else None
+        if held is not None:
+            organizations, roles = held
+            source = "replica"
+        else:
+            organizations = await self._all("Organization", {"type": "prov"})
+            roles = await self._all("PractitionerRole", {"resourceType": "ca"})
+            source = "openimis"
         self.loads += 1
         snapshot = FacilitySnapshot.from_resources(organizations, roles, time.time())
-        log.info("facility directory loaded: %d organization keys, %d claim administrator keys",
-                 len(snapshot.organizations), len(snapshot.practitioners))
+        log.info("facility directory loaded from %s: %d organization keys, %d claim administrator keys",
+                 source, len(snapshot.organizations), len(snapshot.practitioners))
         return snapshot
 
     async def _all(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 from mediator.config import Config
 from mediator.metrics import Metrics
+from mediator.replica.facilities import ReplicaFacilitySource
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import SyncState
 from mediator.replica.serve import ReplicaReader
@@ -46,6 +47,8 @@ class Replica:
         self.clock = clock
         self.syncer = ReplicaSyncer(policy, store, upstream, clock)
         self.reader = ReplicaReader(policy, store, metrics, public_base_url, clock)
+        self.facilities = ReplicaFacilitySource(policy, store, clock)
+        """What the facility directory reads instead of openIMIS when the replica holds it."""
         self._task: asyncio.Task[None] | None = None
 
     @classmethod

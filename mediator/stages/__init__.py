@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from mediator.addresses import ClientIpPolicy, IpSetTable
 from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
-from mediator.facilities import FacilityDirectory
+from mediator.facilities import FacilityDirectory, FacilitySource
 from mediator.identity import Identity
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
@@ -42,12 +42,14 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
                  redis: RedisStore | None = None, metrics: Metrics | None = None,
                  guards: Mapping[str, UpstreamGuard] | None = None,
                  authentication: Stage | None = None,
-                 facility_directory: FacilityDirectory | None = None) -> list[Stage]:
+                 facility_directory: FacilityDirectory | None = None,
+                 facility_source: FacilitySource | None = None) -> list[Stage]:
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
     `guards`: the runtime's per-upstream bulkhead + breaker, shared with forwarding (absent: fresh ones).
     `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's.
+    `facility_source`: where the facility directory reads facilities first (the runtime's replica).
 
     Offline evaluation (`mediator.offline`: explain, policy tests) passes `authentication`, a stage that
     stands in for the authentication stage (no Identity is built: no signing key, no replay store), an
@@ -69,7 +71,7 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
             guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker)
                       for name, u in config.channels.upstreams.items()}
         authorization = AuthorizationStage.from_config(config, upstreams, registry, guards,
-                                                       directory=facility_directory)
+                                                       directory=facility_directory, source=facility_source)
         # Trusted-header users are checked against the same directory authorization uses.
         users = VouchedUsers(authorization.directory,
                              authorization.policy.facility_directory.refresh_on_miss_after_s)

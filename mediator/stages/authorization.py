@@ -32,6 +32,7 @@ from mediator.facilities import (
     DirectoryUnavailable,
     FacilityDirectory,
     FacilitySnapshot,
+    FacilitySource,
     UpstreamFacilityDirectory,
 )
 from mediator.facility_scope import (
@@ -123,7 +124,8 @@ class AuthorizationStage:
     def from_config(cls, config: Config, upstreams: Mapping[str, OpenImisUpstream],
                     registry: CollectorRegistry | None = None,
                     guards: Mapping[str, UpstreamGuard] | None = None, *,
-                    directory: FacilityDirectory | None = None) -> AuthorizationStage:
+                    directory: FacilityDirectory | None = None,
+                    source: FacilitySource | None = None) -> AuthorizationStage:
         """`guards`: the runtime's per-upstream bulkhead + breaker (absent: fresh ones). `directory`:
         absent, the facility directory is read from openIMIS (facility_directory), inside the guard."""
         policy = config.policy("authorization", AuthorizationPolicy)
@@ -133,7 +135,7 @@ class AuthorizationStage:
                       for name, u in config.channels.upstreams.items()}
         if directory is None:
             directory = UpstreamFacilityDirectory(upstreams[spec.upstream], spec.ttl_s, spec.max_stale_s,
-                                                  spec.page_size, spec.timeout_s, guards[spec.upstream])
+                                                  spec.page_size, spec.timeout_s, guards[spec.upstream], source)
         return cls(policy, directory, upstreams, config.channels.server.limits.max_body_bytes,
                    AuthorizationMetrics.for_registry(registry), guards)
 
