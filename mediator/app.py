@@ -93,9 +93,8 @@ class Runtime:
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
                               guards=kept_guards,
                               facility_source=replica.facilities if replica is not None else None)
-        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         protection = LoadProtection(
-            config, redis, metrics, entry_checks, kept_guards=kept_guards,
+            config, redis, metrics, kept_guards=kept_guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
             else None)
         chain = RequestChain.build(Pipeline(stages, metrics), Upstreams(upstreams, protection), replica, metrics)

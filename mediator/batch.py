@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
@@ -31,7 +31,7 @@ from mediator.fhir import (
     wants_fhir_json,
 )
 from mediator.metrics import Metrics
-from mediator.pipeline import Decision, Exchange
+from mediator.pipeline import Exchange
 from mediator.upstream import UpstreamTimeout, UpstreamUnavailable
 
 
@@ -46,15 +46,6 @@ class BatchEntry:
     resource: dict[str, Any] | None
 
 
-class BatchEntryChecker(Protocol):
-    """A pipeline stage that also judges batch entries (e.g. authorization: may this principal create this
-    Claim for this health facility). Stages having this method are asked for every entry; a denial answers
-    that entry with the decision's status and reason, and the entry never reaches openIMIS."""
-
-    def check_batch_entry(self, exchange: Exchange, entry: BatchEntry) -> Decision: ...
-
-
-EntryCheck = Callable[[Exchange, BatchEntry], Decision]
 CreateEntry = Callable[[BatchEntry], Awaitable[web.Response]]
 
 
@@ -119,8 +110,7 @@ async def _answer(response: web.Response) -> dict[str, Any]:
 
 
 async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[str, Any],
-                    create: CreateEntry, checks: Sequence[EntryCheck] = (),
-                    metrics: Metrics | None = None) -> web.Response:
+                    create: CreateEntry, metrics: Metrics | None = None) -> web.Response:
     batch = channel.batch
     if batch is None:
         return operation_outcome_response(400, "batch.not_enabled", "this channel does not accept batches")
@@ -144,10 +134,6 @@ async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[s
         refusal = _refusal(entry, channel)
         if refusal is not None:
             return refusal
-        for check in checks:
-            decision = check(exchange, entry)
-            if not decision.allow:
-                return _entry(decision.status, decision.reason, decision.message)
         async with parallel:
             try:
                 return await _answer(await create(entry))

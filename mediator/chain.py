@@ -141,7 +141,7 @@ class BatchStep:
                                                        request.headers.get("Idempotency-Key"), send_entry,
                                                        key_suffix=f"#entry{entry.index}")
 
-        return await run_batch(exchange, config, resource, create, protection.entry_checks, self.metrics)
+        return await run_batch(exchange, config, resource, create, self.metrics)
 
 
 class IdempotentCreateStep:

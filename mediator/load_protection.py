@@ -4,9 +4,8 @@ circuit breaker) and the idempotency records. The route steps that use them are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-from mediator.batch import EntryCheck
 from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
 from mediator.idempotency import Idempotency
@@ -24,12 +23,11 @@ class LoadProtection:
     """
 
     def __init__(self, config: Config, redis: RedisStore, metrics: Metrics | None = None,
-                 entry_checks: Sequence[EntryCheck] = (), *,
+                 *,
                  kept_guards: Mapping[str, UpstreamGuard] | None = None,
                  kept_idempotency: Idempotency | None = None) -> None:
         kept = kept_guards or {}
         self.guards = {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics)
                        for name, u in config.channels.upstreams.items()}
         self.idempotency = kept_idempotency or Idempotency(redis, metrics)
-        self.entry_checks = tuple(entry_checks)
         self._metrics = metrics

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from mediator.app import RUNTIME
-from mediator.pipeline import Decision
 from tests.conftest import channels_yaml
 from tests.fault_injection import Faults, faulty_sandbox_app
 from tests.test_idempotency import claim
@@ -126,24 +125,6 @@ async def test_a_channel_without_batch_refuses_a_bundle(sandbox, aiohttp_server,
     assert response.status == 400
     assert (await response.json())["issue"][0]["details"]["coding"][0]["code"] == "batch.not_enabled"
     assert faults.forwarded == []
-
-
-async def test_entry_checks_refuse_single_entries(setup):
-    client, faults = setup
-
-    def only_hf1(exchange, entry):
-        provider = (entry.resource or {}).get("provider", {}).get("reference")
-        if provider == "Organization/HF1":
-            return Decision.allowed("authorization.allowed")
-        return Decision.denied("authorization.facility_not_allowed", 403, "not your health facility")
-
-    client.server.app[RUNTIME].current.protection.entry_checks = (only_hf1,)
-    mine = {**claim("E-1"), "provider": {"reference": "Organization/HF1"}}
-    theirs = {**claim("E-2"), "provider": {"reference": "Organization/HF9"}}
-    answer = await (await _send(client, bundle(post(mine), post(theirs)))).json()
-    assert _statuses(answer) == ["201 Created", "403 Forbidden"]
-    assert _reasons(answer) == [None, "authorization.facility_not_allowed"]
-    assert _posts(faults) == 1
 
 
 async def test_a_batch_costs_one_rate_limit_unit_per_entry(setup):

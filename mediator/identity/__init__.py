@@ -202,12 +202,6 @@ class Identity:
         if next_identity is None or next_identity.replay is not self.replay:
             await self.replay.close()
 
-    async def start(self) -> None:
-        await self.start_new(None)
-
-    async def close(self) -> None:
-        await self.close_retired(None)
-
     def client_for_certificate(self, cert: PeerCertificate) -> list[RegisteredClient]:
         """Clients whose certificate matchers all match (the config refuses duplicate matchers)."""
         found = []

@@ -18,7 +18,6 @@ from mediator.config.types import Name
 REPLICABLE_TYPES = ("ActivityDefinition", "Medication", "Location", "Organization", "InsurancePlan",
                     "Practitioner", "PractitionerRole")
 # openIMIS serves each code system / value set as one document at a fixed path (no paging, no _lastUpdated).
-DOCUMENT_TYPES = ("CodeSystem", "ValueSet")
 DOCUMENT_PATH = re.compile(r"^(CodeSystem|ValueSet)/[A-Za-z0-9\-.]{1,64}$")
 
 LongSeconds = Annotated[float, Field(gt=0, le=30 * 86400)]
