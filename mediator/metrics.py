@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
@@ -171,3 +172,32 @@ class Metrics:
 
     def record(self, stage: str, decision: Decision) -> None:
         self.decision_children.labels(stage, "allow" if decision.allow else "deny", decision.reason).inc()
+
+
+class AuthorizationMetrics:
+    """The authorization stage's counters (STYLE rule 11; every metric is declared in this module). One per
+    registry: reloads reuse it."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, AuthorizationMetrics] = \
+        weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.shadow = Counter("mediator_authorization_shadow", "Shadow rules that decided a request "
+                              "(evaluated and logged, not enforced)", ["rule", "outcome", "enforced"],
+                              registry=registry)
+        self.dropped = Counter("mediator_authorization_dropped_entries", "Search result entries "
+                               "removed because they belong to another health facility",
+                               ["resource_type", "shadow"], registry=registry)
+        self.lookups = Counter("mediator_authorization_index_requests", "Claim-index (openIMIS GraphQL) "
+                               "requests: owner lookups, page indexes, shadow owner batches",
+                               ["kind", "outcome"], registry=registry)
+        self.search_pages = Counter("mediator_authorization_search_pages", "Facility-scoped search pages "
+                                    "served by the mediator", ["resource_type", "outcome"], registry=registry)
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None) -> AuthorizationMetrics:
+        if registry is None:
+            return cls(None)
+        if registry not in cls._by_registry:
+            cls._by_registry[registry] = cls(registry)
+        return cls._by_registry[registry]

@@ -12,7 +12,6 @@ Error bodies come from authlib's RFC 6749 error classes; assertions are verified
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -29,6 +28,7 @@ from mediator.identity import Identity, RegisteredClient
 from mediator.identity.keys import ACCESS_TOKEN_TYPE, SIGNING_ALGORITHM, public_jwks
 from mediator.identity.replay import ReplayStoreUnavailable
 from mediator.identity.verify import Expectations, Failure, unverified_claims, unverified_header
+from mediator.logs import JsonEvent
 from mediator.pipeline import Decision, request_id_for
 
 log = logging.getLogger("mediator.identity")
@@ -184,7 +184,7 @@ def make_handlers(get_identity: Callable[[web.Request], Identity],
             body, client_id = await _issue(identity, request, get_ip_policy(request), int(time.time()))
         except TokenError as exc:
             record(request)(STAGE, Decision.denied(exc.reason, exc.status, exc.error.description or ""))
-            log.info(json.dumps({"event": "token_refused", "request_id": request_id, "reason": exc.reason}))
+            log.info(JsonEvent({"event": "token_refused", "request_id": request_id, "reason": exc.reason}))
             response = _error_response(exc)
         except Exception:  # nothing a request does may take the process down; answer RFC 6749 JSON
             log.exception("token endpoint error, request %s", request_id)
@@ -193,7 +193,7 @@ def make_handlers(get_identity: Callable[[web.Request], Identity],
                                          headers={"Cache-Control": "no-store"})
         else:
             record(request)(STAGE, Decision.allowed("auth_token.issued"))
-            log.info(json.dumps({"event": "token_issued", "request_id": request_id, "client_id": client_id,
+            log.info(JsonEvent({"event": "token_issued", "request_id": request_id, "client_id": client_id,
                                  "scope": body["scope"]}))
             response = _ok_response(body)
         response.headers["X-Request-ID"] = request_id

@@ -12,15 +12,13 @@ Split by job (STYLE rule 2):
 
 from __future__ import annotations
 
-import json
 import logging
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from mediator.bulkhead import UpstreamGuard
 from mediator.claim_index import ClaimIndex
@@ -41,6 +39,8 @@ from mediator.facility_scope import (
     owner_facts,
 )
 from mediator.fhir import MalformedRequest, parse_fhir_path
+from mediator.logs import JsonEvent
+from mediator.metrics import AuthorizationMetrics
 from mediator.pipeline import Decision, Exchange, Principal
 from mediator.stages.authorization_facts import FacilityFactFinder
 from mediator.stages.authorization_filter import SearchResultFilter
@@ -58,34 +58,6 @@ from mediator.stages.authorization_search import ScopedSearch, SearchRequest, pa
 from mediator.upstream import OpenImisUpstream
 
 log = logging.getLogger("mediator.authorization")
-
-
-class AuthorizationMetrics:
-    """The stage's counter table (STYLE rule 11). One per registry: reloads reuse it."""
-
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, AuthorizationMetrics] = \
-        weakref.WeakKeyDictionary()
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.shadow = Counter("mediator_authorization_shadow", "Shadow rules that decided a request "
-                              "(evaluated and logged, not enforced)", ["rule", "outcome", "enforced"],
-                              registry=registry)
-        self.dropped = Counter("mediator_authorization_dropped_entries", "Search result entries "
-                               "removed because they belong to another health facility",
-                               ["resource_type", "shadow"], registry=registry)
-        self.lookups = Counter("mediator_authorization_index_requests", "Claim-index (openIMIS GraphQL) "
-                               "requests: owner lookups, page indexes, shadow owner batches",
-                               ["kind", "outcome"], registry=registry)
-        self.search_pages = Counter("mediator_authorization_search_pages", "Facility-scoped search pages "
-                                    "served by the mediator", ["resource_type", "outcome"], registry=registry)
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None) -> AuthorizationMetrics:
-        if registry is None:
-            return cls(None)
-        if registry not in cls._by_registry:
-            cls._by_registry[registry] = cls(registry)
-        return cls._by_registry[registry]
 
 
 @dataclass(slots=True)
@@ -171,9 +143,9 @@ class AuthorizationStage:
         outcome = "allow" if shadow.decision.allow else "deny"
         actual = "allow" if enforced.decision.allow else "deny"
         self.metrics.shadow.labels(shadow.rule.name, outcome, actual).inc()
-        log.info(json.dumps({"event": "authorization.shadow", "request_id": request_id,
+        log.info(JsonEvent({"event": "authorization.shadow", "request_id": request_id,
                              "rule": shadow.rule.name, "would": outcome, "reason": shadow.decision.reason,
-                             "enforced": actual}, separators=(",", ":")))
+                             "enforced": actual}))
 
     async def check_entry(self, principal: Principal | None, method: str, url: str,
                           resource: Mapping[str, Any] | None, *, request_id: str = "entry",

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from mediator.facility_scope import OWNED_BY_CLAIM, owner_facts
+from mediator.logs import JsonEvent
+from mediator.metrics import AuthorizationMetrics
 from mediator.pipeline import Exchange, Principal
 from mediator.stages.authorization_facts import FacilityFactFinder
 from mediator.stages.authorization_policy import Access, facility_check
 from mediator.upstream import OpenImisUpstream
-
-if TYPE_CHECKING:
-    from mediator.stages.authorization import AuthorizationMetrics
 
 log = logging.getLogger("mediator.authorization")
 
@@ -81,5 +79,5 @@ class SearchResultFilter:
         if foreign:
             self.metrics.dropped.labels(self.access.resource_type, "true").inc(foreign)
             exchange.authorization_facts["foreign_entries"] = foreign
-            log.info(json.dumps({"event": "authorization.shadow_filter", "request_id": exchange.request_id,
-                                 "would_drop": foreign}, separators=(",", ":")))
+            log.info(JsonEvent({"event": "authorization.shadow_filter", "request_id": exchange.request_id,
+                                 "would_drop": foreign}))

@@ -413,9 +413,9 @@ async def identity(tmp_path, aiohttp_server):
                         extra_policies={"clients.yaml": clients_yaml(required_user=False)})
     write_keys(root, KEYS)
     built = Identity.from_config(load_config(root))
-    await built.start()
+    await built.start_new(None)
     yield built
-    await built.close()
+    await built.close_retired(None)
 
 
 def _cert(_identity, cn):
