@@ -221,9 +221,10 @@ FINISH = ("response_headers",)
 
 def error_decision(exc: BaseException, request_id: str) -> Decision:
     """The one mapping of an exception raised while serving a request to the Decision it ends with."""
-    if isinstance(exc, MediatorError):
+    if isinstance(exc, MediatorError) and exc.reason != MediatorError.reason:
         exc.log(log)
         return exc.decision()
+    # Not meant to end a request (a bug, or an error a stage should have turned into a decision).
     log.error("unhandled error, request %s", request_id, exc_info=exc)
     return Decision.denied("mediator.internal_error", 500, f"internal error; quote request id {request_id}")
 

@@ -1,4 +1,5 @@
-"""One error hierarchy for the mediator: every error carries structured fields and one log().
+"""One error hierarchy for the mediator: every error of its own derives from MediatorError (structured
+fields, one log()); private control-flow exceptions caught where they are raised are the only others.
 
 An error that ends a request says how, as data: `decision()` is the Decision (reason code, status,
 message safe to show the caller, headers) the request ends with. The request chain turns any

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from mediator.bulkhead import UpstreamGuard
+from mediator.errors import MediatorError
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator.facilities")
@@ -29,11 +30,11 @@ _AMBIGUOUS = "\x00ambiguous"
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
-class DirectoryUnavailable(Exception):
+class DirectoryUnavailable(MediatorError):
     """The directory could not be loaded and no usable copy exists: requests needing it are refused."""
 
 
-class LookupFailed(Exception):
+class LookupFailed(MediatorError):
     """openIMIS did not answer a lookup properly (not a 200/404 JSON answer)."""
 
 

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from mediator.errors import MediatorError
 from mediator.request_view import RequestView
 
 RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
@@ -27,7 +28,7 @@ PLAIN_JSON = "application/json"
 ACCEPTED_BODY_TYPES = frozenset({FHIR_JSON, PLAIN_JSON})
 
 
-class MalformedRequest(ValueError):
+class MalformedRequest(MediatorError, ValueError):
     """The request path or body is not valid FHIR REST; the message is safe to show the caller."""
 
 

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from mediator.bulkhead import UpstreamRefused
 from mediator.config.models import ChannelConfig
+from mediator.errors import MediatorError
 from mediator.fhir import operation_outcome_response
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange
@@ -43,7 +44,7 @@ MAX_KEY_LENGTH = 255
 REPLAYED_HEADERS = ("Content-Type", "Location", "ETag", "Last-Modified", "Content-Language")
 
 
-class InvalidKey(ValueError):
+class InvalidKey(MediatorError, ValueError):
     pass
 
 

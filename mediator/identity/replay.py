@@ -14,8 +14,10 @@ from typing import Protocol
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from mediator.errors import MediatorError
 
-class ReplayStoreUnavailable(Exception):
+
+class ReplayStoreUnavailable(MediatorError):
     pass
 
 

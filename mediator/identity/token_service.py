@@ -24,6 +24,7 @@ from authlib.oauth2.rfc6749.util import list_to_scope, scope_to_list
 from joserfc import jwt
 
 from mediator.addresses import ClientIpPolicy, IPAddress, client_address
+from mediator.errors import MediatorError
 from mediator.identity import Identity, RegisteredClient
 from mediator.identity.keys import ACCESS_TOKEN_TYPE, SIGNING_ALGORITHM, public_jwks
 from mediator.identity.replay import ReplayStoreUnavailable
@@ -41,7 +42,7 @@ STAGE = "auth_token"
 """Label of token-endpoint decisions in mediator_stage_decisions_total."""
 
 
-class TokenError(Exception):
+class TokenError(MediatorError):
     """A refusal: an authlib OAuth2Error (status + RFC 6749 error code) and our own reason code."""
 
     def __init__(self, error: oauth_errors.OAuth2Error, reason: str, status: int | None = None,

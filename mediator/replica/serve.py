@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from mediator.errors import MediatorError
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, FhirRequest, operation_outcome_response, wants_fhir_json
 from mediator.metrics import Metrics
 from mediator.pipeline import Decision
@@ -33,7 +34,7 @@ COMPRESS_FROM_BYTES = 1024
 STALE_WARNING = '110 - "Response is Stale"'  # RFC 7234 §5.5.1
 
 
-class InvalidSearch(ValueError):
+class InvalidSearch(MediatorError, ValueError):
     """The search cannot be answered as asked; the message is safe to show the caller."""
 
     def __init__(self, reason: str, message: str) -> None:

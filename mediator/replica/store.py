@@ -19,10 +19,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
 
+from mediator.errors import MediatorError
 from mediator.replica.records import SearchPage, SearchQuery, StoredResource, SyncState, matches
 
 
-class ReplicaStoreError(Exception):
+class ReplicaStoreError(MediatorError):
     """The store could not be read or written (Redis down, for instance)."""
 
 

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from mediator.errors import MediatorError
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import StoredResource, SyncState, build_record, is_inactive, valid_upstream_resource
 from mediator.replica.store import ReplicaStore, ReplicaStoreError
@@ -35,7 +36,7 @@ Progress = Callable[[str, int, int | None], None]
 """(resource type or document path, resources received so far, total announced by openIMIS or None)."""
 
 
-class SyncFailed(Exception):
+class SyncFailed(MediatorError):
     """A sync did not complete; the store still holds the last good data. The message is safe to log."""
 
 
@@ -43,7 +44,7 @@ class FilterUnsupported(SyncFailed):
     """openIMIS answered 500 to a `_lastUpdated` search of one type (it cannot filter that type)."""
 
 
-class SyncBusy(Exception):
+class SyncBusy(MediatorError):
     """Another instance holds the sync lock of the shared store; nothing was done."""
 
 

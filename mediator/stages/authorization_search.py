@@ -40,6 +40,7 @@ from aiohttp import web
 
 from mediator.bulkhead import UpstreamGuard
 from mediator.claim_index import ClaimIndex, IndexedClaim, IndexPage
+from mediator.errors import MediatorError
 from mediator.facilities import LookupFailed
 from mediator.fhir import operation_outcome_response
 from mediator.pipeline import Decision
@@ -163,7 +164,7 @@ class PageResult:
     served: int
 
 
-class WindowCrowded(Exception):
+class WindowCrowded(MediatorError):
     """The window held none of the named claims (more foreign claims at that time than the window holds)."""
 
 
