@@ -32,7 +32,7 @@ from mediator.fhir import (
 )
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange
-from mediator.upstream import UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import UpstreamTimeout, UpstreamUnavailable, response_document
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +100,7 @@ def _refusal(entry: BatchEntry, channel: ChannelConfig) -> dict[str, Any] | None
 
 
 async def _answer(response: web.Response) -> dict[str, Any]:
-    body = response.body if isinstance(response.body, bytes) else b""
-    try:
-        resource = json.loads(body) if body else None
-    except ValueError:
-        resource = None
+    resource = response_document(response)
     return _entry(response.status, resource=resource if isinstance(resource, dict) else None,
                   location=response.headers.get("Location"))
 

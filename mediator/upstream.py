@@ -95,6 +95,27 @@ class UpstreamInvalidAnswer(UpstreamUnavailable):
     public_message = "openIMIS answered something that is not FHIR JSON"
 
 
+class ParsedResponse(web.Response):
+    """An answer of openIMIS passed on, with the JSON document its body carries: parsed once, where it is
+    received (`OpenImisUpstream.to_client`), and read from here by the response steps, the batch splitter
+    and facility-scoped searches instead of parsing the body again."""
+
+    def __init__(self, document: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.document = document
+
+
+def response_document(response: web.StreamResponse) -> Any:
+    """The JSON document of an answer: the one parsed on receipt, else the buffered body's (None if none)."""
+    if isinstance(response, ParsedResponse):
+        return response.document
+    body = response.body if isinstance(response, web.Response) and isinstance(response.body, bytes) else b""
+    try:
+        return json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return None
+
+
 class Guard(Protocol):
     """What guards a request to openIMIS (mediator.bulkhead.UpstreamGuard: breaker + bulkhead)."""
 
@@ -398,8 +419,8 @@ class OpenImisUpstream:
             content_type = FHIR_JSON if wants_fhir_json(request) else PLAIN_JSON
         else:
             content_type = reply.content_type or "application/octet-stream"
-        return web.Response(status=reply.status, body=body, headers=headers, content_type=content_type,
-                            charset="utf-8" if is_json else None)
+        return ParsedResponse(document, status=reply.status, body=body, headers=headers, content_type=content_type,
+                              charset="utf-8" if is_json else None)
 
     def _error_to_client(self, reply: UpstreamReply, headers: dict[str, str]) -> web.Response:
         """openIMIS's error answers, passed on without openIMIS's words: its texts carry its internal base

@@ -266,3 +266,20 @@ async def test_pages_reads_every_page_by_offset_and_stops_at_the_last(sandbox, s
             _ = [page async for page in upstream.pages("Practitioner", {}, 1, 5, "t-4", max_pages=1)]
     finally:
         await upstream.close()
+
+
+async def test_a_forwarded_answer_carries_its_document_parsed_once(sandbox, sandbox_server):
+    from mediator.request_view import RequestView
+    from mediator.upstream import ParsedResponse, response_document
+
+    upstream = _client(sandbox_server)
+    await upstream.start()
+    try:
+        response = await upstream.forward(RequestView.described("GET", "/fhir/Practitioner/"), "Practitioner", None,
+                                          "127.0.0.1", "t-5", 5)
+        assert isinstance(response, ParsedResponse) and response.status == 200
+        # The document is the body (links rewritten to the mediator), not a second parse of something else.
+        assert response.document == json.loads(response.body) and response_document(response) is response.document
+        assert all(link["url"].startswith("https://mediator.example.org/fhir/") for link in response.document["link"])
+    finally:
+        await upstream.close()

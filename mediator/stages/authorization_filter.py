@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
@@ -13,7 +12,7 @@ from mediator.metrics import AuthorizationMetrics
 from mediator.pipeline import Exchange, Principal
 from mediator.stages.authorization_facts import FacilityFactFinder
 from mediator.stages.authorization_policy import Access, facility_check
-from mediator.upstream import OpenImisUpstream
+from mediator.upstream import OpenImisUpstream, response_document
 
 log = logging.getLogger("mediator.authorization")
 
@@ -45,11 +44,8 @@ class SearchResultFilter:
         return response
 
     async def _count(self, exchange: Exchange, response: web.StreamResponse) -> None:
-        assert isinstance(response, web.Response) and self.access is not None
-        body = response.body
-        if not isinstance(body, bytes | bytearray):
-            raise TypeError("answer body is not buffered")
-        document = json.loads(body)
+        assert self.access is not None
+        document = response_document(response)   # parsed once, on receipt (mediator.upstream)
         if not isinstance(document, dict):
             raise TypeError("unexpected answer to a search")
         if document.get("resourceType") == "Bundle":

@@ -45,7 +45,7 @@ from mediator.facilities import LookupFailed
 from mediator.fhir import operation_outcome_response
 from mediator.pipeline import Decision
 from mediator.request_view import RequestView
-from mediator.upstream import OpenImisUpstream
+from mediator.upstream import OpenImisUpstream, response_document
 
 log = logging.getLogger("mediator.authorization")
 
@@ -298,16 +298,15 @@ class ScopedSearch:
                    priority: int, timeout_s: float) -> dict[str, Any]:
         response = await self.guard.call(priority, lambda: self.upstream.forward(
             request, path, None, client_ip, request_id, timeout_s, method="GET", raw_query=query))
-        body = response.body if isinstance(response.body, bytes) else b""
         if response.status != 200:
+            body = response.body if isinstance(response.body, bytes) else b""
             # SECURITY: openIMIS's error texts can name other facilities' claims ("malformed entry …/Claim/<uuid>").
             log.warning("facility-scoped search read answered %s, request %s: %s", response.status,
                         request_id, body[:500].decode("utf-8", "replace"))
             raise LookupFailed(f"search read answered {response.status}")
-        try:
-            document = json.loads(body)
-        except ValueError as exc:
-            raise LookupFailed("search read is not JSON") from exc
+        document = response_document(response)   # parsed once, on receipt
+        if document is None:
+            raise LookupFailed("search read is not JSON")
         if not isinstance(document, dict):
             raise LookupFailed("search read is not a resource")
         return document
