@@ -305,8 +305,8 @@ async def evaluate(config: Config, request: DescribedRequest, principal: Princip
         if isinstance(exchange.served_by, ScopedSearch) and exchange.principal is not None:
             # Scoped searches need a caller of exactly one facility (authorization.search_facility_ambiguous).
             scoped = ",".join(sorted(exchange.principal.health_facilities))
-        return Explanation(exchange.decisions, dict(exchange.authorization_facts), final, lookups,
-                           exchange.write_check, scoped)
+        authz = exchange.authorization_facts.as_dict() if exchange.authorization_facts is not None else {}
+        return Explanation(exchange.decisions, authz, final, lookups, exchange.write_check, scoped)
     finally:
         for upstream in upstreams.values():
             await upstream.close()

@@ -68,6 +68,44 @@ def user_key(vouched_by: str, user_id: str) -> str:
     return f"{quote(vouched_by, safe='=')}/user={quote(user_id, safe='')}"
 
 
+@dataclass(slots=True)
+class AuthorizationFacts:
+    """What the authorization stage decided and on what (audit, explain). Never tokens, claims or bodies."""
+
+    decision: str
+    """allow | deny"""
+    reason: str
+    rule: str | None
+    client: str | None
+    user: str | None
+    """Principal.user_key: namespaced by who vouches for the user."""
+    caller_facilities: list[str]
+    resource_type: str | None
+    resource_id: str | None
+    target_facilities: list[str]
+    filtered: bool
+    shadow: dict[str, str] | None = None
+    """A shadow rule's verdict: {rule, decision, reason}."""
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    """A Bundle's entries, one verdict each."""
+    foreign_entries: int = 0
+    """Entries of a forwarded search answer a shadow facility rule would have removed."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (explain, policy tests): optional parts only when present."""
+        record: dict[str, Any] = {
+            "decision": self.decision, "reason": self.reason, "rule": self.rule, "client": self.client,
+            "user": self.user, "caller_facilities": self.caller_facilities, "resource_type": self.resource_type,
+            "resource_id": self.resource_id, "target_facilities": self.target_facilities, "filtered": self.filtered}
+        if self.shadow is not None:
+            record["shadow"] = self.shadow
+        if self.entries:
+            record["entries"] = self.entries
+        if self.foreign_entries:
+            record["foreign_entries"] = self.foreign_entries
+        return record
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedBody:
     """A request body as the request stage read and parsed it, once (stages/request_body.py).
@@ -114,9 +152,8 @@ class Exchange:
     channel: Channel | None = None
     principal: Principal | None = None
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
-    authorization_facts: dict[str, Any] = field(default_factory=dict)
-    """What authorization decided and on what (rule, facilities, entries): for the audit record and explain.
-    Never tokens, claims or bodies."""
+    authorization_facts: AuthorizationFacts | None = None
+    """What authorization decided and on what (rule, facilities, entries): for explain and policy tests."""
     facility: str | None = None
     """The one health facility authorization resolved the request to (its target), if exactly one."""
     response_filters: list[ResponseFilter] = field(default_factory=list)

@@ -41,7 +41,7 @@ from mediator.facility_scope import (
 from mediator.fhir import MalformedRequest, parse_fhir_path
 from mediator.logs import JsonEvent
 from mediator.metrics import AuthorizationMetrics
-from mediator.pipeline import Decision, Exchange, Principal
+from mediator.pipeline import AuthorizationFacts, Decision, Exchange, Principal
 from mediator.stages.authorization_facts import FacilityFactFinder
 from mediator.stages.authorization_filter import SearchResultFilter
 from mediator.stages.authorization_policy import (
@@ -332,24 +332,22 @@ class AuthorizationStage:
         """Authorization facts for the audit record. Never tokens, claims or bodies."""
         fhir = exchange.fhir
         verdict = outcome.verdict
-        record: dict[str, Any] = {
-            "decision": "allow" if verdict.decision.allow else "deny",
-            "reason": verdict.decision.reason,
-            "rule": verdict.rule.name if verdict.rule else None,
-            "client": principal.client_id if principal else None,
-            "user": principal.user_key if principal else None,  # namespaced by its voucher
-            "caller_facilities": sorted(principal.health_facilities) if principal else [],
-            "resource_type": fhir.resource_type if fhir else None,
-            "resource_id": fhir.resource_id if fhir else None,
-            "target_facilities": sorted(outcome.facts.facilities) if outcome.facts else [],
-            "filtered": verdict.filter_search,
-        }
+        record = AuthorizationFacts(
+            decision="allow" if verdict.decision.allow else "deny",
+            reason=verdict.decision.reason,
+            rule=verdict.rule.name if verdict.rule else None,
+            client=principal.client_id if principal else None,
+            user=principal.user_key if principal else None,  # namespaced by its voucher
+            caller_facilities=sorted(principal.health_facilities) if principal else [],
+            resource_type=fhir.resource_type if fhir else None,
+            resource_id=fhir.resource_id if fhir else None,
+            target_facilities=sorted(outcome.facts.facilities) if outcome.facts else [],
+            filtered=verdict.filter_search,
+            entries=outcome.entries)
         if outcome.shadow is not None and outcome.shadow.rule is not None:
-            record["shadow"] = {"rule": outcome.shadow.rule.name,
-                                "decision": "allow" if outcome.shadow.decision.allow else "deny",
-                                "reason": outcome.shadow.decision.reason}
-        if outcome.entries:
-            record["entries"] = outcome.entries
+            record.shadow = {"rule": outcome.shadow.rule.name,
+                             "decision": "allow" if outcome.shadow.decision.allow else "deny",
+                             "reason": outcome.shadow.decision.reason}
         exchange.authorization_facts = record
         if outcome.facts is not None and len(outcome.facts.facilities) == 1:
             (exchange.facility,) = outcome.facts.facilities

@@ -74,6 +74,7 @@ class SearchResultFilter:
                 foreign += 1
         if foreign:
             self.metrics.dropped.labels(self.access.resource_type, "true").inc(foreign)
-            exchange.authorization_facts["foreign_entries"] = foreign
+            if exchange.authorization_facts is not None:
+                exchange.authorization_facts.foreign_entries = foreign
             log.info(JsonEvent({"event": "authorization.shadow_filter", "request_id": exchange.request_id,
                                  "would_drop": foreign}))

@@ -807,7 +807,7 @@ async def test_audit_facts_are_on_the_exchange_without_secrets(authz_mediator):
         name = "rate_limit"
 
         async def run(self, exchange):
-            seen.append({**exchange.authorization_facts, "resolved_facility": exchange.facility})
+            seen.append({**exchange.authorization_facts.as_dict(), "resolved_facility": exchange.facility})
             return Decision.allowed("rate_limit.spy")
 
     runtime.chain.pipeline = Pipeline([*runtime.pipeline.stages, Spy()], runtime.pipeline._recorder)
