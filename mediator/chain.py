@@ -294,6 +294,7 @@ class RequestChain:
                     self._observe_upstream(exchange, time.perf_counter() - started)
                 raise
             if answered is not None:
+                exchange.answered_by = step.name
                 if step.sends_upstream:
                     self._observe_upstream(exchange, time.perf_counter() - started)
                     exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))

@@ -172,6 +172,8 @@ class Exchange:
     declares 2 for reads and searches of facility-bound types: an ownership or index lookup + the read)."""
     upstream_path: str | None = None
     """The FHIR path sent to openIMIS when it is not the client's (a Claim read by code goes by uuid)."""
+    answered_by: str | None = None
+    """The route step that answered (mediator.chain.ROUTE), for the response steps."""
     served_by: LocalAnswer | None = None
     """Set by a stage that answers the request itself (facility-scoped searches) instead of forwarding it."""
 

@@ -110,7 +110,7 @@ async def test_the_first_route_step_that_answers_ends_the_route():
     exchange = _exchange()
     exchange.response_headers["RateLimit"] = '"c";r=9;t=1'
     response = await _chain(_routes(replica=web.Response(status=200, text="r"), seen=seen)).run(exchange)
-    assert seen == ["replica"] and response.status == 200
+    assert seen == ["replica"] and response.status == 200 and exchange.answered_by == "replica"
     assert response.headers["X-Request-ID"] == "rid-12345678" and response.headers["RateLimit"] == '"c";r=9;t=1'
 
     seen.clear()
