@@ -2,7 +2,8 @@
 
 client_ip → channel → ip → authentication → request (body read and parsed once) → authorization
 (always: absent policy denies) → write (the write firewall; always: absent profiles refuse every write)
-→ [rate limit] → route (replica/upstream, in mediator.app). A test asserts this order.
+→ [rate limit]; then the route, response and finishing steps of mediator.chain. tests/test_chain.py pins the
+whole order.
 """
 
 from __future__ import annotations
