@@ -16,9 +16,8 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -36,7 +35,6 @@ from mediator.upstream import (
 
 NOT_PROCESSED_STATUSES = frozenset({408, 429, 503})
 MAYBE_PROCESSED_STATUSES = frozenset({502, 504})
-MAX_LOOKUP_PAGES = 50
 
 SlotCall = Callable[[Callable[[], Awaitable[web.Response]]], Awaitable[web.Response]]
 """Runs a send inside the upstream's load-protection slot (bulkhead + breaker); see service.upstream_slot."""
@@ -116,20 +114,6 @@ class Lookup:
     result: Result | None = None
 
 
-def patient_of(resource: dict[str, Any]) -> str:
-    """The insuree UUID the claim is for (the look-up lists that insuree's recent claims)."""
-    patient = resource.get("patient")
-    if not isinstance(patient, dict):
-        return ""
-    reference = patient.get("reference")
-    if isinstance(reference, str) and reference.startswith("Patient/"):
-        return reference.removeprefix("Patient/")
-    identifier = patient.get("identifier")
-    if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
-        return str(identifier["value"])
-    return ""
-
-
 def code_of(resource: dict[str, Any]) -> str:
     """The claim code (openIMIS's unique claim identifier): the first identifier value."""
     for identifier in resource.get("identifier") or ():
@@ -138,45 +122,43 @@ def code_of(resource: dict[str, Any]) -> str:
     return ""
 
 
-def _has_code(resource: Any, code: str) -> bool:
-    identifiers = resource.get("identifier") if isinstance(resource, dict) else None
-    return any(isinstance(i, dict) and i.get("value") == code for i in identifiers or ())
+def _uuid_of(resource: dict[str, Any]) -> str:
+    for identifier in resource.get("identifier") or ():
+        codings = identifier.get("type", {}).get("coding", []) if isinstance(identifier, dict) else []
+        if any(isinstance(c, dict) and c.get("code") == "UUID" for c in codings):
+            return str(identifier.get("value", ""))
+    return ""
+
+
+def _absent(response: web.Response) -> bool:
+    """openIMIS 1.10 answers a retrieve of an unknown code with 500 "... matching query does not exist"."""
+    return response.status == 404 or response.status == 500 and "matching query does not exist" in _body_text(response)
 
 
 async def find_claim(upstream: OpenImisUpstream, slot: SlotCall, entry: QueuedEntry, timeout_s: float) -> Lookup:
-    """Is the claim already in openIMIS? openIMIS 1.10's `Claim?identifier=` answers 500 for a claim it has
-    (its serializer fails), so this lists the insuree's claims since the day before acceptance
-    (`Claim?patient=&refDate=`, which works) and looks for the claim code. Found: its ClaimResponse."""
-    if not entry.code or not entry.patient:
+    """Is the claim already in openIMIS? `GET ClaimResponse/<claim code>` (openIMIS retrieves by UUID or by
+    code). Not `Claim?identifier=` (its serializer answers 500 for a claim it has) nor a `Claim?patient=`
+    listing (openIMIS caches list counts for an hour, so the newest claims fall off the last page).
+    Found: the ClaimResponse, read again by its UUID so it is the same document a POST answers."""
+    if not entry.code:
         return Lookup("failed")
-    since = (datetime.fromtimestamp(entry.accepted_at, UTC) - timedelta(days=1)).date().isoformat()
-    query = f"patient={entry.patient}&refDate={since}&_count=100"
     try:
-        for _ in range(MAX_LOOKUP_PAGES):
-            response = await slot(lambda page=query: _send(upstream, "GET", "Claim", page, None, entry, timeout_s))
-            if response.status != 200:
-                return Lookup("failed")
-            bundle = json.loads(_body_text(response))
-            for item in bundle.get("entry") or ():
-                resource = item.get("resource") if isinstance(item, dict) else None
-                if _has_code(resource, entry.code) and isinstance(resource, dict):
-                    return await _claim_response(upstream, slot, entry, str(resource.get("id", "")), timeout_s)
-            following = [link.get("url", "") for link in bundle.get("link") or ()
-                         if isinstance(link, dict) and link.get("relation") == "next"]
-            if not following or not urlsplit(following[0]).query:
-                return Lookup("absent")
-            query = urlsplit(following[0]).query
-    except (UpstreamRefused, UpstreamUnavailable, UpstreamTimeout, ValueError, AttributeError):
-        return Lookup("failed")
-    return Lookup("failed")
-
-
-async def _claim_response(upstream: OpenImisUpstream, slot: SlotCall, entry: QueuedEntry, claim_id: str,
-                          timeout_s: float) -> Lookup:
-    if not claim_id:
-        return Lookup("failed")
-    response = await slot(lambda: _send(upstream, "GET", f"ClaimResponse/{claim_id}", "", None, entry, timeout_s))
-    if response.status != 200:
+        response = await slot(lambda: _send(upstream, "GET", f"ClaimResponse/{quote(entry.code, safe='')}", "",
+                                            None, entry, timeout_s))
+        if _absent(response):
+            return Lookup("absent")
+        if response.status != 200:
+            return Lookup("failed")
+        resource = json.loads(_body_text(response))
+        if not isinstance(resource, dict) or resource.get("resourceType") != "ClaimResponse":
+            return Lookup("failed")
+        claim_uuid = _uuid_of(resource)
+        if claim_uuid:
+            by_uuid = await slot(lambda: _send(upstream, "GET", f"ClaimResponse/{quote(claim_uuid, safe='')}", "",
+                                               None, entry, timeout_s))
+            if by_uuid.status == 200:
+                response = by_uuid
+    except (UpstreamRefused, UpstreamUnavailable, UpstreamTimeout, ValueError):
         return Lookup("failed")
     return Lookup("found", result_of(response, "async.found_existing"))
 

@@ -122,7 +122,7 @@ class AsyncClaims:
                resource: dict[str, Any]) -> QueuedEntry:
         return QueuedEntry(job_id, index, resource_type,
                            json.dumps(resource, separators=(",", ":"), ensure_ascii=False).encode(),
-                           delivery.code_of(resource), delivery.patient_of(resource), time.time(),
+                           delivery.code_of(resource), time.time(),
                            exchange.request_id, str(exchange.client_ip))
 
     async def _enqueue(self, exchange: Exchange, job_id: str, kind: str, entries: list[QueuedEntry],

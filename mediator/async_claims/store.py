@@ -86,7 +86,7 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class QueuedEntry:
-    """One claim to deliver, as stored in the stream. `code` and `patient` let a retry whose earlier
+    """One claim to deliver, as stored in the stream. `code` (the claim code) lets a retry whose earlier
     outcome is unknown look the claim up in openIMIS first."""
 
     job_id: str
@@ -94,14 +94,13 @@ class QueuedEntry:
     resource_type: str
     body: bytes
     code: str
-    patient: str
     accepted_at: float
     request_id: str
     client_ip: str
 
     def fields(self) -> dict[str, str | bytes]:
         return {"job": self.job_id, "index": str(self.index), "rtype": self.resource_type, "body": self.body,
-                "code": self.code, "patient": self.patient, "accepted_at": repr(self.accepted_at),
+                "code": self.code, "accepted_at": repr(self.accepted_at),
                 "request_id": self.request_id, "client_ip": self.client_ip}
 
     @classmethod
@@ -109,7 +108,7 @@ class QueuedEntry:
         def text(name: str) -> str:
             return raw.get(name.encode(), b"").decode()
         return cls(text("job"), int(text("index") or 0), text("rtype"), raw.get(b"body", b""), text("code"),
-                   text("patient"), float(text("accepted_at") or 0), text("request_id"), text("client_ip"))
+                   float(text("accepted_at") or 0), text("request_id"), text("client_ip"))
 
 
 @dataclass(frozen=True, slots=True)
