@@ -166,8 +166,8 @@ async def find_claim(upstream: OpenImisUpstream, slot: SlotCall, entry: QueuedEn
 def backoff_s(attempts: int, initial_s: float, max_s: float, rand: Callable[[], float]) -> float:
     """Exponential backoff with full jitter (AWS architecture blog): uniform in [0, min(max, initial·2^n)],
     never below a tenth of initial (so a stampede of retries cannot spin)."""
-    ceiling = min(max_s, initial_s * (2 ** min(attempts, 30)))
-    return max(initial_s / 10, rand() * ceiling)
+    ceiling = min(max_s, initial_s * float(2 ** min(attempts, 30)))
+    return float(max(initial_s / 10, rand() * ceiling))
 
 
 def now() -> float:

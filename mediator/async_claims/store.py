@@ -203,7 +203,7 @@ class QueueStore:
             await pipe.execute()
 
     async def streams(self) -> list[StreamRef]:
-        raw = await self.redis.client.hgetall(self.registry_key)
+        raw: Any = await self.redis.client.hgetall(self.registry_key)
         refs = []
         for key, value in raw.items():
             labels = json.loads(value)
@@ -214,7 +214,7 @@ class QueueStore:
         """At most one new entry from each of `streams` (one per vendor per round: fair)."""
         for ref in streams:
             await self._ensure_group(ref.key)
-        answer = await self.redis.client.xreadgroup(GROUP, consumer, {r.key: ">" for r in streams}, count=1)
+        answer: Any = await self.redis.client.xreadgroup(GROUP, consumer, {r.key: ">" for r in streams}, count=1)
         by_key = {r.key: r for r in streams}
         found = []
         for stream_key, messages in answer or ():
@@ -240,7 +240,7 @@ class QueueStore:
             await pipe.execute()
 
     async def job(self, job_id: str) -> Job | None:
-        raw = await self.redis.client.hgetall(self.job_key(job_id))
+        raw: Any = await self.redis.client.hgetall(self.job_key(job_id))
         return Job.parse(job_id, raw) if raw else None
 
     async def mark_sending(self, job_id: str, index: int) -> bool:
@@ -271,7 +271,7 @@ class QueueStore:
         length = await client.xlen(ref.key)
         if not length:
             return 0, None
-        first = await client.xrange(ref.key, count=1)
+        first: Any = await client.xrange(ref.key, count=1)
         if not first:
             return int(length), None
         millis = int(first[0][0].decode().split("-")[0])
