@@ -217,3 +217,65 @@ async def test_one_vendors_backlog_does_not_starve_another(store, aiohttp_server
     assert {outcome for _, outcome in settled} == {"delivered"}
     assert sorted(recording.codes) == sorted([f"A{n}" for n in range(12)] + ["B0", "B1"])  # each once
     assert max(recording.codes.index("B0"), recording.codes.index("B1")) <= 4, recording.codes
+
+
+def test_the_final_outcome_audit_event_is_valid_fhir_and_carries_no_claim():
+    from fhir.resources.R4B.auditevent import AuditEvent
+
+    from mediator.async_claims.service import final_audit_event
+
+    entry = _entry("d" * 32, 1, code="SECRETCODE")
+    result = Result(201, '{"resourceType":"ClaimResponse"}', "async.delivered")
+    event = final_audit_event(StreamRef("k", "claims", "vendor-a"), entry, result, "delivered", time.time())
+    AuditEvent.model_validate(event)
+    text = json.dumps(event)
+    assert "SECRETCODE" not in text and "ClaimResponse" not in text
+    assert event["outcome"] == "0" and event["outcomeDesc"] == "201 async.delivered (delivered)"
+    assert {"system": "https://openimis-mediator.org/fhir/StructureDefinition/async-job",
+            "value": f"{'d' * 32}#1"} in [e["what"].get("identifier") for e in event["entity"]]
+
+
+def _exchange(method: str, path: str, headers: dict[str, str], channel_config: ChannelConfig):  # type: ignore[no-untyped-def]
+    import re
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from mediator.fhir import parse_fhir_path
+    from mediator.pipeline import Exchange
+    from mediator.stages.channel_match import Channel
+
+    exchange = Exchange(make_mocked_request(method, path, headers=headers), "rid")
+    exchange.channel = Channel(channel_config, re.compile(channel_config.path))
+    exchange.fhir = parse_fhir_path(method, path.removeprefix("/fhir/"))
+    return exchange
+
+
+def test_which_requests_are_queued(tmp_path):
+    from mediator.async_claims.service import AsyncClaims
+
+    text = channels_yaml("http://127.0.0.1:1/api/", channels=CLAIMS.replace("{mode: always}", "{}") + """\
+- name: always
+  path: ^/fhir/?$
+  methods: [POST]
+  upstream: openimis
+  ip_allowlist: [local]
+  batch: {}
+  async_submission: {mode: always}
+- name: eligibility
+  path: ^/fhir/CoverageEligibilityRequest/?$
+  methods: [POST]
+  upstream: openimis
+  ip_allowlist: [local]
+""", extra_server="redis: {url: \"redis://127.0.0.1:6379/0\"}\n")
+    config = load_config(write_config(tmp_path, text))
+    metrics = Metrics()
+    redis = RedisStore(config.channels.server.redis)
+    upstreams = {"openimis": OpenImisUpstream("openimis", config.channels.upstreams["openimis"], "https://m/fhir/")}
+    service = AsyncClaims(config, redis, upstreams, LoadProtection(config, redis, metrics), metrics, None)
+    claims, always, eligibility = config.channels.channels
+    prefer = {"Prefer": "respond-async"}
+    assert service.wants(_exchange("POST", "/fhir/Claim", prefer, claims))
+    assert not service.wants(_exchange("POST", "/fhir/Claim", {}, claims))  # on_request: synchronous
+    assert service.wants(_exchange("POST", "/fhir/", {}, always))  # mode: always
+    assert not service.wants(_exchange("POST", "/fhir/CoverageEligibilityRequest", prefer, eligibility))
+    assert service.status_url("ab" * 16) == "https://mediator.example.org/fhir/_async/" + "ab" * 16

@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from joserfc.jwk import ECKey
 
+from mediator.app import METRICS
 from tests.conftest import DEFAULT_IP_POLICY
 from tests.e2e.async_kit import CHANNELS, POLICIES, PREFER_ASYNC, VENDORS, claims_in_openimis, wait_settled
 from tests.e2e.conftest import e2e_channels, harness
@@ -73,6 +74,10 @@ async def test_a_queued_claim_is_accepted_then_delivered_once(queued, openimis):
     assert read.status == 200
     assert (await jm.request("GET", path)).status == 201
     assert claims_in_openimis(openimis, [_code(claim)]) == {_code(claim): 1}
+    registry = jm.client.server.app[METRICS].registry
+    labels = {"channel": "claims", "client": "vendor-jm"}
+    assert registry.get_sample_value("mediator_async_accepted_total", labels) == 1
+    assert registry.get_sample_value("mediator_async_outcomes_total", {**labels, "outcome": "delivered"}) == 1
 
 
 async def test_the_status_url_answers_only_the_submitter(queued):
