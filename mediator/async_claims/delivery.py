@@ -61,8 +61,9 @@ def refusal(status: int, reason: str, message: str) -> Result:
     return Result(status, json.dumps(operation_outcome(status, reason, message), separators=(",", ":")), reason)
 
 
-async def _send(upstream: OpenImisUpstream, method: str, relative: str, query: str, body: bytes | None,
-                entry: QueuedEntry, timeout_s: float) -> web.Response:
+async def _exchange(upstream: OpenImisUpstream, method: str, relative: str, query: str, body: bytes | None,
+                    entry: QueuedEntry, timeout_s: float) -> UpstreamReply:
+    """One request to openIMIS with the mediator's own headers; openIMIS's reply as it came."""
     url = upstream.upstream_url(relative, query)
     headers = upstream.service_headers(await upstream.token(), entry.client_ip, entry.request_id, body is not None)
     reply = await upstream.send(method, url, headers, body, timeout_s)
@@ -70,11 +71,14 @@ async def _send(upstream: OpenImisUpstream, method: str, relative: str, query: s
         # openIMIS processed nothing: logging in again and repeating cannot submit twice.
         headers["Authorization"] = f"Bearer {await upstream.token(force=True)}"
         reply = await upstream.send(method, url, headers, body, timeout_s)
-    return _answer(upstream, reply)
+    return reply
 
 
-def _answer(upstream: OpenImisUpstream, reply: UpstreamReply) -> web.Response:
-    return upstream.answer(reply, fhir_json=False)  # stored as JSON; the status URL negotiates its type
+async def _send(upstream: OpenImisUpstream, method: str, relative: str, query: str, body: bytes | None,
+                entry: QueuedEntry, timeout_s: float) -> web.Response:
+    """As the caller gets it: JSON checked, links rewritten, errors as generic OperationOutcomes. Stored as
+    JSON; the status URL negotiates the content type when it is read."""
+    return upstream.answer(await _exchange(upstream, method, relative, query, body, entry, timeout_s), fhir_json=False)
 
 
 def _nothing_sent(exc: BaseException) -> bool:
@@ -130,9 +134,15 @@ def _uuid_of(resource: dict[str, Any]) -> str:
     return ""
 
 
-def _absent(response: web.Response) -> bool:
+def _absent(reply: UpstreamReply) -> bool:
     """openIMIS 1.10 answers a retrieve of an unknown code with 500 "... matching query does not exist"."""
-    return response.status == 404 or response.status == 500 and "matching query does not exist" in _body_text(response)
+    return reply.status == 404 or reply.status == 500 and b"matching query does not exist" in reply.body
+
+
+class _Raw:
+    """Carries openIMIS's raw reply out of the slot (the slot's send returns a web.Response)."""
+
+    reply: UpstreamReply | None = None
 
 
 async def find_claim(upstream: OpenImisUpstream, slot: SlotCall, entry: QueuedEntry, timeout_s: float) -> Lookup:
@@ -142,13 +152,20 @@ async def find_claim(upstream: OpenImisUpstream, slot: SlotCall, entry: QueuedEn
     Found: the ClaimResponse, read again by its UUID so it is the same document a POST answers."""
     if not entry.code:
         return Lookup("failed")
+    path = f"ClaimResponse/{quote(entry.code, safe='')}"
+    raw = _Raw()
+
+    async def look() -> web.Response:
+        raw.reply = await _exchange(upstream, "GET", path, "", None, entry, timeout_s)
+        return web.Response(status=raw.reply.status)  # the breaker counts it like any answer
+
     try:
-        response = await slot(lambda: _send(upstream, "GET", f"ClaimResponse/{quote(entry.code, safe='')}", "",
-                                            None, entry, timeout_s))
-        if _absent(response):
-            return Lookup("absent")
-        if response.status != 200:
+        await slot(look)
+        if raw.reply is None or _absent(raw.reply):
+            return Lookup("absent" if raw.reply is not None else "failed")
+        if raw.reply.status != 200:
             return Lookup("failed")
+        response = upstream.answer(raw.reply, fhir_json=False)
         resource = json.loads(_body_text(response))
         if not isinstance(resource, dict) or resource.get("resourceType") != "ClaimResponse":
             return Lookup("failed")
