@@ -145,11 +145,11 @@ async def _burst(session: aiohttp.ClientSession, senders: list[Sender], count: i
     for item in claims:
         todo.put_nowait(item)
     statuses: dict[int, int] = {}
-    retries = 0
+    retries = relogins = 0
     locations: list[str] = []
 
     async def worker() -> None:
-        nonlocal retries
+        nonlocal retries, relogins
         while not todo.empty() and time.monotonic() < deadline:
             sender, claim = todo.get_nowait()
             headers = {**sender.headers(), **({"Prefer": "respond-async"} if queued else {})}
@@ -162,6 +162,11 @@ async def _burst(session: aiohttp.ClientSession, senders: list[Sender], count: i
                         await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
                         headers = {**sender.headers(), **({"Prefer": "respond-async"} if queued else {})}
                         continue
+                    if response.status == 401:  # the access token expired mid-burst: log in again, resend
+                        relogins += 1
+                        await sender.login(session)
+                        headers = {**sender.headers(), **({"Prefer": "respond-async"} if queued else {})}
+                        continue
                     statuses[response.status] = statuses.get(response.status, 0) + 1
                     if "Content-Location" in response.headers:
                         locations.append(response.headers["Content-Location"])
@@ -171,7 +176,7 @@ async def _burst(session: aiohttp.ClientSession, senders: list[Sender], count: i
     await asyncio.gather(*(worker() for _ in range(in_flight)))
     answered_s = time.monotonic() - started
     return {"codes": [c["identifier"][0]["value"] for _, c in claims], "answered_s": answered_s,
-            "statuses": statuses, "retries": retries, "locations": locations, "started": started}
+            "statuses": statuses, "retries": retries, "relogins": relogins, "locations": locations, "started": started}
 
 
 async def _run_one(info: dict[str, Any], session: aiohttp.ClientSession, senders: list[Sender], count: int,
@@ -197,7 +202,8 @@ def _report(name: str, result: dict[str, Any], count: int) -> None:
     once = sum(1 for v in found.values() if v == 1)
     print(f"\n{name}: {count} claims, 3 vendors")
     print(f"  answered: {result['answered_s']:.1f} s ({count / result['answered_s']:.1f} answers/s) "
-          f"statuses={result['statuses']} retries after 503/429={result['retries']}")
+          f"statuses={result['statuses']} retries after 503/429={result['retries']} "
+          f"re-logins after 401={result['relogins']}")
     print(f"  all in openIMIS: {result['all_in_s']:.1f} s; exactly once: {once}/{count}; "
           f"missing: {sum(1 for v in found.values() if v == 0)}; duplicated: {sum(1 for v in found.values() if v > 1)}")
     print(f"  openIMIS login during the run: {result['probe']}")

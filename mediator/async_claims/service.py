@@ -211,7 +211,12 @@ class AsyncClaims:
         return next(iter(self.channels.values())).config
 
     async def job_for(self, job_id: str) -> Any:
-        return await self.store.job(job_id)
+        """The job, read once more on a store error: a read is safe to repeat, and the first command on a
+        pooled connection that Redis closed (a restart) fails even though Redis is back."""
+        try:
+            return await self.store.job(job_id)
+        except STORE_ERRORS:
+            return await self.store.job(job_id)
 
     def status_response(self, request: web.Request, job: Any) -> web.Response:
         """202 while unsettled; then the outcome as the synchronous request would have had it."""

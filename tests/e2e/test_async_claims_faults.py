@@ -196,7 +196,8 @@ async def settled(instance: Instance, location: str, timeout: float) -> aiohttp.
     deadline = time.monotonic() + timeout
     while True:
         response = await instance.status(location)
-        if response.status != 202:
+        store_down = response.status == 503 and "async.store_unavailable" in await response.text()
+        if response.status != 202 and not store_down:  # 503 + Retry-After: a client asks again
             return response
         if time.monotonic() > deadline:
             raise AssertionError(f"{location} not settled after {timeout}s")
