@@ -72,6 +72,8 @@ class Runtime:
     replica: Replica | None = None
     async_claims: AsyncClaims | None = None
     """Queued claim submission (mediator/async_claims); None when no channel has async_submission."""
+    audit: AuditLog | None = None
+    """The app's audit trail, for events without a request (the queue's final outcomes); kept on reload."""
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired resources once it is 0."""
 
@@ -104,11 +106,10 @@ class Runtime:
             else None)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
             else Replica.from_config(config, upstreams, metrics)
-        audit = audit if audit is not None else previous.async_claims.audit \
-            if previous is not None and previous.async_claims is not None else None
+        audit = audit if audit is not None else previous.audit if previous is not None else None
         async_claims = AsyncClaims.from_config(config, redis, upstreams, protection, metrics, audit)
         return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
-                   redis, protection, replica, async_claims)
+                   redis, protection, replica, async_claims=async_claims, audit=audit)
 
     async def start_new(self, previous: Runtime | None) -> None:
         """Start the resources this runtime did not take over from `previous` (None: all of them). If one

@@ -128,6 +128,7 @@ class Drainer:
                 delay = 0.1
             except STORE_ERRORS as exc:
                 self.metrics.store_errors.labels("read").inc()
+                self.store.forget_groups()
                 log.warning("queue store unavailable: %s", type(exc).__name__)
                 await self._sleep(delay)
                 delay = min(delay * 2, 2.0)

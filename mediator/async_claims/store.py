@@ -174,6 +174,10 @@ class QueueStore:
         prefix = self.redis.config.key_prefix if self.redis.config is not None else ""
         return prefix + REGISTRY
 
+    def forget_groups(self) -> None:
+        """After an error: create the groups again if needed (Redis restarted without its data)."""
+        self._groups.clear()
+
     async def _ensure_group(self, stream: str) -> None:
         if stream in self._groups:
             return
