@@ -100,6 +100,8 @@ async def test_the_status_url_answers_only_the_submitter(queued):
     assert _reason(await foreign_user.json()) == _reason(await foreign_unknown.json())
     anonymous = await jm.client.get(path)
     assert anonymous.status == 401
+    cancel = await jm.request("DELETE", path)  # cancelling is not offered
+    assert cancel.status == 400 and _reason(await cancel.json()) == "channel.malformed_path"
     assert (await wait_settled(lambda url: jm.request("GET", url), path)).status == 201
 
 
