@@ -19,13 +19,11 @@ from aiohttp import web
 
 from mediator.async_claims import AsyncClaims, make_status_handler
 from mediator.audit import AuditLog
-from mediator.bulkhead import UpstreamRefused
+from mediator.bulkhead import UpstreamGuard, UpstreamRefused
 from mediator.config import Config
-from mediator.config.models import LimitsConfig
-from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
+from mediator.fhir import operation_outcome_response
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
-from mediator.json_limits import parse_body
 from mediator.load_protection import LoadProtection
 from mediator.logs import JsonEvent, bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
@@ -48,9 +46,6 @@ from mediator.upstream import OpenImisUpstream, UpstreamInvalidAnswer, UpstreamT
 
 log = logging.getLogger("mediator")
 access_log = logging.getLogger("mediator.access")
-
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
 
 @dataclass(slots=True)
 class Runtime:
@@ -95,11 +90,16 @@ class Runtime:
         redis = previous.redis if previous is not None and previous.redis.config == server.redis \
             else RedisStore(server.redis)
         identity = Identity.from_config(config, previous.identity if previous is not None else None)
-        stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics)
-        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         kept_guards = {} if previous is None else {
             name: guard for name, guard in previous.protection.guards.items()
             if name in upstreams and upstreams[name] is previous.upstreams.get(name)}
+        # One guard per upstream for everything sent to it: forwarded requests and the stages' own lookups.
+        kept_guards = {name: kept_guards.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker,
+                                                                          metrics)
+                       for name, u in config.channels.upstreams.items()}
+        stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
+                              guards=kept_guards)
+        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         protection = LoadProtection(
             config, redis, metrics, entry_checks, kept_guards=kept_guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
@@ -177,41 +177,13 @@ AUDIT = web.AppKey("audit", AuditLog)
 READINESS = web.AppKey("readiness", Readiness)
 
 
-def _check_body(exchange: Exchange, body: bytes, limits: LimitsConfig) -> Decision | None:
-    """Refuse bodies openIMIS would choke on (it answers 500 to most of them)."""
-    content_type = exchange.request.content_type
-    if content_type not in ACCEPTED_BODY_TYPES:
-        return Decision.denied("request.unsupported_media_type", 415,
-                               "send application/fhir+json or application/json")
-    document, refusal = parse_body(body, limits)
-    if refusal is not None:
-        return refusal
-    if not isinstance(document, dict) or not isinstance(document.get("resourceType"), str):
-        return Decision.denied("request.not_a_resource", 400, "the body is not a FHIR resource")
-    fhir = exchange.fhir
-    if fhir is not None and fhir.interaction in ("create", "update") and \
-            document["resourceType"] != fhir.resource_type:
-        return Decision.denied("request.resource_type_mismatch", 400,
-                               "the body's resourceType does not match the URL")
-    if fhir is not None and fhir.interaction == "update" and document.get("id") != fhir.resource_id:
-        return Decision.denied("request.id_mismatch", 400, "the body's id does not match the URL")
-    exchange.attributes["resource"] = document
-    return None
-
-
 async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> web.StreamResponse:
     channel = exchange.channel
     fhir = exchange.fhir
     assert channel is not None and fhir is not None  # the channel stage allowed the request
     request = exchange.request
-    limits = runtime.config.channels.server.limits
-    body: bytes | None = None
-    if request.method in BODY_METHODS:
-        body = await exchange.body(limits.max_body_bytes)
-        refusal = _check_body(exchange, body, limits)
-        if refusal is not None:
-            exchange.decisions.append(("request", refusal))
-            return operation_outcome_response(refusal.status, refusal.reason, refusal.message)
+    # The request stage parsed it; these are the bytes that document was parsed from.
+    body = exchange.body.raw if exchange.body is not None else None
     if runtime.async_claims is not None and runtime.async_claims.wants(exchange):
         return await runtime.async_claims.accept(exchange, runtime.protection.idempotency,
                                                  runtime.protection.entry_checks)

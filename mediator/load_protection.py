@@ -50,11 +50,16 @@ class LoadProtection:
         guard = self.guards[upstream.name]
         client_ip = str(exchange.client_ip)
 
+        if exchange.served_by is not None:   # a facility-scoped search: its requests go through the guard
+            return await exchange.served_by.run(request, client_ip, exchange.request_id, config.priority_value,
+                                                config.timeout_s)
+        path = exchange.upstream_path or fhir.path
+
         async def send_as_is() -> web.Response:
             return await guard.call(config.priority_value, lambda: upstream.forward(
-                request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s))
+                request, path, body, client_ip, exchange.request_id, config.timeout_s))
 
-        resource: dict[str, Any] | None = exchange.attributes.get("resource")
+        resource: dict[str, Any] | None = exchange.body.document if exchange.body is not None else None
         if fhir.interaction == "batch-or-transaction":
             if resource is None:
                 resource = {}

@@ -119,10 +119,11 @@ class AsyncClaims:
                                                       "Retry-After": str(settings.status_retry_after_s)})
 
     def _entry(self, exchange: Exchange, job_id: str, index: int, resource_type: str,
-               resource: dict[str, Any]) -> QueuedEntry:
-        return QueuedEntry(job_id, index, resource_type,
-                           json.dumps(resource, separators=(",", ":"), ensure_ascii=False).encode(),
-                           delivery.code_of(resource), time.time(),
+               resource: dict[str, Any], raw: bytes | None = None) -> QueuedEntry:
+        """`raw`: the request's own bytes (a single claim: openIMIS gets exactly the document every stage
+        judged, as synchronously); a batch entry is serialized from its parsed resource, as synchronously."""
+        body = raw if raw is not None else json.dumps(resource, separators=(",", ":"), ensure_ascii=False).encode()
+        return QueuedEntry(job_id, index, resource_type, body, delivery.code_of(resource), time.time(),
                            exchange.request_id, str(exchange.client_ip))
 
     async def _enqueue(self, exchange: Exchange, job_id: str, kind: str, entries: list[QueuedEntry],
@@ -152,7 +153,8 @@ class AsyncClaims:
         channel, fhir = exchange.channel, exchange.fhir
         assert channel is not None and fhir is not None
         settings = self.channels[channel.name].settings
-        resource: dict[str, Any] = exchange.attributes.get("resource") or {}
+        resource: dict[str, Any] = (exchange.body.document if exchange.body is not None else None) or {}
+        raw = exchange.body.raw if exchange.body is not None else None
         job_id = new_job_id()
         response: web.Response
         if fhir.interaction == "batch-or-transaction":
@@ -163,7 +165,7 @@ class AsyncClaims:
         else:
             async def queue_claim() -> web.Response:
                 refused = await self._enqueue(exchange, job_id, "single",
-                                              [self._entry(exchange, job_id, 0, "Claim", resource)], {}, 1)
+                                              [self._entry(exchange, job_id, 0, "Claim", resource, raw)], {}, 1)
                 return refused or self._accepted(job_id, settings)
             response = await idempotency.create(exchange, channel.config, "Claim", resource,
                                                 exchange.request.headers.get("Idempotency-Key"), queue_claim)
