@@ -19,9 +19,10 @@ from aiohttp import web
 from mediator.async_claims import delivery
 from mediator.async_claims.drain import DrainChannel, Drainer
 from mediator.async_claims.metrics import AsyncMetrics, async_metrics
-from mediator.async_claims.store import QueuedEntry, QueueStore, Result, StreamRef, new_job_id
+from mediator.async_claims.store import Job, QueuedEntry, QueueStore, Result, StreamRef, new_job_id
 from mediator.audit import EXTENSION_BASE, AuditLog, outcome_code
 from mediator.batch import BatchEntry, EntryCheck, run_batch
+from mediator.batch import _entry as batch_response_entry  # the synchronous batch-response's entry shape
 from mediator.config import Config
 from mediator.config.models import PRIORITY_NAMES, AsyncSubmissionConfig, ChannelConfig
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, operation_outcome, operation_outcome_response, wants_fhir_json
@@ -212,7 +213,7 @@ class AsyncClaims:
             return self.channels[channel_name].config
         return next(iter(self.channels.values())).config
 
-    async def job_for(self, job_id: str) -> Any:
+    async def job_for(self, job_id: str) -> Job | None:
         """The job, read once more on a store error: a read is safe to repeat, and the first command on a
         pooled connection that Redis closed (a restart) fails even though Redis is back."""
         try:
@@ -220,7 +221,7 @@ class AsyncClaims:
         except STORE_ERRORS:
             return await self.store.job(job_id)
 
-    def status_response(self, request: web.Request, job: Any) -> web.Response:
+    def status_response(self, request: web.Request, job: Job) -> web.Response:
         """202 while unsettled; then the outcome as the synchronous request would have had it."""
         settings = self.channels[job.channel].settings if job.channel in self.channels else None
         content_type = FHIR_JSON if wants_fhir_json(request) else PLAIN_JSON
@@ -233,9 +234,9 @@ class AsyncClaims:
                                 charset="utf-8", headers={"Retry-After": str(retry_after),
                                                           "X-Progress": f"{state}: {job.settled}/{job.total}"})
         if job.kind == "single":
-            result = job.results.get(0) or delivery.refusal(500, "async.result_missing", "no outcome recorded")
-            headers = {"Location": result.location} if result.location else {}
-            return web.Response(status=result.status, text=result.body, content_type=content_type, charset="utf-8",
+            single = job.results.get(0) or delivery.refusal(500, "async.result_missing", "no outcome recorded")
+            headers = {"Location": single.location} if single.location else {}
+            return web.Response(status=single.status, text=single.body, content_type=content_type, charset="utf-8",
                                 headers=headers)
         entries = []
         for index in range(job.total):
@@ -258,8 +259,6 @@ class AsyncClaims:
 
 
 def _bundle_entry(result: Result) -> dict[str, Any]:
-    from mediator.batch import _entry  # the same entry shape as the synchronous batch-response
-
     resource = None
     if result.body:
         try:
@@ -267,9 +266,9 @@ def _bundle_entry(result: Result) -> dict[str, Any]:
         except ValueError:
             resource = None
     if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome" and result.status >= 400:
-        return _entry(result.status, resource=resource, location=result.location or None)
-    return _entry(result.status, resource=resource if isinstance(resource, dict) else None,
-                  location=result.location or None)
+        return batch_response_entry(result.status, resource=resource, location=result.location or None)
+    return batch_response_entry(result.status, resource=resource if isinstance(resource, dict) else None,
+                                location=result.location or None)
 
 
 def final_audit_event(ref: StreamRef, entry: QueuedEntry, result: Result, outcome: str,
