@@ -279,3 +279,93 @@ def test_which_requests_are_queued(tmp_path):
     assert service.wants(_exchange("POST", "/fhir/", {}, always))  # mode: always
     assert not service.wants(_exchange("POST", "/fhir/CoverageEligibilityRequest", prefer, eligibility))
     assert service.status_url("ab" * 16) == "https://mediator.example.org/fhir/_async/" + "ab" * 16
+
+
+class AnsweringOpenImis:
+    """Stand-in answering every POST Claim with a fixed status (JSON), counting the POSTs it got."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.posts = 0
+
+    async def login(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "t", "exp": int(time.time()) + 3600})
+
+    async def claim(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        return web.json_response({"resourceType": "OperationOutcome", "issue": []}, status=self.status)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/api_fhir_r4/login/", self.login)
+        app.router.add_post("/api/api_fhir_r4/Claim/", self.claim)
+        return app
+
+
+async def _upstream_for(server, tmp_path):  # type: ignore[no-untyped-def]
+    config = load_config(write_config(tmp_path, channels_yaml(
+        f"http://127.0.0.1:{server.port}/api/api_fhir_r4/", channels=CLAIMS,
+        extra_server="redis: {url: \"redis://127.0.0.1:6379/0\"}\n")))
+    upstream = OpenImisUpstream("openimis", config.channels.upstreams["openimis"], "https://m.example/fhir/")
+    await upstream.start()
+    return config, upstream
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (201, "delivered"), (400, "refused"), (500, "refused"), (422, "refused"),
+    (503, "retry"), (429, "retry"), (408, "retry"), (502, "unknown"), (504, "unknown")])
+async def test_what_openimis_answers_decides_retry_or_final(status, kind, aiohttp_server, tmp_path):
+    from mediator.async_claims.delivery import attempt
+
+    stand_in = AnsweringOpenImis(status)
+    server = await aiohttp_server(stand_in.app())
+    config, upstream = await _upstream_for(server, tmp_path)
+    try:
+        metrics = Metrics()
+        slot = upstream_slot(LoadProtection(config, RedisStore(None), metrics), "openimis", 10)
+        outcome = await attempt(upstream, slot, _entry("e" * 32), 5)
+    finally:
+        await upstream.close()
+    assert outcome.kind == kind
+    assert stand_in.posts == 1  # one attempt is one POST (the 401 re-login aside)
+    assert (outcome.result is not None) == (kind in ("delivered", "refused"))
+
+
+async def test_an_unreachable_openimis_is_retried_then_given_up_as_not_submitted(store, tmp_path):
+    from mediator.async_claims.delivery import attempt
+
+    config = load_config(write_config(tmp_path, channels_yaml(
+        "http://127.0.0.1:9/api/api_fhir_r4/", channels=CLAIMS,  # port 9 (discard): connection refused
+        extra_server="redis: {url: \"redis://127.0.0.1:6379/0\"}\n")))
+    upstream = OpenImisUpstream("openimis", config.channels.upstreams["openimis"], "https://m.example/fhir/")
+    await upstream.start()
+    metrics = Metrics()
+    protection = LoadProtection(config, store.redis, metrics)
+    slot = upstream_slot(protection, "openimis", 10)
+    assert (await attempt(upstream, slot, _entry("f" * 32), 5)).kind == "retry"  # nothing can have been sent
+    job_id = "f" * 32
+    old = QueuedEntry(job_id, 0, "Claim", b"{}", "C", time.time() - 9.0, "rid", "127.0.0.1")
+    await store.enqueue(job_id, channel="claims", client="v", facilities=frozenset(), kind="single",
+                        entries=[old], presettled={}, total=1, request_id="r")
+    # Accepted 9 s ago with give_up_after_s 10: retried with backoff for about a second, then given up.
+    settings = AsyncSubmissionConfig(give_up_after_s=10, retry_initial_s=0.1, retry_max_s=0.3, poll_interval_s=0.05)
+    settled: list[tuple[Result, str]] = []
+    drainer = Drainer(store, {"claims": DrainChannel(config.channels.channels[0], settings, upstream, slot)},
+                      async_metrics(metrics), lambda ref, entry, result, outcome, _: settled.append((result, outcome)))
+    drainer.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not settled:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await drainer.close()
+        await upstream.close()
+    ((result, outcome),) = settled
+    assert outcome == "failed" and result.status == 503 and result.reason == "async.delivery_failed"
+    job = await store.job(job_id)
+    assert job is not None and job.state == "done" and job.attempts[0] >= 2
+    # The login is the first thing that fails (upstream.login_failed), then the open breaker refuses.
+    retries = {s.labels["reason"]: s.value for family in metrics.registry.collect()
+               if family.name == "mediator_async_retries" for s in family.samples if s.name.endswith("_total")}
+    assert sum(retries.values()) >= 2 and set(retries) <= {"upstream.login_failed", "upstream.circuit_open"}

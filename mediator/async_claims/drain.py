@@ -264,7 +264,7 @@ class Drainer:
                     return
                 if found.kind == "failed":
                     self.metrics.retries.labels(ref.channel, ref.client, "lookup_failed").inc()
-                    if not await self._sleep(self._backoff(attempts, settings)):
+                    if not await self._sleep(self._until_give_up(entry, settings, self._backoff(attempts, settings))):
                         return
                     attempts += 1
                     continue
@@ -294,8 +294,14 @@ class Drainer:
                 await self._store("clear_sent", lambda: self.store.clear_sent(entry.job_id, entry.index))
             else:
                 maybe_sent = ever_unknown = True
-            if not await self._sleep(max(outcome.retry_after_s, self._backoff(attempts, settings))):
+            wait = max(outcome.retry_after_s, self._backoff(attempts, settings))
+            if not await self._sleep(self._until_give_up(entry, settings, wait)):
                 return
+
+    @staticmethod
+    def _until_give_up(entry: QueuedEntry, settings: AsyncSubmissionConfig, wait: float) -> float:
+        """A backoff (or an open breaker's Retry-After) never carries an entry past its give-up time."""
+        return min(wait, max(0.0, entry.accepted_at + settings.give_up_after_s - time.time()) + 0.01)
 
     def _backoff(self, attempts: int, settings: AsyncSubmissionConfig) -> float:
         return delivery.backoff_s(max(0, attempts - 1), settings.retry_initial_s, settings.retry_max_s, self._rand)
