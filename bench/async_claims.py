@@ -46,7 +46,7 @@ from tests.conftest import DEFAULT_IP_POLICY, write_config  # noqa: E402
 from tests.e2e.conftest import e2e_channels, harness  # noqa: E402
 from tests.e2e.vendors import AUTHORIZATION, BASE, ORIGIN, _claim_for, _client  # noqa: E402
 
-# Facilities the test suite does not use: a bench run's hundreds of claims do not change what the e2e
+# Facilities no e2e test pages through: a bench run's hundreds of claims do not change what the e2e
 # tests of the same database see (e.g. paging through one facility's claims).
 VENDORS = {"vendor-up": "UPHOS001", "vendor-vi": "VIHOS001", "vendor-ro": "ROHOS001"}
 

@@ -22,11 +22,18 @@ from joserfc.jwk import ECKey
 
 from tests.conftest import DEFAULT_IP_POLICY, write_config
 from tests.e2e.async_kit import CHANNELS, POLICIES, PREFER_ASYNC, claims_in_openimis
-from tests.e2e.conftest import e2e_channels
-from tests.e2e.vendors import Vendor, _claim_for
+from tests.e2e.conftest import e2e_channels, harness
+from tests.e2e.vendors import Vendor, _claim_for, _client
 from tests.operations.support import eventually, free_port, mediator_process, port_open
 
 pytestmark = [pytest.mark.openimis, pytest.mark.timeout(120)]
+
+# The fault tests send dozens of claims: under a facility no other e2e test pages through (their walks
+# over one facility's claims are bounded), by a vendor of that facility.
+FACILITY = "UPHOS001"
+VENDOR = "vendor-up"
+FAULT_POLICIES = {**POLICIES, "clients.yaml": "version: 1\ntoken_service:\n  signing_key_file: "
+                  "keys/mediator-signing.key\nclients:\n" + _client(VENDOR, FACILITY)}
 
 FAST_ASYNC = "{reclaim_idle_s: 2, retry_initial_s: 0.2, retry_max_s: 1, poll_interval_s: 0.1, drain_concurrency: 2}"
 
@@ -121,12 +128,24 @@ def redis_server(directory: Path) -> Iterator[RedisServer]:
             server.kill()
 
 
+class FacilityVendor(Vendor):
+    """tests/e2e/vendors.py's Vendor, for a vendor of FACILITY (its claim administrator as the user)."""
+
+    def __init__(self, client: Any, key: ECKey) -> None:
+        self.client, self.name, self.key = client, VENDOR, key
+        self.facility = FACILITY
+        self.access_token = ""
+
+    def user_token(self, user: str | None = None, facility: str | None = None) -> str:
+        return super().user_token(user or harness.HEALTH_FACILITIES[FACILITY][1], facility or FACILITY)
+
+
 class Instance:
     """One serve process seen over HTTP, with its own vendor login (access tokens are per instance)."""
 
     def __init__(self, session: aiohttp.ClientSession, port: int, proc: subprocess.Popen[bytes]) -> None:
         self.session, self.port, self.proc = session, port, proc
-        self.vendor: Vendor | None = None
+        self.vendor: FacilityVendor | None = None
 
     async def request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
         response = await self.session.request(method, f"http://127.0.0.1:{self.port}{path}", **kwargs)
@@ -170,20 +189,19 @@ async def cluster(openimis: dict[str, Any], tmp_path: Path) -> AsyncIterator[dic
                                         extra_server=server).replace("timeout_s: 30", "timeout_s: 5")
                 channels = channels.replace("    connect_timeout_s: 1\n",
                                             "    connect_timeout_s: 1\n    circuit_breaker: {open_s: 1}\n")
-                root = write_config(tmp_path / f"config{n}", channels, DEFAULT_IP_POLICY, POLICIES)
+                root = write_config(tmp_path / f"config{n}", channels, DEFAULT_IP_POLICY, FAULT_POLICIES)
                 (root / "keys").mkdir()
-                (root / "keys" / "vendor-jm.pem").write_bytes(key.as_pem(private=False))
-                (root / "keys" / "vendor-ra.pem").write_bytes(ECKey.generate_key("P-256").as_pem(private=False))
+                (root / "keys" / f"{VENDOR}.pem").write_bytes(key.as_pem(private=False))
                 processes.append(stack.enter_context(mediator_process(root, log_file=tmp_path / f"mediator{n}.log")))
             async with aiohttp.ClientSession() as session:
                 instances = [Instance(session, port, proc) for port, proc in zip(ports, processes, strict=True)]
                 for instance in instances:
                     await eventually(lambda i=instance: port_open(i.port), 20, "a mediator to listen")
-                    instance.vendor = Vendor(instance, "vendor-jm", key)
+                    instance.vendor = FacilityVendor(instance, key)
                     await instance.vendor.login()
                 # Each instance reaches openIMIS once (its facility directory loads; authorization serves it
                 # stale while openIMIS is away): one queued claim each, delivered.
-                warm = [_claim_for("JMHOS001") for _ in instances]
+                warm = [_claim_for(FACILITY) for _ in instances]
                 for instance, claim in zip(instances, warm, strict=True):
                     response, _ = await instance.submit(claim)
                     assert response.status == 202, await response.text()
@@ -229,7 +247,7 @@ async def all_delivered(instances: list[Instance], locations: list[str], timeout
 async def test_openimis_unreachable_claims_are_accepted_then_all_delivered(cluster):
     relay, instances = cluster["relay"], cluster["instances"]
     await relay.refuse()
-    claims = [_claim_for("JMHOS001") for _ in range(8)]
+    claims = [_claim_for(FACILITY) for _ in range(8)]
     locations = await submit_all(instances, claims)
     await asyncio.sleep(1.5)  # the drains try, fail (connection refused) and back off
     codes = [code(c) for c in claims]
@@ -258,7 +276,7 @@ async def test_an_instance_killed_mid_drain_leaves_its_entries_to_the_other(clus
     relay, instances, redis = cluster["relay"], cluster["instances"], cluster["redis"]
     victim, survivor = instances
     await relay.refuse()  # a backlog builds
-    claims = [_claim_for("JMHOS001") for _ in range(12)]
+    claims = [_claim_for(FACILITY) for _ in range(12)]
     codes = [code(c) for c in claims]
     locations = await submit_all([victim], claims)
     # openIMIS receives (and saves) the claims being delivered, but its answers are held back: at most
@@ -284,10 +302,10 @@ async def test_an_instance_killed_mid_drain_leaves_its_entries_to_the_other(clus
 async def test_redis_killed_and_restarted_loses_nothing_acknowledged(cluster):
     relay, instances, redis = cluster["relay"], cluster["instances"], cluster["redis"]
     await relay.refuse()  # keep everything queued while Redis dies
-    claims = [_claim_for("JMHOS001") for _ in range(8)]
+    claims = [_claim_for(FACILITY) for _ in range(8)]
     locations = await submit_all(instances, claims)
     redis.kill()
-    refused, _ = await instances[0].submit(_claim_for("JMHOS001"))
+    refused, _ = await instances[0].submit(_claim_for(FACILITY))
     assert refused.status == 503  # not acknowledged: the caller knows to retry
     redis.start()
     await eventually(lambda: port_open(redis.port), 10, "redis-server to come back")
