@@ -2,8 +2,9 @@
 
     stages   (mediator.stages.ORDER)  client_ip → channel → ip → authentication → request → authorization
                                       → write → rate_limit: each returns a Decision; the first denial ends it
-    route    (ROUTE)                  replica → local_answer → batch → idempotent_create → forward: the first
-                                      step that answers ends the route; `forward` always answers
+    route    (ROUTE)                  async_claims → replica → local_answer → batch → idempotent_create →
+                                      forward: the first step that answers ends the route; `forward` always
+                                      answers
     response (RESPONSE)               response_filters: run on the routed answer only
     finish   (FINISH)                 response_headers: on every answer, denials and errors included
 
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from mediator.async_claims import AsyncClaims
 from mediator.batch import BatchEntry, run_batch
 from mediator.decision import Decision
 from mediator.errors import MediatorError
@@ -64,6 +66,23 @@ class Upstreams:
     def of(self, exchange: Exchange) -> OpenImisUpstream:
         assert exchange.channel is not None   # the channel stage admitted the request
         return self.clients[exchange.channel.config.upstream]
+
+
+class AsyncClaimsStep:
+    """Claims on a channel with `async_submission`: queued (Redis Streams) and answered 202 with a status
+    URL; delivered to openIMIS later inside the upstream's guard (mediator.async_claims)."""
+
+    name = "async_claims"
+    sends_upstream = False
+
+    def __init__(self, queue: AsyncClaims | None, upstreams: Upstreams) -> None:
+        self.queue = queue
+        self.upstreams = upstreams
+
+    async def answer(self, exchange: Exchange) -> web.StreamResponse | None:
+        if self.queue is None or not self.queue.wants(exchange):
+            return None
+        return await self.queue.accept(exchange, self.upstreams.protection.idempotency)
 
 
 class ReplicaStep:
@@ -214,7 +233,7 @@ class ResponseHeadersStep:
         return response
 
 
-ROUTE = ("replica", "local_answer", "batch", "idempotent_create", "forward")
+ROUTE = ("async_claims", "replica", "local_answer", "batch", "idempotent_create", "forward")
 RESPONSE = ("response_filters",)
 FINISH = ("response_headers",)
 
@@ -246,9 +265,10 @@ class RequestChain:
 
     @classmethod
     def build(cls, pipeline: Pipeline, upstreams: Upstreams, replica: Replica | None,
-              metrics: Metrics | None = None) -> RequestChain:
+              async_claims: AsyncClaims | None = None, metrics: Metrics | None = None) -> RequestChain:
         return cls(pipeline,
-                   [ReplicaStep(replica), LocalAnswerStep(), BatchStep(upstreams, metrics),
+                   [AsyncClaimsStep(async_claims, upstreams), ReplicaStep(replica), LocalAnswerStep(),
+                    BatchStep(upstreams, metrics),
                     IdempotentCreateStep(upstreams), ForwardStep(upstreams)],
                    [ResponseFiltersStep()], [ResponseHeadersStep()], metrics)
 

@@ -24,8 +24,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 DECLARED = (
     ("stage", "client_ip"), ("stage", "channel"), ("stage", "ip"), ("stage", "authentication"),
     ("stage", "request"), ("stage", "authorization"), ("stage", "write"), ("stage", "rate_limit"),
-    ("route", "replica"), ("route", "local_answer"), ("route", "batch"), ("route", "idempotent_create"),
-    ("route", "forward"),
+    ("route", "async_claims"), ("route", "replica"), ("route", "local_answer"), ("route", "batch"),
+    ("route", "idempotent_create"), ("route", "forward"),
     ("response", "response_filters"),
     ("finish", "response_headers"),
 )
@@ -91,7 +91,8 @@ def _chain(route_steps):
 
 
 def _routes(*, replica=None, forward=None, raises=None, seen=None):
-    return [_Route("replica", replica, seen=seen), _Route("local_answer", seen=seen), _Route("batch", seen=seen),
+    return [_Route("async_claims", seen=seen), _Route("replica", replica, seen=seen),
+            _Route("local_answer", seen=seen), _Route("batch", seen=seen),
             _Route("idempotent_create", seen=seen), _Route("forward", forward, raises, seen=seen)]
 
 
@@ -110,12 +111,13 @@ async def test_the_first_route_step_that_answers_ends_the_route():
     exchange = _exchange()
     exchange.response_headers["RateLimit"] = '"c";r=9;t=1'
     response = await _chain(_routes(replica=web.Response(status=200, text="r"), seen=seen)).run(exchange)
-    assert seen == ["replica"] and response.status == 200 and exchange.answered_by == "replica"
+    assert seen == ["async_claims", "replica"] and response.status == 200 and exchange.answered_by == "replica"
     assert response.headers["X-Request-ID"] == "rid-12345678" and response.headers["RateLimit"] == '"c";r=9;t=1'
 
     seen.clear()
     response = await _chain(_routes(forward=web.Response(status=201), seen=seen)).run(_exchange())
-    assert seen == ["replica", "local_answer", "batch", "idempotent_create", "forward"] and response.status == 201
+    assert seen == ["async_claims", "replica", "local_answer", "batch", "idempotent_create", "forward"]
+    assert response.status == 201
 
 
 async def test_response_filters_run_on_the_routed_answer():

@@ -1,7 +1,7 @@
 """The replica's lifetime: its store, its syncer, its reader, the background schedule and its metrics.
 
 Built with the Runtime (`Replica.from_config`), started (`start` + `start_schedule`) and closed by it
-(`mediator.app.Runtime.start_new/close_retired`), used by `mediator.app._forward` for channels with
+(`mediator.app.Runtime.start_new/close_retired`), used by the `replica` route step (`mediator.chain`) for channels with
 `serve_from: replica`. A reload that leaves the replica policy, its upstream, server.redis and
 public_base_url unchanged keeps the same Replica: its data and its sync task carry on.
 """
