@@ -92,7 +92,8 @@ class Runtime:
         entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         kept_guards = {} if previous is None else {
             name: guard for name, guard in previous.protection.guards.items()
-            if name in upstreams and upstreams[name] is previous.upstreams.get(name)}
+            if name in upstreams and upstreams[name] is previous.upstreams.get(name)
+            and (guard.bulkhead.budget is None or previous.redis is redis)}
         protection = LoadProtection(
             config, redis, metrics, entry_checks, kept_guards=kept_guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
@@ -127,6 +128,8 @@ class Runtime:
             closes.append(("replica", self.replica.close))  # first: its sync task uses an upstream
         closes.append(("identity", lambda: self.identity.close_retired(
             next_runtime.identity if next_runtime is not None else None)))
+        closes.append(("load protection", lambda: self.protection.close_retired(
+            next_runtime.protection if next_runtime is not None else None)))
         if next_runtime is None or next_runtime.redis is not self.redis:
             closes.append(("redis", self.redis.close))
         closes += [(f"upstream {u.name}", u.close) for u in self.retired_upstreams(next_runtime)]

@@ -7,7 +7,7 @@ per-upstream guards (bulkhead + circuit breaker), idempotent creates and batch s
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -36,11 +36,28 @@ class LoadProtection:
                  kept_guards: Mapping[str, UpstreamGuard] | None = None,
                  kept_idempotency: Idempotency | None = None) -> None:
         kept = kept_guards or {}
-        self.guards = {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics)
+        self.guards = {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics,
+                                                                   redis)
                        for name, u in config.channels.upstreams.items()}
         self.idempotency = kept_idempotency or Idempotency(redis, metrics)
         self.entry_checks = tuple(entry_checks)
         self._metrics = metrics
+
+    async def call_upstream(self, upstream: str, priority: int,
+                            send: Callable[[], Awaitable[web.Response]]) -> web.Response:
+        """Send one request to `upstream` inside its concurrency limit, at `priority` (higher first; the
+        channels' interactive = 50, bulk = 10): the API for senders outside the request path (a durable
+        queue draining toward openIMIS). Raises UpstreamRefused when the request may not be sent (queue
+        full, waited max_wait_s, breaker open, shared budget unreachable with on_store_error deny)."""
+        return await self.guards[upstream].call(priority, send)
+
+    async def close_retired(self, next_protection: LoadProtection | None) -> None:
+        """Stop the background work (cluster pump and lease renewal) of guards `next_protection` does
+        not keep (None: all, at shutdown)."""
+        kept = set(map(id, next_protection.guards.values())) if next_protection is not None else set()
+        for guard in self.guards.values():
+            if id(guard) not in kept:
+                await guard.bulkhead.close()
 
     async def forward(self, exchange: Exchange, upstream: OpenImisUpstream, body: bytes | None) -> web.Response:
         channel, fhir = exchange.channel, exchange.fhir
