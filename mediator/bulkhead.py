@@ -224,6 +224,8 @@ class Bulkhead:
                     self._store_errors.inc()  # the lease expires after lease_ttl_s by itself
 
     async def release(self, slot: Slot) -> None:
+        if self.queued or self.in_flight >= self.limit.current:
+            self.limit.saturated()  # this window used the whole limit (growth is earned only then)
         if self.budget is not None:
             self.in_flight -= 1
             self._observe()
