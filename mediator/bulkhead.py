@@ -87,6 +87,10 @@ class Bulkhead:
         self._seq = itertools.count()
         self._metrics = metrics
         self._pump: asyncio.Task[None] | None = None
+        self._clock = clock
+        self._not_before = 0.0
+        """A limit below 1 (a duty cycle): no request starts before this (clock time)."""
+        self._timer: asyncio.TimerHandle | None = None
         self._freed = asyncio.Event()
         if metrics is not None:
             self._in_flight_gauge = metrics.bulkhead_in_flight.labels(name)
@@ -96,7 +100,7 @@ class Bulkhead:
             self._rejection_counters = {why: metrics.bulkhead_rejections.labels(name, why)
                                         for why in REFUSAL_MESSAGES}
             self._store_errors = metrics.store_errors.labels("upstream_budget", config.cluster.on_store_error)
-            self._limit_gauge.set(self.limit.current)
+            self._limit_gauge.set(self.limit.value)
 
     def _observe(self) -> None:
         if self._metrics is not None:
@@ -110,7 +114,23 @@ class Bulkhead:
         return UpstreamRefused(reason, message, self.config.retry_after_s)
 
     def _room(self) -> bool:
-        return self.in_flight < self.limit.current
+        return self.in_flight < self.limit.current and (self._not_before == 0.0 or self._clock() >= self._not_before)
+
+    def _dispatch(self) -> None:
+        """scope instance: let waiters in while there is room; if only the duty cycle keeps them out,
+        come back when it allows the next one."""
+        while self._room() and (waiter := self._next_waiter()) is not None:
+            heapq.heappop(self._queue)
+            self.in_flight += 1
+            waiter.future.set_result(Slot())
+        if self._timer is None and self.in_flight < self.limit.current and self._next_waiter() is not None:
+            delay = max(0.0, self._not_before - self._clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._observe()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
 
     async def acquire(self, priority: int) -> Slot:
         if self.queued == 0 and self._room():
@@ -157,7 +177,9 @@ class Bulkhead:
         heapq.heappush(self._queue, waiter)
         self.queued += 1
         self._observe()
-        if self.budget is not None and (self._pump is None or self._pump.done()):
+        if self.budget is None:
+            self._dispatch()  # a slot may be free and only the duty cycle kept us out: arm its timer
+        elif self._pump is None or self._pump.done():
             self._pump = asyncio.get_running_loop().create_task(self._pump_cluster())
         try:
             async with asyncio.timeout(self.config.max_wait_s):
@@ -223,23 +245,22 @@ class Bulkhead:
                 if self._metrics is not None:
                     self._store_errors.inc()  # the lease expires after lease_ttl_s by itself
 
-    async def release(self, slot: Slot) -> None:
+    async def release(self, slot: Slot, busy_s: float = 0.0) -> None:
+        """`slot` is free again; `busy_s`: how long it was with openIMIS (paces a limit below 1)."""
         if self.queued or self.in_flight >= self.limit.current:
             self.limit.saturated()  # this window used the whole limit (growth is earned only then)
+        value = self.limit.value
+        if value < 1:
+            self._not_before = self._clock() + busy_s * (1 / value - 1)
+        elif self._not_before:
+            self._not_before = 0.0
+        self.in_flight -= 1
         if self.budget is not None:
-            self.in_flight -= 1
             self._observe()
             await self._give_back(slot)
             self._freed.set()
             return
-        if self.in_flight <= self.limit.current:
-            waiter = self._next_waiter()
-            if waiter is not None:
-                heapq.heappop(self._queue)
-                waiter.future.set_result(slot)  # the slot passes straight to the waiter
-                return
-        self.in_flight -= 1
-        self._observe()
+        self._dispatch()
 
     def record(self, rtt_s: float) -> None:
         """openIMIS answered after `rtt_s`: feeds the adaptive limit; a raised limit lets waiters in."""
@@ -247,18 +268,17 @@ class Bulkhead:
         self.limit.record(rtt_s)
         current = self.limit.current
         if self._metrics is not None:
-            self._limit_gauge.set(current)
+            self._limit_gauge.set(self.limit.value)
             min_rtt = self.limit.min_rtt_s
             if min_rtt is not None:
                 self._min_rtt_gauge.set(min_rtt)
         if current > before and self.budget is None:
-            while self.in_flight < current and (waiter := self._next_waiter()) is not None:
-                heapq.heappop(self._queue)
-                self.in_flight += 1
-                waiter.future.set_result(Slot())
-            self._observe()
+            self._dispatch()
 
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
@@ -362,7 +382,7 @@ class UpstreamGuard:
             yield
             self.bulkhead.record(time.monotonic() - started)
         finally:
-            await self.bulkhead.release(slot)
+            await self.bulkhead.release(slot, time.monotonic() - started)
 
     async def call(self, priority: int, send: Callable[[], Awaitable[web.Response]]) -> web.Response:
         breaker = self.breaker
@@ -391,7 +411,7 @@ class UpstreamGuard:
                 breaker.record_abandoned()
             raise
         finally:
-            await self.bulkhead.release(slot)
+            await self.bulkhead.release(slot, time.monotonic() - started)
         self.bulkhead.record(time.monotonic() - started)
         if breaker is not None:
             if response.status in breaker.config.failure_statuses:

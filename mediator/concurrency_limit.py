@@ -32,8 +32,13 @@ limit to the floor for ever."""
 
 class ConcurrencyLimit(Protocol):
     @property
+    def value(self) -> float:
+        """The limit: average requests in flight; below 1 a duty cycle (see BulkheadConfig.min_concurrent)."""
+        ...
+
+    @property
     def current(self) -> int:
-        """Requests that may be in flight now."""
+        """Requests that may be in flight at once now: the limit rounded down, at least 1."""
         ...
 
     @property
@@ -53,6 +58,10 @@ class StaticLimit:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+
+    @property
+    def value(self) -> float:
+        return float(self._limit)
 
     @property
     def current(self) -> int:
@@ -79,8 +88,8 @@ class GradientLimit:
     """`mode: adaptive`. Starts with a probe (no minimum RTT is known yet)."""
 
     def __init__(self, config: BulkheadConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        self.floor = config.min_concurrent
-        self.ceiling = config.max_concurrent
+        self.floor = float(config.min_concurrent)
+        self.ceiling = float(config.max_concurrent)
         self.params = config.adaptive
         self.limit = float(config.initial_concurrent or config.min_concurrent)
         self.min_rtt: float | None = None
@@ -95,8 +104,12 @@ class GradientLimit:
         self._floor_windows = 0
 
     @property
+    def value(self) -> float:
+        return self.floor if self.probing else self.limit
+
+    @property
     def current(self) -> int:
-        return self.floor if self.probing else int(self.limit)
+        return max(1, int(self.value))
 
     @property
     def min_rtt_s(self) -> float | None:
@@ -134,11 +147,14 @@ class GradientLimit:
         sample = _percentile(self._samples, self.params.percentile)
         gradient = max(0.5, min(1.0, self.params.tolerance * self.min_rtt / sample)) if sample > 0 else 1.0
         if gradient >= 1.0:
-            new_limit = self.limit + 1 if self._used_whole_limit else self.limit
+            # +1 per window; below 1 (a duty cycle) doubling, so a fractional floor is left as fast
+            growth = min(1.0, self.limit) if self._used_whole_limit else 0.0
+            new_limit = self.limit + growth
         else:
             new_limit = self.limit * gradient
         self.limit = max(float(self.floor), min(float(self.ceiling), new_limit))
-        self._floor_windows = self._floor_windows + 1 if int(self.limit) <= self.floor else 0
+        near_floor = self.limit <= self.floor + 0.5 * min(1.0, self.floor)
+        self._floor_windows = self._floor_windows + 1 if near_floor else 0
         if now >= self._next_probe or self._floor_windows >= FLOOR_WINDOWS_BEFORE_PROBE:
             self._start_probe(now)
         else:

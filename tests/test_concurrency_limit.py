@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mediator.bulkhead import Bulkhead, Slot
+from mediator.bulkhead import Bulkhead, Slot, UpstreamGuard, UpstreamRefused
 from mediator.concurrency_limit import FLOOR_WINDOWS_BEFORE_PROBE, GradientLimit, StaticLimit, build_limit
 from mediator.config.models import AdaptiveLimitConfig, BulkheadConfig
 from mediator.metrics import Metrics
@@ -191,7 +191,7 @@ async def test_the_bulkhead_follows_the_limit_down_and_up():
     bulkhead.record(0.050)  # fast again, and the limit was used: 2
     await asyncio.sleep(0)
     assert limit.current == 2 and bulkhead.in_flight == 2 and bulkhead.queued == 1
-    assert metrics.registry.get_sample_value("mediator_concurrency_limit", {"upstream": "openimis"}) == 2
+    assert metrics.registry.get_sample_value("mediator_concurrency_limit", {"upstream": "openimis"}) == 2.5
     assert metrics.registry.get_sample_value("mediator_upstream_min_rtt_seconds", {"upstream": "openimis"}) == 0.05
     await bulkhead.release(slots.pop())
     await asyncio.sleep(0)
@@ -199,3 +199,45 @@ async def test_the_bulkhead_follows_the_limit_down_and_up():
     for task in waiters:
         await bulkhead.release(await task)
     assert bulkhead.in_flight == 0 and isinstance(Slot(), Slot)
+
+
+async def test_below_one_the_limit_is_a_duty_cycle():
+    bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, initial_concurrent=0.5))
+    assert bulkhead.limit.value == 0.5 and bulkhead.limit.current == 1
+    first = await bulkhead.acquire(50)
+    second = asyncio.create_task(bulkhead.acquire(50))
+    await asyncio.sleep(0)
+    await bulkhead.release(first, busy_s=0.3)  # busy 0.3 s at 0.5: the next starts 0.3 s later
+    await asyncio.sleep(0.15)
+    assert not second.done() and bulkhead.in_flight == 0
+    slot = await asyncio.wait_for(second, 1)
+    assert bulkhead.in_flight == 1
+    await bulkhead.release(slot, busy_s=0.3)
+    await bulkhead.close()
+    with pytest.raises(UpstreamRefused):  # paced, and no queue: refused at once, never let in early
+        await _paced_without_queue()
+
+
+async def _paced_without_queue() -> None:
+    bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, max_queue=0))
+    await bulkhead.release(await bulkhead.acquire(50), busy_s=5)
+    try:
+        await bulkhead.acquire(50)
+    finally:
+        await bulkhead.close()
+
+
+async def test_the_slot_api_for_other_senders_shares_the_limit_and_feeds_it():
+    guard = UpstreamGuard.build("openimis", BulkheadConfig(max_concurrent=1, max_queue=0), None)
+    async with guard.slot(50):
+        assert guard.bulkhead.in_flight == 1
+        with pytest.raises(UpstreamRefused) as refused:  # the request path finds the slot taken
+            await guard.call(50, lambda: asyncio.sleep(0))  # type: ignore[arg-type, return-value]
+        assert refused.value.reason == "upstream.overloaded"
+    assert guard.bulkhead.in_flight == 0
+    adaptive_guard = UpstreamGuard.build("openimis", adaptive(), None)
+    for _ in range(4):
+        async with adaptive_guard.slot(10):
+            await asyncio.sleep(0.001)
+    assert isinstance(adaptive_guard.bulkhead.limit, GradientLimit)
+    assert adaptive_guard.bulkhead.limit.min_rtt_s is not None  # the probe was fed by the slots

@@ -146,15 +146,16 @@ class UpstreamLogin(Strict):
 
 
 class AdaptiveLimitConfig(Strict):
-    """The gradient controller of `mode: adaptive` (README "Adaptive concurrency"): every `window_s` the
+    """The gradient controller of `mode: adaptive` (README "Load protection"): every `window_s` the
     `percentile` of openIMIS's answer times is compared with its unloaded time (minimum RTT, measured in
     probe windows at `min_concurrent`): within `tolerance` × minimum RTT the limit grows by one (if it
     was used), beyond it the limit shrinks in proportion (never below half per window)."""
 
     window_s: PositiveSeconds = 1.0
     """Length of one sampling window."""
-    percentile: float = Field(0.9, gt=0, le=1)
-    """Which answer time of a window stands for the window (0.9: its p90)."""
+    percentile: float = Field(0.5, gt=0, le=1)
+    """Which answer time of a window stands for the window (0.5: its median; higher percentiles react
+    to the noise of a shared host as if it were a queue)."""
     tolerance: float = Field(1.25, ge=1, le=10)
     """Answer times up to this × minimum RTT count as unloaded (no queue at openIMIS)."""
     min_samples: int = Field(5, ge=1, le=10_000)
@@ -187,9 +188,11 @@ class BulkheadConfig(Strict):
     between `min_concurrent` and `max_concurrent` to keep openIMIS's answer time near its unloaded time."""
     max_concurrent: int = Field(16, ge=1, le=1024)
     """static: the limit. adaptive: its ceiling."""
-    min_concurrent: int = Field(1, ge=1, le=1024)
-    """adaptive: the floor (and the concurrency of minimum-RTT probes)."""
-    initial_concurrent: int | None = Field(None, ge=1, le=1024)
+    min_concurrent: float = Field(1, ge=0.05, le=1024)
+    """adaptive: the floor (and the concurrency of minimum-RTT probes). Below 1 the limit is a duty
+    cycle: one request at a time, and after an answer that took t the next waits t × (1/limit − 1), so
+    openIMIS works on API requests that fraction of the time (0.5: busy half the time)."""
+    initial_concurrent: float | None = Field(None, ge=0.05, le=1024)
     """adaptive: the limit at start. Absent: min_concurrent."""
     adaptive: AdaptiveLimitConfig = AdaptiveLimitConfig()
     scope: Literal["instance", "cluster"] = "instance"
