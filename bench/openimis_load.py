@@ -32,7 +32,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,7 +131,7 @@ async def open_loop(session: aiohttp.ClientSession, rate: float, duration: float
                         tally.reasons[json.loads(body)["issue"][0]["details"]["coding"][0]["code"]] += 1
                     except (ValueError, KeyError, IndexError, TypeError):
                         tally.reasons["?"] += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             tally.errors += 1
             return
         tally.latencies_ms.append((loop.time() - due) * 1000)
@@ -377,7 +376,7 @@ async def run(args: argparse.Namespace) -> None:
                     if refused and row.cpu_forwarded_ms is not None:
                         row.cpu_refused_ms = max(0.0, cpu * 1000 - forwarded * row.cpu_forwarded_ms) / refused
                     row.state = await mediators.state(flood_session)
-            row.load = "%.2f %.2f %.2f" % os.getloadavg()
+            row.load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
             rows.append(row)
             print(f"  done: {name} (load {row.load})", file=sys.stderr, flush=True)
             await settle()
@@ -437,7 +436,8 @@ async def run(args: argparse.Namespace) -> None:
                   f"skipped {row.flood.skipped}; probe errors {row.probe.errors}")
     if args.json:
         Path(args.json).write_text(json.dumps([{
-            "scenario": r.scenario, "p50_ms": _pct(r.probe.latencies_ms, 0.5), "p99_ms": _pct(r.probe.latencies_ms, 0.99),
+            "scenario": r.scenario, "p50_ms": _pct(r.probe.latencies_ms, 0.5),
+            "p99_ms": _pct(r.probe.latencies_ms, 0.99),
             "served_per_s": r.served_per_s("mediator" not in r.scenario), "refused": r.refusals(),
             "cpu_forwarded_ms": r.cpu_forwarded_ms, "cpu_refused_ms": r.cpu_refused_ms, "load": r.load,
             "state": r.state} for r in rows], indent=2))

@@ -19,8 +19,14 @@ from mediator.config.models import BulkheadConfig, ClusterBudgetConfig, RedisCon
 from mediator.metrics import Metrics
 from mediator.redis_store import RedisStore
 from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, write_config
-from tests.load_helpers import SHARED_REDIS, free_port, mediator_process, private_redis, redis_prefix, \
-    redis_server_section
+from tests.load_helpers import (
+    SHARED_REDIS,
+    free_port,
+    mediator_process,
+    private_redis,
+    redis_prefix,
+    redis_server_section,
+)
 
 __all__ = ["redis_prefix"]  # the fixture, re-exported for pytest
 
