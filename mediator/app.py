@@ -89,14 +89,16 @@ class Runtime:
         redis = previous.redis if previous is not None and previous.redis.config == server.redis \
             else RedisStore(server.redis)
         identity = Identity.from_config(config, previous.identity if previous is not None else None)
-        stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics)
-        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         kept_guards = {} if previous is None else {
             name: guard for name, guard in previous.protection.guards.items()
             if name in upstreams and upstreams[name] is previous.upstreams.get(name)
             and (guard.bulkhead.budget is None or previous.redis is redis)}
+        guards = LoadProtection.build_guards(config, redis, metrics, kept_guards)
+        stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
+                              guards=guards)
+        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         protection = LoadProtection(
-            config, redis, metrics, entry_checks, kept_guards=kept_guards,
+            config, redis, metrics, entry_checks, guards=guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
             else None)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \

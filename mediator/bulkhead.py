@@ -107,9 +107,19 @@ class Bulkhead:
             self._in_flight_gauge.set(self.in_flight)
             self._queued_gauge.set(self.queued)
 
-    def _refuse(self, why: str) -> UpstreamRefused:
+    def count_refusal(self, why: str) -> None:
         if self._metrics is not None:
             self._rejection_counters[why].inc()
+
+    def sheds(self, priority: int) -> bool:
+        """A request of `priority` arriving now would be refused for a full queue (no slot, the queue at
+        max_queue, and no waiter of lower priority to evict). For the early check (stages/load_shed.py)."""
+        if self.queued < self.config.max_queue or self._room():
+            return False
+        return not any(w.rank > -priority and not w.future.done() for w in self._queue)
+
+    def _refuse(self, why: str) -> UpstreamRefused:
+        self.count_refusal(why)
         reason, message = REFUSAL_MESSAGES[why]
         return UpstreamRefused(reason, message, self.config.retry_after_s)
 
@@ -315,6 +325,13 @@ class CircuitBreaker:
             self._metrics.circuit_state.labels(self.name).set(STATE_VALUES[state])
             if changed:
                 self._metrics.circuit_transitions.labels(self.name, state).inc()
+
+    def open_for(self) -> int | None:
+        """Seconds the breaker stays open (it refuses every call now), or None. Changes no state."""
+        if self.state != "open":
+            return None
+        remaining = self.opened_at + self.config.open_s - self._clock()
+        return max(1, math.ceil(remaining)) if remaining > 0 else None
 
     def before_call(self) -> None:
         """Raise UpstreamRefused (upstream.circuit_open) if no call may go to openIMIS now."""

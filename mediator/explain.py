@@ -20,7 +20,9 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from mediator.config import Config
+from mediator.load_protection import LoadProtection
 from mediator.pipeline import Decision, Exchange, Pipeline, Principal, Stage
+from mediator.redis_store import RedisStore
 from mediator.stages import ORDER, build_stages
 from mediator.upstream import OpenImisUpstream
 
@@ -124,7 +126,10 @@ async def explain(config: Config, method: str, path: str, principal: Principal |
     for upstream in upstreams.values():
         await upstream.start()
     try:
-        stages = _with_described_principal(build_stages(config, upstreams, CollectorRegistry()), principal)
+        # Idle guards (nothing in flight, breaker closed): explain describes the policy, not the load.
+        guards = LoadProtection.build_guards(config, RedisStore(None))
+        stages = _with_described_principal(build_stages(config, upstreams, CollectorRegistry(), guards=guards),
+                                           principal)
         request_headers = CIMultiDict(headers or {})
         if body is not None and "Content-Type" not in request_headers:
             request_headers["Content-Type"] = "application/fhir+json"

@@ -33,15 +33,20 @@ class LoadProtection:
 
     def __init__(self, config: Config, redis: RedisStore, metrics: Metrics | None = None,
                  entry_checks: Sequence[EntryCheck] = (), *,
-                 kept_guards: Mapping[str, UpstreamGuard] | None = None,
+                 guards: Mapping[str, UpstreamGuard] | None = None,
                  kept_idempotency: Idempotency | None = None) -> None:
-        kept = kept_guards or {}
-        self.guards = {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics,
-                                                                   redis)
-                       for name, u in config.channels.upstreams.items()}
+        self.guards = dict(guards) if guards is not None else self.build_guards(config, redis, metrics)
         self.idempotency = kept_idempotency or Idempotency(redis, metrics)
         self.entry_checks = tuple(entry_checks)
         self._metrics = metrics
+
+    @staticmethod
+    def build_guards(config: Config, redis: RedisStore, metrics: Metrics | None = None,
+                     kept_guards: Mapping[str, UpstreamGuard] | None = None) -> dict[str, UpstreamGuard]:
+        """One guard per upstream; those in `kept_guards` (a reload's unchanged upstreams) are reused."""
+        kept = kept_guards or {}
+        return {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics, redis)
+                for name, u in config.channels.upstreams.items()}
 
     async def call_upstream(self, upstream: str, priority: int,
                             send: Callable[[], Awaitable[web.Response]]) -> web.Response:

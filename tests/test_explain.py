@@ -144,7 +144,7 @@ async def test_explain_command_prints_every_stage_and_the_rule(tmp_path, capsys,
                  "--body", str(body)])
     out = capsys.readouterr().out.splitlines()
     assert code == 1
-    assert [line.split()[0] for line in out[1:-1]] == ["client_ip", "channel", "ip", "authentication",
-                                                       "authorization"]
+    assert [line.split()[0] for line in out[1:-1]] == ["client_ip", "channel", "ip", "load_shed",
+                                                       "authentication", "authorization"]
     assert "authorization.enterer_other_facility" in out[-2] and "rule=claim-submit" in out[-2]
     assert out[-1] == "result: 403 authorization.enterer_other_facility"

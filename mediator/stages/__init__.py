@@ -1,7 +1,8 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → authentication → authorization (always: absent policy denies) → [rate limit]
-→ route (cache/upstream, in mediator.app). A test asserts this order.
+client_ip → channel → ip → [load_shed] → authentication → authorization (always: absent policy denies)
+→ [rate limit] → route (cache/upstream, in mediator.app). A test asserts this order. load_shed is built
+only with the runtime's upstream guards (the app; not `explain` or listings).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 
+from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
 from mediator.identity import Identity
 from mediator.metrics import Metrics
@@ -22,21 +24,24 @@ from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
+from mediator.stages.load_shed import LoadShedStage
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
 from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "authorization", "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
                  registry: CollectorRegistry | None = None, identity: Identity | None = None, *,
-                 redis: RedisStore | None = None, metrics: Metrics | None = None) -> list[Stage]:
+                 redis: RedisStore | None = None, metrics: Metrics | None = None,
+                 guards: Mapping[str, UpstreamGuard] | None = None) -> list[Stage]:
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
-    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's."""
+    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's.
+    `guards`: the runtime's upstream guards (bulkhead + breaker); absent: no load_shed stage."""
     if upstreams is None:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
@@ -57,6 +62,7 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
+        *([LoadShedStage(guards)] if guards is not None else []),
         AuthenticationStage(identity or Identity.from_config(config), users),
         authorization,
     ]
