@@ -272,10 +272,11 @@ class Bulkhead:
             return
         self._dispatch()
 
-    def record(self, rtt_s: float) -> None:
-        """openIMIS answered after `rtt_s`: feeds the adaptive limit; a raised limit lets waiters in."""
+    def record(self, rtt_s: float, kind: str = "") -> None:
+        """openIMIS answered a request of `kind` after `rtt_s`: feeds the adaptive limit; a raised limit
+        lets waiters in."""
         before = self.limit.current
-        self.limit.record(rtt_s)
+        self.limit.record(rtt_s, kind)
         current = self.limit.current
         if self._metrics is not None:
             self._limit_gauge.set(self.limit.value)
@@ -380,7 +381,7 @@ class UpstreamGuard:
                    CircuitBreaker(name, breaker, metrics) if breaker is not None else None)
 
     @asynccontextmanager
-    async def slot(self, priority: int) -> AsyncIterator[None]:
+    async def slot(self, priority: int, kind: str = "") -> AsyncIterator[None]:
         """`async with guard.slot(priority):` — one place with openIMIS, for callers that send by other
         means than `call` (a queue drain). Raises UpstreamRefused (nothing may be sent). The time inside
         feeds the adaptive limit; the breaker is asked before, but its outcome is the caller's to report
@@ -397,11 +398,14 @@ class UpstreamGuard:
         started = time.monotonic()
         try:
             yield
-            self.bulkhead.record(time.monotonic() - started)
+            self.bulkhead.record(time.monotonic() - started, kind)
         finally:
             await self.bulkhead.release(slot, time.monotonic() - started)
 
-    async def call(self, priority: int, send: Callable[[], Awaitable[web.Response]]) -> web.Response:
+    async def call(self, priority: int, send: Callable[[], Awaitable[web.Response]],
+                   kind: str = "") -> web.Response:
+        """`kind`: what sort of request (channel:interaction), so the adaptive limit compares its answer
+        time with the same kind's unloaded time."""
         breaker = self.breaker
         if breaker is not None:
             breaker.before_call()
@@ -415,7 +419,7 @@ class UpstreamGuard:
         try:
             response = await send()
         except UpstreamTimeout:
-            self.bulkhead.record(time.monotonic() - started)  # the strongest sign of a queue at openIMIS
+            self.bulkhead.record(time.monotonic() - started, kind)  # the strongest sign of a queue at openIMIS
             if breaker is not None:
                 breaker.record_failure()
             raise
@@ -429,7 +433,7 @@ class UpstreamGuard:
             raise
         finally:
             await self.bulkhead.release(slot, time.monotonic() - started)
-        self.bulkhead.record(time.monotonic() - started)
+        self.bulkhead.record(time.monotonic() - started, kind)
         if breaker is not None:
             if response.status in breaker.config.failure_statuses:
                 breaker.record_failure()

@@ -49,8 +49,9 @@ class ConcurrencyLimit(Protocol):
     def saturated(self) -> None:
         """A request found every slot taken (the window used the whole limit)."""
 
-    def record(self, rtt_s: float) -> None:
-        """openIMIS answered (or timed out) after `rtt_s` of being sent, not counting the queue."""
+    def record(self, rtt_s: float, kind: str = "") -> None:
+        """openIMIS answered (or timed out) a request of `kind` after `rtt_s` of being sent, not counting
+        the queue."""
 
 
 class StaticLimit:
@@ -74,7 +75,7 @@ class StaticLimit:
     def saturated(self) -> None:
         pass
 
-    def record(self, rtt_s: float) -> None:
+    def record(self, rtt_s: float, kind: str = "") -> None:
         pass
 
 
@@ -96,8 +97,15 @@ class GradientLimit:
         self.probing = True
         self.probes = 0
         """Minimum-RTT measurements completed (a counter for tests and metrics)."""
+        self.baselines: dict[str, float] = {}
+        """Unloaded answer time per kind of request (channel:interaction), from the last probes: a claim
+        POST and a Patient search differ by several times, so each sample is compared with its own kind's
+        (a flood of claims after one of lookups is not mistaken for a queue)."""
         self._clock = clock
         self._samples: list[float] = []
+        self._probe_samples: dict[str, list[float]] = {}
+        self._ratios: list[float] = []
+        self._unknown_kinds = 0
         self._window_started = clock()
         self._used_whole_limit = False
         self._next_probe = 0.0
@@ -118,22 +126,35 @@ class GradientLimit:
     def saturated(self) -> None:
         self._used_whole_limit = True
 
-    def record(self, rtt_s: float) -> None:
+    def record(self, rtt_s: float, kind: str = "") -> None:
         now = self._clock()
-        self._samples.append(rtt_s)
         if self.probing:
+            self._samples.append(rtt_s)
+            self._probe_samples.setdefault(kind, []).append(rtt_s)
             if len(self._samples) >= self.params.probe_samples:
                 self.min_rtt = _percentile(self._samples, self.params.percentile)
+                for measured, samples in self._probe_samples.items():
+                    self.baselines[measured] = _percentile(samples, self.params.percentile)
                 self.probing = False
                 self.probes += 1
                 self._next_probe = now + self.params.probe_interval_s
                 self._start_window(now)
             return
-        if now - self._window_started >= self.params.window_s and len(self._samples) >= self.params.min_samples:
+        baseline = self.baselines.get(kind)
+        if baseline is None:
+            # A kind no probe has measured: no verdict from it; enough of them call for a probe.
+            self._unknown_kinds += 1
+        elif baseline > 0:
+            self._ratios.append(rtt_s / baseline)
+        if now - self._window_started >= self.params.window_s and \
+                (len(self._ratios) >= self.params.min_samples or self._unknown_kinds >= self.params.min_samples):
             self._close_window(now)
 
     def _start_window(self, now: float) -> None:
         self._samples.clear()
+        self._probe_samples.clear()
+        self._ratios.clear()
+        self._unknown_kinds = 0
         self._window_started = now
         self._used_whole_limit = False
 
@@ -143,9 +164,12 @@ class GradientLimit:
         self._start_window(now)
 
     def _close_window(self, now: float) -> None:
-        assert self.min_rtt is not None  # set by the probe that precedes every window
-        sample = _percentile(self._samples, self.params.percentile)
-        gradient = max(0.5, min(1.0, self.params.tolerance * self.min_rtt / sample)) if sample > 0 else 1.0
+        if len(self._ratios) < self.params.min_samples:
+            self._start_probe(now)  # mostly kinds without a baseline: measure them
+            return
+        # The window's answer times, each relative to its kind's unloaded time (1.0: unloaded).
+        ratio = _percentile(self._ratios, self.params.percentile)
+        gradient = max(0.5, min(1.0, self.params.tolerance / ratio)) if ratio > 0 else 1.0
         if gradient >= 1.0:
             # +1 per window; below 1 (a duty cycle) doubling, so a fractional floor is left as fast
             growth = min(1.0, self.limit) if self._used_whole_limit else 0.0

@@ -48,13 +48,15 @@ class LoadProtection:
         return {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics, redis)
                 for name, u in config.channels.upstreams.items()}
 
-    async def call_upstream(self, upstream: str, priority: int,
-                            send: Callable[[], Awaitable[web.Response]]) -> web.Response:
+    async def call_upstream(self, upstream: str, priority: int, send: Callable[[], Awaitable[web.Response]],
+                            kind: str = "") -> web.Response:
         """Send one request to `upstream` inside its concurrency limit, at `priority` (higher first; the
         channels' interactive = 50, bulk = 10): the API for senders outside the request path (a durable
         queue draining toward openIMIS). Raises UpstreamRefused when the request may not be sent (queue
-        full, waited max_wait_s, breaker open, shared budget unreachable with on_store_error deny)."""
-        return await self.guards[upstream].call(priority, send)
+        full, waited max_wait_s, breaker open, shared budget unreachable with on_store_error deny).
+        `kind` names the sort of request (e.g. "claims:create": the same kinds as the request path's
+        `<channel>:<interaction>` share their unloaded-time baseline)."""
+        return await self.guards[upstream].call(priority, send, kind)
 
     async def close_retired(self, next_protection: LoadProtection | None) -> None:
         """Stop the background work (cluster pump and lease renewal) of guards `next_protection` does
@@ -72,9 +74,11 @@ class LoadProtection:
         guard = self.guards[upstream.name]
         client_ip = str(exchange.client_ip)
 
+        kind = f"{channel.name}:{fhir.interaction}"  # bounded: channels × FHIR interactions
+
         async def send_as_is() -> web.Response:
             return await guard.call(config.priority_value, lambda: upstream.forward(
-                request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s))
+                request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s), kind)
 
         resource: dict[str, Any] | None = exchange.attributes.get("resource")
         if fhir.interaction == "batch-or-transaction":
@@ -89,7 +93,7 @@ class LoadProtection:
                 async def send_entry() -> web.Response:
                     return await guard.call(config.priority_value, lambda: upstream.forward(
                         request, rtype, entry_body, client_ip, exchange.request_id, config.timeout_s,
-                        method="POST", raw_query=""))
+                        method="POST", raw_query=""), f"{channel.name}:create")
 
                 return await self.idempotency.create(exchange, config, rtype, entry.resource,
                                                      request.headers.get("Idempotency-Key"), send_entry,

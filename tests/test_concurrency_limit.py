@@ -241,3 +241,29 @@ async def test_the_slot_api_for_other_senders_shares_the_limit_and_feeds_it():
             await asyncio.sleep(0.001)
     assert isinstance(adaptive_guard.bulkhead.limit, GradientLimit)
     assert adaptive_guard.bulkhead.limit.min_rtt_s is not None  # the probe was fed by the slots
+
+
+def test_each_kind_of_request_is_compared_with_its_own_unloaded_time():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=2), clock)
+    for _ in range(4):
+        limit.record(0.050, "eligibility:search-type")
+    assert limit.baselines == {"eligibility:search-type": 0.050}
+    for i in range(3):  # a flood of claims begins: a kind no probe measured gives no verdict ...
+        limit.saturated()
+        if i == 2:
+            clock.now += 1
+        limit.record(0.400, "claims:create")
+    assert limit.probing and limit.current == 1  # ... but calls for a probe, instead of a cut
+    for _ in range(4):
+        limit.record(0.200, "claims:create")
+    assert limit.baselines["claims:create"] == 0.200 and limit.value == 2
+    for i, (rtt, kind) in enumerate([(0.055, "eligibility:search-type"), (0.210, "claims:create"),
+                                     (0.230, "claims:create")]):
+        limit.saturated()
+        if i == 2:
+            clock.now += 1
+        limit.record(rtt, kind)
+    assert limit.value == 3  # 1.1, 1.05 and 1.15 times their own unloaded times: no queue, grows
+    window(limit, clock, 0.400)  # 400 ms Patient searches (kind "") are unknown: another probe
+    assert limit.probing
