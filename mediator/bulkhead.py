@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -96,7 +97,7 @@ class Bulkhead:
             self._in_flight_gauge = metrics.bulkhead_in_flight.labels(name)
             self._queued_gauge = metrics.bulkhead_queued.labels(name)
             self._limit_gauge = metrics.concurrency_limit.labels(name)
-            self._min_rtt_gauge = metrics.upstream_min_rtt.labels(name)
+            self._min_rtt_gauge: Any = None  # created at the first measurement: absent until then
             self._rejection_counters = {why: metrics.bulkhead_rejections.labels(name, why)
                                         for why in REFUSAL_MESSAGES}
             self._store_errors = metrics.store_errors.labels("upstream_budget", config.cluster.on_store_error)
@@ -282,6 +283,8 @@ class Bulkhead:
             self._limit_gauge.set(self.limit.value)
             min_rtt = self.limit.min_rtt_s
             if min_rtt is not None:
+                if self._min_rtt_gauge is None:
+                    self._min_rtt_gauge = self._metrics.upstream_min_rtt.labels(self.name)
                 self._min_rtt_gauge.set(min_rtt)
         if current > before and self.budget is None:
             self._dispatch()

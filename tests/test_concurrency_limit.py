@@ -267,3 +267,14 @@ def test_each_kind_of_request_is_compared_with_its_own_unloaded_time():
     assert limit.value == 3  # 1.1, 1.05 and 1.15 times their own unloaded times: no queue, grows
     window(limit, clock, 0.400)  # 400 ms Patient searches (kind "") are unknown: another probe
     assert limit.probing
+
+
+def test_the_minimum_rtt_metric_is_absent_until_measured():
+    metrics = Metrics()
+    bulkhead = Bulkhead("openimis", adaptive(), metrics)
+    labels = {"upstream": "openimis"}
+    assert metrics.registry.get_sample_value("mediator_upstream_min_rtt_seconds", labels) is None
+    assert metrics.registry.get_sample_value("mediator_concurrency_limit", labels) == 1
+    for _ in range(4):
+        bulkhead.record(0.040)
+    assert metrics.registry.get_sample_value("mediator_upstream_min_rtt_seconds", labels) == 0.040
