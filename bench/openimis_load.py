@@ -19,7 +19,8 @@ cluster, the flood split between them). Printed: interactive p50/p99, the API ra
 request (measured alone, in a closed loop of one, before each flood) and per refused one (the rest of the
 flood's CPU divided by its refusals), the mediator's final concurrency limit and minimum RTT, and the
 load average. A benchmark script, not a test: it asserts nothing, it prints figures. Bounded in time:
-about (9 × duration + 10 × calibrate + 60) seconds.
+about (9 × duration + 10 × calibrate + 60) seconds. The claims flood creates real claims in the openIMIS
+database: run it against a disposable one (OPENIMIS_DB_NAME), then `harness.py up --fresh-db`.
 """
 
 from __future__ import annotations

@@ -21,9 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
-from aiohttp import web
+from typing import Any, Protocol, TypeVar
 
 from mediator.cluster_budget import ClusterBudget
 from mediator.concurrency_limit import ConcurrencyLimit, build_limit
@@ -368,6 +366,14 @@ class CircuitBreaker:
             self.trials -= 1
 
 
+class _Answer(Protocol):
+    @property
+    def status(self) -> int: ...
+
+
+AnswerT = TypeVar("AnswerT", bound=_Answer)
+
+
 class UpstreamGuard:
     """Breaker check, then a bulkhead slot, then the call; the outcome feeds the breaker and the
     answer time feeds the concurrency limit."""
@@ -405,10 +411,10 @@ class UpstreamGuard:
         finally:
             await self.bulkhead.release(slot, time.monotonic() - started)
 
-    async def call(self, priority: int, send: Callable[[], Awaitable[web.Response]],
-                   kind: str = "") -> web.Response:
-        """`kind`: what sort of request (channel:interaction), so the adaptive limit compares its answer
-        time with the same kind's unloaded time."""
+    async def call(self, priority: int, send: Callable[[], Awaitable[AnswerT]], kind: str = "") -> AnswerT:
+        """`send` is any request to openIMIS: a forwarded request, an ownership lookup, a search window.
+        `kind`: what sort of request (channel:interaction, or the lookup's name), so the adaptive limit
+        compares its answer time with the same kind's unloaded time."""
         breaker = self.breaker
         if breaker is not None:
             breaker.before_call()

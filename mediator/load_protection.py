@@ -25,10 +25,10 @@ from mediator.upstream import OpenImisUpstream
 class LoadProtection:
     """One per runtime. Guards are per upstream and per instance; idempotency records are shared via Redis.
 
-    On a reload the Runtime hands over `kept_guards` (those of upstreams it reuses: their bulkhead and
-    breaker settings are part of the unchanged upstream configuration) and `kept_idempotency` (when the
-    Redis configuration is unchanged), so slots in use, an open breaker and in-process idempotency
-    records survive it.
+    The Runtime builds the `guards` (`build_guards`; on a reload reusing those of unchanged upstreams:
+    their bulkhead and breaker settings are part of the unchanged upstream configuration) and shares them
+    with the stages' own lookups; it hands over `kept_idempotency` when the Redis configuration is
+    unchanged, so slots in use, an open breaker and in-process idempotency records survive a reload.
     """
 
     def __init__(self, config: Config, redis: RedisStore, metrics: Metrics | None = None,
@@ -74,13 +74,17 @@ class LoadProtection:
         guard = self.guards[upstream.name]
         client_ip = str(exchange.client_ip)
 
+        if exchange.served_by is not None:   # a facility-scoped search: its requests go through the guard
+            return await exchange.served_by.run(request, client_ip, exchange.request_id, config.priority_value,
+                                                config.timeout_s)
+        path = exchange.upstream_path or fhir.path
         kind = f"{channel.name}:{fhir.interaction}"  # bounded: channels × FHIR interactions
 
         async def send_as_is() -> web.Response:
             return await guard.call(config.priority_value, lambda: upstream.forward(
-                request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s), kind)
+                request, path, body, client_ip, exchange.request_id, config.timeout_s), kind)
 
-        resource: dict[str, Any] | None = exchange.attributes.get("resource")
+        resource: dict[str, Any] | None = exchange.body.document if exchange.body is not None else None
         if fhir.interaction == "batch-or-transaction":
             if resource is None:
                 resource = {}

@@ -21,6 +21,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from mediator.fhir import FhirRequest
     from mediator.stages.channel_match import Channel
+    from mediator.write_profiles import WriteCheck
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
@@ -83,6 +84,23 @@ def user_key(vouched_by: str, user_id: str) -> str:
     return f"{quote(vouched_by, safe='=')}/user={quote(user_id, safe='')}"
 
 
+@dataclass(frozen=True, slots=True)
+class ParsedBody:
+    """A request body as the request stage read and parsed it, once (stages/request_body.py).
+
+    `raw` is what is forwarded to openIMIS; `document` is what every stage judged. They are the same
+    JSON: UTF-8 only, no duplicate keys, so openIMIS's parser (Python's json, via Django REST framework)
+    reads exactly the document the mediator checked.
+    """
+
+    raw: bytes
+    document: dict[str, Any]
+
+    @property
+    def resource_type(self) -> str:
+        return str(self.document["resourceType"])
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -104,10 +122,21 @@ class Exchange:
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
     _body: bytes | None = None
+    body: ParsedBody | None = None
+    """The parsed request body (POST/PUT/PATCH), set by the request stage; None before it or without a body."""
+    write_check: WriteCheck | None = None
+    """What the write firewall decided and on which element (for audit and explain)."""
     body_read_timeout_s: float | None = None
     """Deadline for reading the whole body (None: unbounded; the app sets server.limits.body_read_timeout_s)."""
+    upstream_cost: int = 1
+    """How many openIMIS requests this request may cause; the rate limit charges this (authorization
+    declares 2 for reads and searches of facility-bound types: an ownership or index lookup + the read)."""
+    upstream_path: str | None = None
+    """The FHIR path sent to openIMIS when it is not the client's (a Claim read by code goes by uuid)."""
+    served_by: LocalAnswer | None = None
+    """Set by a stage that answers the request itself (facility-scoped searches) instead of forwarding it."""
 
-    async def body(self, max_bytes: int) -> bytes:
+    async def read_body(self, max_bytes: int) -> bytes:
         """The request body, read once, never more than max_bytes (else BodyTooLarge)."""
         if self._body is None:
             declared = self.request.content_length
@@ -129,6 +158,13 @@ class Exchange:
                 raise BodyTooLarge()
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class LocalAnswer(Protocol):
+    """An answer built by the mediator from its own openIMIS requests (each inside the upstream's guard)."""
+
+    async def run(self, request: web.Request, client_ip: str, request_id: str, priority: int,
+                  timeout_s: float) -> web.Response: ...
 
 
 class Stage(Protocol):

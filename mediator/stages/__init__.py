@@ -1,8 +1,9 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → [load_shed] → authentication → authorization (always: absent policy denies)
-→ [rate limit] → route (cache/upstream, in mediator.app). A test asserts this order. load_shed is built
-only with the runtime's upstream guards (the app; not `explain` or listings).
+client_ip → channel → ip → [load_shed] → authentication → request (body read and parsed once) →
+authorization (always: absent policy denies) → write (the write firewall; always: absent profiles refuse
+every write) → [rate limit] → route (replica/upstream, in mediator.app). A test asserts this order.
+load_shed is built only when the caller passes the runtime's upstream guards (the app and explain).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
+from mediator.facilities import FacilityDirectory
 from mediator.identity import Identity
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
@@ -26,11 +28,14 @@ from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
 from mediator.stages.load_shed import LoadShedStage
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
+from mediator.stages.request_body import RequestBodyStage
+from mediator.stages.write_firewall import WriteFirewallStage
 from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "authorization", "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "request", "authorization", "write",
+         "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -40,8 +45,10 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
-    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's.
-    `guards`: the runtime's upstream guards (bulkhead + breaker); absent: no load_shed stage."""
+    `guards`: the runtime's per-upstream bulkhead + breaker, shared with forwarding (absent: fresh ones for
+    the lookups, and no load_shed stage).
+    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's."""
+    shed_guards = guards  # only the caller's: fresh guards would never shed anything
     if upstreams is None:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
@@ -50,21 +57,29 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
     # Absent policies/authorization.yaml: nothing is allowed (README "policies/authorization.yaml").
     authorization: Stage = NoAuthorizationPolicyStage()
     users = None
+    directory: FacilityDirectory | None = None
     if "authorization" not in config.policies:
         logging.getLogger("mediator.authorization").warning(
             "policies/authorization.yaml is absent: every request is denied (authorization.no_policy)")
     if "authorization" in config.policies:
-        authorization = AuthorizationStage.from_config(config, upstreams, registry)
+        if guards is None:
+            guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker)
+                      for name, u in config.channels.upstreams.items()}
+        authorization = AuthorizationStage.from_config(config, upstreams, registry, guards)
         # Trusted-header users are checked against the same directory authorization uses.
         users = VouchedUsers(authorization.directory,
                              authorization.policy.facility_directory.refresh_on_miss_after_s)
+        directory = authorization.directory
     stages: list[Stage] = [
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
-        *([LoadShedStage(guards)] if guards is not None else []),
+        *([LoadShedStage(shed_guards)] if shed_guards is not None else []),
         AuthenticationStage(identity or Identity.from_config(config), users),
+        RequestBodyStage.from_config(config),
         authorization,
+        # One facility directory per runtime: the firewall resolves references with authorization's.
+        WriteFirewallStage.from_config(config, directory),
     ]
     rate_limits = RateLimitTable.from_config(config)
     if rate_limits is not None:
