@@ -221,10 +221,10 @@ class Bulkhead:
                 self.in_flight += 1
                 try:
                     slot = await self._take_lease()
-                except UpstreamRefused as refusal:  # store down, deny: the waiters are refused too
+                except UpstreamRefused:  # store down, deny: the waiters are refused too (one refusal each)
                     self.in_flight -= 1
-                    while (waiter := self._next_waiter()) is not None:
-                        heapq.heappop(self._queue).future.set_exception(refusal)
+                    while self._next_waiter() is not None:
+                        heapq.heappop(self._queue).future.set_exception(self._refuse("store_unavailable"))
                     return
                 except BaseException:
                     self.in_flight -= 1
