@@ -230,3 +230,23 @@ async def test_a_killed_serve_process_gives_its_budget_back_after_the_lease_ttl(
             assert stand_in.arrivals[2] - killed_at < 1.5 + 1.0  # within the ttl (plus polling)
             stand_in.gate.set()
             assert await asyncio.wait_for(survivor, 10) == 200
+
+
+async def test_waiters_are_refused_when_the_store_dies_under_deny():
+    with private_redis() as (url, process):
+        bulkhead, store = _instance("t:", _cluster(1, on_store_error="deny"), url)
+        try:
+            held = await bulkhead.acquire(50)
+            waiter = asyncio.create_task(bulkhead.acquire(50))
+            await asyncio.sleep(0.05)
+            assert bulkhead.queued == 1
+            process.kill()
+            process.wait(timeout=10)
+            await bulkhead.release(held)  # the lease cannot be given back: it will expire by itself
+            with pytest.raises(UpstreamRefused) as refused:
+                await asyncio.wait_for(waiter, 5)
+            assert refused.value.reason == "upstream.budget_unavailable"
+            assert bulkhead.in_flight == 0 and bulkhead.queued == 0
+        finally:
+            await bulkhead.close()
+            await store.close()
