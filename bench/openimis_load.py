@@ -12,7 +12,7 @@ from each request's due time: no coordinated omission). It is measured idle, the
   (b) claims: POST Claim (a fresh claim code each)
 
 each sent (1) straight to openIMIS, (2) through one `openimis-mediator serve` with the shipped
-channels.yaml and policies (ip_allowlist, rate_limits, replica) plus the e2e vendors' clients and
+channels.yaml and policies (ip_allowlist, rate_limits, replica, write_profiles) plus the e2e vendors' clients and
 authorization, and (3) through two such processes sharing one Redis (server.redis + bulkhead scope
 cluster, the flood split between them). Printed: interactive p50/p99, the API rate openIMIS served
 (answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
@@ -205,8 +205,9 @@ def _shipped_config(root: Path, direct_base: str, vendor: Vendor, port: int, met
     (root / "policies").mkdir(parents=True, exist_ok=True)
     (root / "keys").mkdir(exist_ok=True)
     (root / "channels.yaml").write_text(yaml.safe_dump(channels, sort_keys=False))
-    for name in ("ip_allowlist.yaml", "rate_limits.yaml", "replica.yaml"):
-        (root / "policies" / name).write_text((ROOT / "policies" / name).read_text())
+    for name in ("ip_allowlist.yaml", "rate_limits.yaml", "replica.yaml", "write_profiles.yaml"):
+        if (ROOT / "policies" / name).exists():
+            (root / "policies" / name).write_text((ROOT / "policies" / name).read_text())
     # The e2e vendors' clients name the ip set `local`; the shipped ip_allowlist calls it hms-networks.
     (root / "policies" / "clients.yaml").write_text(CLIENTS.replace("[local]", "[hms-networks]"))
     (root / "keys" / "mediator-signing.key").write_bytes(signing_key)
