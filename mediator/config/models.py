@@ -317,17 +317,11 @@ class ChannelsFile(Strict):
     server: ServerConfig = ServerConfig()
     upstreams: dict[Name, UpstreamConfig] = Field(min_length=1)
     channels: tuple[ChannelConfig, ...]
-    """Tried in order; the first whose path and method match wins. No match: 404, never forwarded."""
+    """Tried in order; the first whose path and method match wins. No match: 404, never forwarded.
+    Names are unique and each upstream must exist (checked by the loader, at the channel's line)."""
 
     @model_validator(mode="after")
-    def _references(self) -> ChannelsFile:
-        seen: set[str] = set()
-        for channel in self.channels:
-            if channel.name in seen:
-                raise ValueError(f"duplicate channel name {channel.name!r}")
-            seen.add(channel.name)
-            if channel.upstream not in self.upstreams:
-                raise ValueError(f"channel {channel.name!r}: unknown upstream {channel.upstream!r}")
+    def _cluster_needs_redis(self) -> ChannelsFile:
         for name, upstream in self.upstreams.items():
             if upstream.bulkhead.scope == "cluster" and self.server.redis is None:
                 raise ValueError(f"upstream {name!r}: bulkhead scope cluster needs server.redis")

@@ -155,8 +155,11 @@ async def test_claim_search_by_patient_shows_only_the_callers_claims(relayed):
         assert max(costs) <= 3, costs
         hf_uuid = harness.HEALTH_FACILITIES[facility][0]
         assert all(hf_uuid in str(e["resource"]["provider"]) for b in bundles for e in b.get("entry", []))
-    # Rapta's claim administrator has no claims for this insuree (Jambero has): nothing says Jambero's exist.
-    assert _db_claims("JMHOS001", patient) and not _db_claims("RAHOS001", patient)
+    # Jambero has claims for this insuree, so Rapta's walk (its own claims only, its own total) left them out.
+    # Rapta may have some too: tests/e2e/test_write_firewall.py stores Rapta claims for this insuree, so on a
+    # database that outlived one run "Rapta has none" is not a premise this test can rely on.
+    assert set(_db_claims("JMHOS001", patient)).isdisjoint(_db_claims("RAHOS001", patient))
+    assert _db_claims("JMHOS001", patient)
 
 
 async def test_reads_by_claim_code_work_and_stay_within_the_facility(relayed):
