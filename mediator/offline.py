@@ -42,7 +42,6 @@ from mediator.config.clients import FACILITY_PATTERN
 from mediator.config.models import Strict, UpstreamConfig
 from mediator.facilities import FacilitySnapshot, StaticFacilityDirectory
 from mediator.fhir import PLAIN_JSON
-from mediator.load_protection import LoadProtection
 from mediator.pipeline import Decision, Exchange, Pipeline, Principal
 from mediator.redis_store import RedisStore
 from mediator.stages import build_stages
@@ -313,11 +312,8 @@ async def evaluate(config: Config, request: DescribedRequest, principal: Princip
     for upstream in upstreams.values():
         await upstream.start()
     try:
-        # Idle guards (nothing in flight, breaker closed): the load_shed stage runs as live and admits.
-        guards = LoadProtection.build_guards(config, RedisStore(None))
         stages = build_stages(config, upstreams, CollectorRegistry(), redis=RedisStore(None),
-                              authentication=DescribedPrincipal(principal), facility_directory=directory,
-                              guards=guards)
+                              authentication=DescribedPrincipal(principal), facility_directory=directory)
         exchange = Exchange(offline_request(request), "explain",
                             _body=request.body if request.body is not None else b"")
         final = await Pipeline(stages).run(exchange)

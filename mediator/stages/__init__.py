@@ -3,7 +3,8 @@
 client_ip → channel → ip → [load_shed] → authentication → request (body read and parsed once) →
 authorization (always: absent policy denies) → write (the write firewall; always: absent profiles refuse
 every write) → [rate limit] → route (replica/upstream, in mediator.app). A test asserts this order.
-load_shed is built only when the caller passes the runtime's upstream guards (the app and explain).
+load_shed is built only when the caller passes the runtime's upstream guards (the app; explain and
+policy tests describe the policy, not the load, and leave it out).
 """
 
 from __future__ import annotations
