@@ -150,7 +150,7 @@ class Bulkhead:
                 self._observe()
                 return Slot()
             try:
-                slot = await self._take_lease()
+                slot = await self._take_lease(priority)
             except BaseException:
                 self.in_flight -= 1
                 raise
@@ -162,11 +162,12 @@ class Bulkhead:
             self.limit.saturated()
         return await self._wait(priority)
 
-    async def _take_lease(self) -> Slot | None:
-        """With one local slot reserved: a cluster lease, None if the budget is full, or the fail mode."""
+    async def _take_lease(self, priority: int, waiting: int = -1) -> Slot | None:
+        """With one local slot reserved: a cluster lease, None if the budget is full (or a more urgent
+        request waits elsewhere), or the fail mode."""
         assert self.budget is not None
         try:
-            lease = await self.budget.take(self.limit.current)
+            lease = await self.budget.take(self.limit.current, priority, waiting)
         except STORE_ERRORS:
             if self._metrics is not None:
                 self._store_errors.inc()
@@ -216,11 +217,11 @@ class Bulkhead:
         A slot freed here wakes it at once; one freed by another instance is seen within poll_interval_s."""
         assert self.budget is not None
         poll = self.budget.config.poll_interval_s
-        while self._next_waiter() is not None:
+        while (head := self._next_waiter()) is not None:
             if self._room():
                 self.in_flight += 1
                 try:
-                    slot = await self._take_lease()
+                    slot = await self._take_lease(-head.rank, -head.rank)
                 except UpstreamRefused:  # store down, deny: the waiters are refused too (one refusal each)
                     self.in_flight -= 1
                     while self._next_waiter() is not None:

@@ -7,6 +7,11 @@ live instance renews the leases it holds every third of `lease_ttl_s`; the lease
 died (kill -9, a lost host) are not renewed and stop counting after `lease_ttl_s`. So the count is the
 requests in flight cluster-wide, give or take those of an instance that died in the last `lease_ttl_s`.
 
+Priorities hold across instances: an instance with requests waiting announces its highest waiting
+priority in the hash `<key_prefix>budget-waiting:<digest>` (instance -> priority and a notice expiry on
+Redis's clock, renewed at every poll), and the take step refuses a lease to a lower-priority request
+while a more urgent one waits elsewhere.
+
 Redis errors are raised (`STORE_ERRORS`) and the bulkhead applies the declared `on_store_error`.
 A lease whose release failed (Redis gone at that moment) is not renewed and expires by itself.
 """
@@ -25,10 +30,33 @@ from mediator.redis_store import STORE_ERRORS, RedisStore
 
 log = logging.getLogger("mediator.cluster_budget")
 
-# KEYS[1] budget set; ARGV: limit, lease ttl (ms), member. Returns 1 (taken) or 0 (budget full).
+# KEYS[1] budget set, KEYS[2] waiting hash (instance -> "<priority>:<expiry ms>"); ARGV: limit, lease ttl
+# (ms), member, priority of this request, instance, priority this instance has waiting (-1: none),
+# how long that notice lasts (ms). Returns 1 (taken) or 0 (budget full, or a more urgent request waits
+# at another instance: priorities hold across instances).
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local priority = tonumber(ARGV[4])
+if tonumber(ARGV[6]) >= 0 then
+  redis.call('HSET', KEYS[2], ARGV[5], ARGV[6] .. ':' .. (now + tonumber(ARGV[7])))
+  redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[2]))
+else
+  redis.call('HDEL', KEYS[2], ARGV[5])
+end
+local waiting = redis.call('HGETALL', KEYS[2])
+for i = 1, #waiting, 2 do
+  if waiting[i] ~= ARGV[5] then
+    local sep = string.find(waiting[i + 1], ':', 1, true)
+    local other = tonumber(string.sub(waiting[i + 1], 1, sep - 1))
+    local expiry = tonumber(string.sub(waiting[i + 1], sep + 1))
+    if expiry < now then
+      redis.call('HDEL', KEYS[2], waiting[i])
+    elseif other > priority then
+      return 0
+    end
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
   return 0
@@ -57,6 +85,7 @@ class ClusterBudget:
     def __init__(self, upstream: str, config: ClusterBudgetConfig, redis: RedisStore) -> None:
         self.config = config
         self.key = redis.key("budget", upstream)
+        self.waiting_key = redis.key("budget-waiting", upstream)
         self.held: set[str] = set()
         self._redis = redis
         # Unique per process and start: two instances never mint the same member.
@@ -67,12 +96,16 @@ class ClusterBudget:
         self._renew: Any = None
         self._renewer: asyncio.Task[None] | None = None
 
-    async def take(self, limit: int) -> str | None:
-        """A lease (its member name) if fewer than `limit` are held cluster-wide, else None."""
+    async def take(self, limit: int, priority: int = 0, waiting: int = -1) -> str | None:
+        """A lease (its member name) if fewer than `limit` are held cluster-wide and no other instance
+        has a request of higher priority than `priority` waiting, else None. `waiting`: the highest
+        priority waiting at this instance (-1: none), announced to the others for a few poll intervals."""
         if self._take is None:
             self._take = self._redis.client.register_script(_TAKE)
         member = f"{self._instance}:{next(self._numbers)}"
-        taken = await self._take(keys=[self.key], args=[limit, self._ttl_ms, member])
+        notice_ms = max(50, int(self.config.poll_interval_s * 4000))
+        taken = await self._take(keys=[self.key, self.waiting_key],
+                                 args=[limit, self._ttl_ms, member, priority, self._instance, waiting, notice_ms])
         if not taken:
             return None
         self.held.add(member)

@@ -250,3 +250,29 @@ async def test_waiters_are_refused_when_the_store_dies_under_deny():
         finally:
             await bulkhead.close()
             await store.close()
+
+
+async def test_priorities_hold_across_instances(redis_prefix):
+    instances = [_instance(redis_prefix, _cluster(1)) for _ in range(3)]
+    (holder, _), (claims, _), (bulk, _) = instances
+    try:
+        held = await holder.acquire(50)
+        order: list[str] = []
+
+        async def wait(name: str, bulkhead: Bulkhead, priority: int) -> None:
+            slot = await bulkhead.acquire(priority)
+            order.append(name)
+            await asyncio.sleep(0.05)
+            await bulkhead.release(slot)
+
+        tasks = [asyncio.create_task(wait("bulk", bulk, 10))]  # waits first, on its own instance
+        await asyncio.sleep(0.1)
+        tasks.append(asyncio.create_task(wait("claim", claims, 50)))
+        await asyncio.sleep(0.1)  # both pumps poll; the claim's instance has announced its priority
+        await holder.release(held)
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert order == ["claim", "bulk"]
+    finally:
+        for bulkhead, store in instances:
+            await bulkhead.close()
+            await store.close()
