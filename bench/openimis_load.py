@@ -385,9 +385,19 @@ async def run(args: argparse.Namespace) -> None:
 
         kinds = [k for k in ("eligibility", "claims") if args.only in (None, k)]
         await scenario("idle", None, None)
+
+        def direct_flood(kind: str) -> Callable[[], Callable[[int], Request]]:
+            return lambda: flood_requests(kind, lambda i: direct_base, lambda i: direct_headers)
+
+        def indexed(headers: list[dict[str, str]]) -> Callable[[int], dict[str, str]]:
+            return lambda i: headers[i]
+
+        def mediator_flood(kind: str, m: Mediators, headers: list[dict[str, str]]
+                           ) -> Callable[[], Callable[[int], Request]]:
+            return lambda: flood_requests(kind, m.base, indexed(headers))
+
         for kind in kinds:
-            await scenario(f"{kind}: straight to openIMIS", kind,
-                           lambda kind=kind: flood_requests(kind, lambda i: direct_base, lambda i: direct_headers))
+            await scenario(f"{kind}: straight to openIMIS", kind, direct_flood(kind))
         vendor = Vendor()
         with tempfile.TemporaryDirectory() as tmp:
             for count in (1, 2):
@@ -399,12 +409,9 @@ async def run(args: argparse.Namespace) -> None:
                         n = int(args.rate * args.duration) + 10
                         calib_headers = vendor.user_headers(int(args.calibrate * 100))
                         flood_headers = vendor.user_headers(n)
-                        await scenario(
-                            f"{kind}: mediator x{count}", kind,
-                            lambda kind=kind, m=mediators, h=flood_headers: flood_requests(
-                                kind, m.base, lambda i: h[i]),
-                            mediators,
-                            flood_requests(kind, mediators.base, lambda i, h=calib_headers: h[i]))
+                        await scenario(f"{kind}: mediator x{count}", kind,
+                                       mediator_flood(kind, mediators, flood_headers), mediators,
+                                       flood_requests(kind, mediators.base, indexed(calib_headers)))
                 finally:
                     mediators.stop()
     idle = rows[0].probe
