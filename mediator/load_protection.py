@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +58,12 @@ class LoadProtection:
         `kind` names the sort of request (e.g. "claims:create": the same kinds as the request path's
         `<channel>:<interaction>` share their unloaded-time baseline)."""
         return await self.guards[upstream].call(priority, send, kind)
+
+    def slot(self, upstream: str, priority: int, kind: str = "") -> AbstractAsyncContextManager[None]:
+        """`async with protection.slot("openimis", 50, "claims:create"):` one place with `upstream`
+        inside its limit, for senders that report the outcome to the breaker themselves (see
+        `UpstreamGuard.slot`). Raises UpstreamRefused on entry when nothing may be sent."""
+        return self.guards[upstream].slot(priority, kind)
 
     async def close_retired(self, next_protection: LoadProtection | None) -> None:
         """Stop the background work (cluster pump and lease renewal) of guards `next_protection` does

@@ -278,3 +278,17 @@ def test_the_minimum_rtt_metric_is_absent_until_measured():
     for _ in range(4):
         bulkhead.record(0.040)
     assert metrics.registry.get_sample_value("mediator_upstream_min_rtt_seconds", labels) == 0.040
+
+
+async def test_load_protection_offers_the_same_slots_by_upstream_name(tmp_path):
+    from mediator.load_protection import LoadProtection
+    from mediator.redis_store import RedisStore
+    channels = channels_yaml("http://127.0.0.1:9/api/api_fhir_r4/").replace(
+        "    connect_timeout_s: 1\n", "    connect_timeout_s: 1\n    bulkhead: {max_concurrent: 1, max_queue: 0}\n")
+    write_config(tmp_path, channels)
+    from mediator.config import load_config
+    protection = LoadProtection(load_config(tmp_path), RedisStore(None))
+    async with protection.slot("openimis", 50, "claims:create"):
+        with pytest.raises(UpstreamRefused):
+            await protection.call_upstream("openimis", 50, lambda: asyncio.sleep(0))  # type: ignore[arg-type]
+    assert protection.guards["openimis"].bulkhead.in_flight == 0
