@@ -7,7 +7,8 @@ priority cannot jump, the answer is the one the bulkhead or breaker would give l
 authorization or touching Redis. So a flood that openIMIS cannot take costs the mediator little, and an
 unauthenticated caller learns only that openIMIS is busy (what the 503 says to anyone). A request that
 passes may still be refused later (the queue filled meanwhile): this is a shortcut, not the decision.
-Batch Bundles are not shed here: their contract is one answer per entry (mediator/batch.py).
+Batch Bundles are not shed here: their contract is one answer per entry (mediator/batch.py); nor are
+POSTs on channels with async_submission (they may be queued, and the queue accepts while openIMIS is busy).
 Reason codes are the bulkhead's and breaker's (`upstream.*`), since the cause is theirs.
 """
 
@@ -38,6 +39,8 @@ class LoadShedStage:
             return ALLOWED  # a replica read may never reach openIMIS
         if exchange.fhir is not None and exchange.fhir.interaction == "batch-or-transaction":
             return ALLOWED  # a batch answers refusals entry by entry (README "Bulk submission")
+        if channel.config.async_submission is not None and exchange.request.method == "POST":
+            return ALLOWED  # may be queued (README "Queued claims"): accepted even while openIMIS is busy
         config = channel.config
         guard = self.guards.get(config.upstream)
         if guard is None:
