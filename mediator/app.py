@@ -20,7 +20,6 @@ from aiohttp import web
 from mediator.addresses import ClientIpPolicy
 from mediator.async_claims import AsyncClaims, make_status_handler
 from mediator.audit import AuditLog
-from mediator.bulkhead import UpstreamGuard
 from mediator.chain import RequestChain, Upstreams
 from mediator.config import Config
 from mediator.identity import Identity
@@ -89,18 +88,17 @@ class Runtime:
         identity = Identity.from_config(config, previous.identity if previous is not None else None)
         kept_guards = {} if previous is None else {
             name: guard for name, guard in previous.protection.guards.items()
-            if name in upstreams and upstreams[name] is previous.upstreams.get(name)}
+            if name in upstreams and upstreams[name] is previous.upstreams.get(name)
+            and (guard.bulkhead.budget is None or previous.redis is redis)}
         # One guard per upstream for everything sent to it: forwarded requests and the stages' own lookups.
-        kept_guards = {name: kept_guards.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker,
-                                                                          metrics)
-                       for name, u in config.channels.upstreams.items()}
+        guards = LoadProtection.build_guards(config, redis, metrics, kept_guards)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
             else Replica.from_config(config, upstreams, metrics)
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
-                              guards=kept_guards,
+                              guards=guards,
                               facility_source=replica.facilities if replica is not None else None)
         protection = LoadProtection(
-            config, redis, metrics, kept_guards=kept_guards,
+            config, redis, metrics, guards=guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
             else None)
         audit = audit if audit is not None else previous.audit if previous is not None else None
@@ -140,6 +138,8 @@ class Runtime:
             closes.append(("replica", self.replica.close))  # first: its sync task uses an upstream
         closes.append(("identity", lambda: self.identity.close_retired(
             next_runtime.identity if next_runtime is not None else None)))
+        closes.append(("load protection", lambda: self.protection.close_retired(
+            next_runtime.protection if next_runtime is not None else None)))
         if next_runtime is None or next_runtime.redis is not self.redis:
             closes.append(("redis", self.redis.close))
         closes += [(f"upstream {u.name}", u.close) for u in self.retired_upstreams(next_runtime)]

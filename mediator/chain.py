@@ -154,7 +154,7 @@ class BatchStep:
             async def send_entry() -> web.Response:
                 return await guard.call(config.priority_value, lambda: upstream.forward(
                     request, rtype, entry_body, client_ip, exchange.request_id, config.timeout_s,
-                    method="POST", raw_query=""))
+                    method="POST", raw_query=""), f"{channel.name}:create")
 
             return await protection.idempotency.create(exchange, config, rtype, entry.resource,
                                                        request.headers.get("Idempotency-Key"), send_entry,
@@ -206,8 +206,9 @@ class ForwardStep:
         path = exchange.upstream_path or fhir.path
         # The request stage parsed the body; these are the bytes that document was parsed from.
         body = exchange.body.raw if exchange.body is not None else None
+        kind = f"{channel.name}:{fhir.interaction}"  # bounded: channels × FHIR interactions
         return await guard.call(config.priority_value, lambda: upstream.forward(
-            exchange.request, path, body, str(exchange.client_ip), exchange.request_id, config.timeout_s))
+            exchange.request, path, body, str(exchange.client_ip), exchange.request_id, config.timeout_s), kind)
 
 
 class ResponseFiltersStep:

@@ -154,7 +154,8 @@ class ClaimIndex:
 
         headers = {"Accept": "application/json", "Content-Type": "application/json", "X-Request-ID": request_id}
         try:
-            reply = await self.upstream.call("POST", self.url, headers, body, self.timeout_s, self.guard, priority)
+            reply = await self.upstream.call("POST", self.url, headers, body, self.timeout_s, self.guard, priority,
+                                             "lookup:graphql")
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             raise LookupFailed(f"claim index: {type(exc).__name__}") from exc
         return parse_answer(reply.status, reply.body)

@@ -238,7 +238,8 @@ class UpstreamFacilityDirectory:
         found: list[dict[str, Any]] = []
         try:
             async for page in self.upstream.pages(resource_type, params, self.page_size, self.timeout_s,
-                                                  "facility-directory", self.MAX_PAGES, self.guard):
+                                                  "facility-directory", self.MAX_PAGES, self.guard,
+                                                  kind=f"lookup:{resource_type}"):
                 if page.bundle is None:
                     raise LookupFailed(f"{resource_type} list answered {page.status}")
                 found += page.resources(resource_type)

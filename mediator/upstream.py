@@ -119,7 +119,8 @@ def response_document(response: web.StreamResponse) -> Any:
 class Guard(Protocol):
     """What guards a request to openIMIS (mediator.bulkhead.UpstreamGuard: breaker + bulkhead)."""
 
-    async def call(self, priority: int, send: Callable[[], Awaitable[UpstreamReply]]) -> UpstreamReply: ...
+    async def call(self, priority: int, send: Callable[[], Awaitable[UpstreamReply]],
+                   kind: str = "") -> UpstreamReply: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,11 +329,12 @@ class OpenImisUpstream:
             raise UpstreamUnavailable(type(exc).__name__) from exc
 
     async def call(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
-                   timeout_s: float, guard: Guard | None = None, priority: int = 0) -> UpstreamReply:
+                   timeout_s: float, guard: Guard | None = None, priority: int = 0, kind: str = "") -> UpstreamReply:
         """One request as the mediator's own openIMIS user: the one re-login rule. A 401 (token revoked,
         openIMIS restarted with new keys) means openIMIS processed nothing, so it is sent again once with a
         fresh login; repeating even a POST cannot submit twice. Sets `headers["Authorization"]`. `guard`:
-        the upstream's bulkhead + breaker, around both attempts (one slot)."""
+        the upstream's bulkhead + breaker, around both attempts (one slot); `kind`: the sort of request, for
+        the adaptive limit's baselines (bounded: never an id)."""
         async def attempts() -> UpstreamReply:
             reply: UpstreamReply | None = None
             for attempt in (0, 1):
@@ -345,15 +347,16 @@ class OpenImisUpstream:
             assert reply is not None
             return reply
 
-        return await (guard.call(priority, attempts) if guard is not None else attempts())
+        return await (guard.call(priority, attempts, kind) if guard is not None else attempts())
 
     async def get_document(self, relative_path: str, query: str, timeout_s: float,
-                           request_id: str, guard: Guard | None = None, priority: int = 0) -> tuple[int, Any]:
+                           request_id: str, guard: Guard | None = None, priority: int = 0,
+                           kind: str = "") -> tuple[int, Any]:
         """GET a FHIR path as the mediator's own user: (status, the parsed JSON document, or None when the
         answer is empty or not JSON: the caller judges the status). Raises UpstreamTimeout/Unavailable."""
         url = self.upstream_url(relative_path, query)
         reply = await self.call("GET", url, {"Accept": PLAIN_JSON, "X-Request-ID": request_id}, None, timeout_s,
-                                guard, priority)
+                                guard, priority, kind)
         try:
             return reply.status, json.loads(reply.body) if reply.body else None
         except (ValueError, RecursionError):
@@ -361,7 +364,7 @@ class OpenImisUpstream:
 
     async def pages(self, resource_type: str, params: Mapping[str, str], page_size: int, timeout_s: float,
                     request_id: str, max_pages: int, guard: Guard | None = None,
-                    priority: int = 0) -> AsyncGenerator[Page, None]:
+                    priority: int = 0, kind: str = "") -> AsyncGenerator[Page, None]:
         """The one page iterator: `_count` and `page-offset` pages of a search, as the mediator's own user.
         Stops after a page without a `next` link or any answer that is not a 200 Bundle (yielded, for the
         caller to judge); raises UpstreamInvalidAnswer past `max_pages`. SECURITY: openIMIS's `next` URLs
@@ -371,7 +374,8 @@ class OpenImisUpstream:
             # Only values the mediator builds (never a caller's), so they are sent as they are.
             query = "&".join(f"{k}={v}" for k, v in {"_count": str(page_size), "page-offset": str(number),
                                                       **params}.items())
-            status, document = await self.get_document(resource_type, query, timeout_s, request_id, guard, priority)
+            status, document = await self.get_document(resource_type, query, timeout_s, request_id, guard, priority,
+                                                       kind)
             page = Page(number, status, document)
             yield page
             if not page.has_next:

@@ -22,7 +22,8 @@ from tests.conftest import channels_yaml, loaded, write_config
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 DECLARED = (
-    ("stage", "client_ip"), ("stage", "channel"), ("stage", "ip"), ("stage", "authentication"),
+    ("stage", "client_ip"), ("stage", "channel"), ("stage", "ip"), ("stage", "load_shed"),
+    ("stage", "authentication"),
     ("stage", "request"), ("stage", "authorization"), ("stage", "write"), ("stage", "rate_limit"),
     ("route", "async_claims"), ("route", "replica"), ("route", "local_answer"), ("route", "batch"),
     ("route", "idempotent_create"), ("route", "forward"),
