@@ -19,9 +19,11 @@ from aiohttp import web
 
 from mediator.audit import AuditLog
 from mediator.bulkhead import UpstreamRefused
+from mediator.capabilities import CapabilityStatement
 from mediator.config import Config
 from mediator.config.models import LimitsConfig
 from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
+from mediator.fhir_answers import FhirAnswers
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.json_limits import parse_body
@@ -67,6 +69,10 @@ class Runtime:
     client_ip_policy: ClientIpPolicy
     redis: RedisStore
     protection: LoadProtection
+    answers: FhirAnswers
+    """Shapes openIMIS's answers for FHIR clients (mediator.fhir_answers)."""
+    capabilities: CapabilityStatement
+    """The mediator's own /metadata (mediator.capabilities)."""
     replica: Replica | None = None
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired resources once it is 0."""
@@ -100,7 +106,8 @@ class Runtime:
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
             else Replica.from_config(config, upstreams, metrics)
         return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
-                   redis, protection, replica)
+                   redis, protection, FhirAnswers(server.public_base_url, upstreams),
+                   CapabilityStatement.from_config(config, identity.token_url), replica)
 
     async def start_new(self, previous: Runtime | None) -> None:
         """Start the resources this runtime did not take over from `previous` (None: all of them). If one
@@ -197,8 +204,12 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
         if refusal is not None:
             exchange.decisions.append(("request", refusal))
             return operation_outcome_response(refusal.status, refusal.reason, refusal.message)
+    if fhir.interaction == "capabilities":  # the mediator's own statement; openIMIS 1.10 has none
+        exchange.decisions.append(("capabilities", Decision.allowed("capabilities.answered")))
+        return runtime.capabilities.response(request)
     if channel.config.serve_from == "replica" and runtime.replica is not None:
-        answered = await runtime.replica.reader.answer(request, fhir)
+        answered = await runtime.replica.reader.answer(
+            request, fhir, exchange.search.query if exchange.search is not None else None)
         if answered is not None:  # None: not a replicated read/search, or the replica falls back upstream
             exchange.decisions.append(("replica", answered.decision))
             return answered.response
@@ -207,7 +218,8 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     try:
         response = await runtime.protection.forward(exchange, upstream, body)
         exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
-        return response
+        # Before the response filters: the facility filter always sees a searchset Bundle.
+        return await runtime.answers.shape(exchange, upstream, response)
     finally:
         metrics.upstream_seconds_children.labels(upstream.name).observe(time.perf_counter() - started)
 

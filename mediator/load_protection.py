@@ -50,9 +50,13 @@ class LoadProtection:
         guard = self.guards[upstream.name]
         client_ip = str(exchange.client_ip)
 
+        # A search goes with only the parameters the search stage kept (mediator.search_parameters).
+        raw_query = exchange.search.upstream_query if exchange.search is not None else None
+
         async def send_as_is() -> web.Response:
             return await guard.call(config.priority_value, lambda: upstream.forward(
-                request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s))
+                request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s,
+                raw_query=raw_query))
 
         resource: dict[str, Any] | None = exchange.attributes.get("resource")
         if fhir.interaction == "batch-or-transaction":

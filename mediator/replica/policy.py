@@ -64,9 +64,10 @@ class ReplicaPolicy(Strict):
     inactive: Literal["keep", "drop"] = "keep"
     """Resources whose validity ended (status inactive/retired/entered-in-error, active false, or
     period/effectivePeriod end in the past): keep (served, tagged `replica-inactive` in meta.tag) or drop."""
-    identifier_search: Literal["bare_resource", "bundle"] = "bare_resource"
-    """`?identifier=`/`?code=`: bare_resource answers the resource itself like openIMIS does (404 if
-    none), so HMS written against openIMIS keep working; bundle answers a searchset Bundle."""
+    identifier_search: Literal["bare_resource", "bundle"] = "bundle"
+    """`?identifier=`/`?code=`: bundle (default) answers a searchset Bundle (empty when none), as FHIR
+    clients expect; bare_resource answers the resource itself like openIMIS does (404 if none), for HMS
+    written against openIMIS's quirk."""
     default_page_size: int = Field(20, ge=1, le=1000)
     """Entries per page when the client gives no `_count`."""
     max_page_size: int = Field(200, ge=1, le=1000)

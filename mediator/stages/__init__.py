@@ -1,6 +1,6 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → authentication → [authorization: issue 4] → [rate limit: issue 5]
+client_ip → channel → ip → authentication → search (parameters) → [authorization: issue 4] → [rate limit: issue 5]
 → route (cache/upstream, in mediator.app). A test asserts this order.
 """
 
@@ -15,6 +15,7 @@ from mediator.identity import Identity
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
 from mediator.redis_store import RedisStore
+from mediator.search_parameters import SearchParameterStage
 from mediator.stages.authentication import AuthenticationStage
 from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
@@ -25,7 +26,7 @@ from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "authentication", "authorization", "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "authentication", "search", "authorization", "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -45,6 +46,7 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
         AuthenticationStage(identity or Identity.from_config(config)),
+        SearchParameterStage.from_config(config),
     ]
     if "authorization" in config.policies:
         stages.append(AuthorizationStage.from_config(config, upstreams, registry))

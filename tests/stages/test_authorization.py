@@ -160,7 +160,9 @@ FOREIGN = FacilityFacts((("provider", "RAHOS001"),))
         (JM_CLERK, _access("Claim", "c"), FacilityFacts.failed("provider_unresolved", "x"),
          "authorization.provider_unresolved", "claim-submit"),
         (NO_FACILITY, _access("Claim", "c"), OWN, "authorization.no_facility", "claim-submit"),
-        (JM_CLERK, _access("Claim", "r", rid=JM_CLAIM), OWN, "authorization.no_matching_rule", None),
+        (JM_CLERK, _access("Claim", "r", rid=JM_CLAIM), OWN, "authorization.allowed", "claim-read"),
+        (JM_CLERK, _access("Claim", "r", rid=RA_CLAIM), FOREIGN, "authorization.provider_other_facility",
+         "claim-read"),
         (JM_CLERK, _access("Patient", "s", (("identifier", "070707070"),)), None, "authorization.allowed",
          "eligibility"),
         (JM_CLERK, _access("Patient", "s", (("name", "x"),)), None, "authorization.no_matching_rule", None),
@@ -626,12 +628,19 @@ async def test_search_answers_with_foreign_entries_are_refused_when_the_policy_s
     assert _reason(await response.json()) == "authorization.search_entry_denied"
 
 
-async def test_bare_resource_answer_to_identifier_search_is_checked(authz_mediator):
+async def test_bare_resource_answer_to_identifier_search_is_wrapped_then_checked(authz_mediator):
+    # openIMIS answers Claim?identifier= with the bare Claim; mediator.fhir_answers wraps it into a
+    # searchset before this filter runs, so the foreign claim is dropped like any other entry, and the
+    # answer is byte for byte the one for a claim that does not exist.
     client = await authz_mediator()
-    own = await _get(client, "/fhir/ClaimResponse?identifier=JM000001")
+    own = await _get(client, "/fhir/Claim?identifier=JM000001")
     assert own.status == 200
-    other = await _get(client, "/fhir/ClaimResponse?identifier=RA000001")
-    assert other.status == 403 and _reason(await other.json()) == "authorization.search_entry_denied"
+    assert [e["resource"]["id"] for e in (await own.json())["entry"]] == [JM_CLAIM]
+    other = await _get(client, "/fhir/Claim?identifier=RA000001")
+    nobody = await _get(client, "/fhir/Claim?identifier=NOSUCH01")
+    assert other.status == nobody.status == 200
+    assert (await other.json())["entry"] == []
+    assert (await other.read()).replace(b"RA000001", b"NOSUCH01") == await nobody.read()
 
 
 async def test_a_filter_that_cannot_check_the_answer_is_a_500(sandbox, authz_mediator):
