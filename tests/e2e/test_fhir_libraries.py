@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 from fhirclient import client as fhirclient_client
@@ -193,3 +195,37 @@ async def test_a_parameter_openimis_ignores_never_widens_the_answer(kit):
     strict = await ra.request("GET", f"/fhir/ClaimResponse?identifier={claim_id}",
                               headers={"Prefer": "handling=strict"})
     assert strict.status == 400 and _reason(await strict.json()) == "search.unsupported_parameter"
+
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def _readme_snippet(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    found = [b for b in blocks if b.startswith(f"# {marker}\n")]
+    assert len(found) == 1, f"README has no single snippet {marker!r}"
+    return found[0]
+
+
+async def test_the_readme_snippets_work_as_written(kit):
+    jm, ra = kit["vendor-jm"], kit["vendor-ra"]
+    foreign = await ra.request("POST", "/fhir/Claim", json=_claim_for("RAHOS001"), headers={"Prefer": "return=minimal"})
+    assert foreign.status == 201, await foreign.text()
+    foreign_id = foreign.headers["Location"].rsplit("/", 1)[-1]
+    given = {"BASE": jm.base, "CLIENT_ID": jm.name, "USER_TOKEN": jm.user_token()}
+
+    fhirpy_snippet = dict(given, ACCESS_TOKEN=jm.access_token)
+    exec(_readme_snippet("HMS developers: fhirpy"), fhirpy_snippet)  # noqa: S102 - the README's own code
+    day = await fhirpy_snippet["hms_day"](_claim_for("JMHOS001"), foreign_id)
+    assert day["services"] > 50 and day["patient"] == INSUREE and day["claim"]
+    assert day["outcome"] in ("complete", "partial", "queued")
+    assert day["refusal"] == "authorization.owner_other_facility"
+
+    fhirclient_snippet = dict(given, CLIENT_ASSERTION=jm.assertion())
+    exec(_readme_snippet("HMS developers: fhirclient"), fhirclient_snippet)  # noqa: S102
+    claim = {**_claim_for("JMHOS001"),
+             "insurance": [{"sequence": 1, "focal": True, "coverage": {"reference": COVERAGE}}]}
+    day = await asyncio.to_thread(fhirclient_snippet["hms_day_with_fhirclient"], claim, foreign_id)
+    assert day["services"] > 50 and day["patients"] == 1 and day["claim"]
+    assert day["outcome"] in ("complete", "partial", "queued")
+    assert day["refusal"] == "authorization.owner_other_facility"
