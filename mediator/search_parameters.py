@@ -159,5 +159,6 @@ class SearchParameterStage:
             return verdict
         exchange.search = verdict
         if verdict.ignored or verdict.count_asked is not None:
-            return Decision.allowed(f"{NAME}.parameters_ignored", ", ".join(verdict.ignored))
+            # Names are the caller's text: counted, never logged (query strings never are).
+            return Decision.allowed(f"{NAME}.parameters_ignored", f"{len(verdict.ignored)} ignored")
         return Decision.allowed(f"{NAME}.accepted")
