@@ -50,8 +50,9 @@ class ReplicaPolicy(Strict):
     overlap_s: float = Field(300, ge=0, le=86400)
     """The incremental cursor is the previous sync's start minus this, to cover clock skew between us and
     openIMIS and transactions committed while we pulled."""
-    upstream_time_zone: str = "UTC"
-    """IANA zone openIMIS interprets `_lastUpdated` in (it takes a naive `%Y-%m-%dT%H:%M:%S`)."""
+    upstream_time_zone: str | None = None
+    """IANA zone openIMIS interprets `_lastUpdated` in (it takes a naive `%Y-%m-%dT%H:%M:%S`). Absent: the
+    upstream's `time_zone` (channels.yaml), the zone openIMIS also writes its dateTimes in."""
     request_timeout_s: LongSeconds = 60
     """Per upstream page request."""
     max_resources_per_type: int = Field(500_000, ge=1)
@@ -92,7 +93,9 @@ class ReplicaPolicy(Strict):
 
     @field_validator("upstream_time_zone")
     @classmethod
-    def _zone(cls, value: str) -> str:
+    def _zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):

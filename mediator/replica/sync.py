@@ -247,7 +247,8 @@ class ReplicaSyncer:
     async def _incremental(self, state: SyncState, progress: Progress | None) -> SyncReport:
         started = self.clock()
         report = SyncReport("incremental")
-        since = {"_lastUpdated": "ge" + upstream_time(state.cursor, self.policy.upstream_time_zone)}
+        zone = self.policy.upstream_time_zone or self.upstream.config.time_zone
+        since = {"_lastUpdated": "ge" + upstream_time(state.cursor, zone)}
         upserts: list[StoredResource] = []
         removals: list[tuple[str, str]] = []
         expected: dict[str, int] = {}
