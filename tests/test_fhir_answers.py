@@ -7,8 +7,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mediator.fhir_answers import add_zones, is_not_found, searchset, with_zone
+from mediator.fhir_answers import add_zones, is_not_found, searchset, with_zone, zone_datetimes
 from tests.conftest import channels_yaml, config_problems, upstream_url, write_config
 
 BASE = "https://mediator.example.org/fhir/"
@@ -30,10 +32,10 @@ def test_only_zone_less_datetimes_change():
     document = {"date": "2020-01-01T18:50:00", "birthDate": "1990-05-04", "issued": "2020-01-01T18:50:00Z",
                 "other": "2020-01-01T18:50:00+02:00", "text": "seen at 2020-01-01T18:50:00",
                 "bad": "2020-13-01T18:50:00", "list": [{"when": "2021-02-03T04:05:06"}], "n": 3}
-    fixed = add_zones(document, ZoneInfo("UTC"))
-    assert fixed == {**document, "date": "2020-01-01T18:50:00+00:00",
-                     "list": [{"when": "2021-02-03T04:05:06+00:00"}]}
-    assert document["date"] == "2020-01-01T18:50:00"   # a new structure; the input is not changed
+    expected = {**document, "date": "2020-01-01T18:50:00+00:00", "list": [{"when": "2021-02-03T04:05:06+00:00"}]}
+    assert add_zones(document, ZoneInfo("UTC")) == expected
+    assert document == expected   # in place
+    assert add_zones("2020-01-01T18:50:00", ZoneInfo("UTC")) == "2020-01-01T18:50:00+00:00"
 
 
 def test_not_found_is_openimis_404_or_its_failed_to_retrieve_500():
@@ -147,3 +149,22 @@ async def test_a_refused_create_gets_no_location(mediator):
                                    headers={"Content-Type": "application/fhir+json"})
     assert response.status == 400   # resourceType mismatch: the mediator's own refusal, no Location
     assert "Location" not in response.headers
+
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.text(max_size=12), st.just("2020-01-01T18:50:00\n"),
+    st.just("\u0662\u0660\u0662\u0660-01-01T18:50:00"),   # Arabic-Indic digits: not a FHIR dateTime
+    st.from_regex(r"\A\d{4}-(0[1-9]|1[0-3])-[0-3]\d[T ]\d\d:\d\d(:\d\d(\.\d{1,3})?)?(Z|[+-]\d\d:\d\d)?\Z"),
+)
+_json = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                          st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                     max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=_json, ascii_only=st.booleans())
+def test_fixing_serialized_json_equals_fixing_the_parsed_document(document, ascii_only):
+    # zone_datetimes (bytes, no parse: what answers use) and add_zones (parsed: what the replica stores).
+    zone = ZoneInfo("Africa/Dar_es_Salaam")
+    body = json.dumps(document, ensure_ascii=ascii_only, separators=(",", ":")).encode()
+    assert json.loads(zone_datetimes(body, zone)) == add_zones(json.loads(body), zone)
