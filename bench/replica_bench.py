@@ -42,6 +42,8 @@ from mediator.upstream import OpenImisUpstream  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 IP_POLICY = 'version: 1\nunlisted_channels: deny\nip_sets:\n  local:\n    allow: ["127.0.0.0/8"]\n'
+AUTHORIZATION = ("version: 1\nfacility_directory: {upstream: openimis}\nrules:\n  - name: master-data-read\n"
+                 "    roles: [anonymous]\n    permissions: [system/Medication.rs]\n    facility_scope: any\n")
 
 
 def free_port() -> int:
@@ -64,6 +66,7 @@ def write_config(root: Path, sandbox_port: int, mediator_port: int, serve_from: 
         "channels:\n  - name: master-data\n    path: ^/fhir/Medication(/[^/]+)?/?$\n    methods: [GET]\n"
         f"    upstream: openimis\n    serve_from: {serve_from}\n    ip_allowlist: [local]\n")
     (root / "policies" / "ip_allowlist.yaml").write_text(IP_POLICY)
+    (root / "policies" / "authorization.yaml").write_text(AUTHORIZATION)  # absent: every request is 403
     (root / "policies" / "replica.yaml").write_text(
         f"version: 1\nupstream: openimis\nstore: {store}\nschedule: false\npage_size: 100\n"
         "resource_types: [Medication]\ndocuments: []\n")

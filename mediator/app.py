@@ -39,6 +39,7 @@ from mediator.pipeline import (
     apply_response_filters,
     request_id_for,
 )
+from mediator.readiness import Readiness
 from mediator.redis_store import RedisStore
 from mediator.replica.service import Replica
 from mediator.stages import build_stages
@@ -167,6 +168,7 @@ class RuntimeHolder:
 RUNTIME = web.AppKey("runtime", RuntimeHolder)
 METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", AuditLog)
+READINESS = web.AppKey("readiness", Readiness)
 
 
 def _check_body(exchange: Exchange, body: bytes, limits: LimitsConfig) -> Decision | None:
@@ -317,11 +319,15 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME].current
-    upstreams = {name: await u.reachable() for name, u in runtime.upstreams.items()}
-    ready = all(upstreams.values())
-    return web.json_response({"status": "ready" if ready else "not ready", "config": "loaded",
-                              "upstreams": upstreams}, status=200 if ready else 503)
+    """Served on the ops listener only (mediator.server): it names the upstreams and whether Redis is up,
+    which is nothing to tell the public FHIR port's callers."""
+    ready, body = await request.app[READINESS].report(request.app[RUNTIME].current)
+    return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})
+
+
+async def drop_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: no `Server: Python/… aiohttp/…` (it tells a scanner which versions to try)."""
+    response.headers.popall("Server", None)
 
 
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -331,6 +337,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app[METRICS] = metrics
     app[RUNTIME] = RuntimeHolder(Runtime.build(config, metrics))
     app[AUDIT] = AuditLog.from_config(config.channels.server.audit, config.root)
+    app[READINESS] = Readiness()
     metrics.watch_upstreams(lambda: app[RUNTIME].current.upstreams)
 
     async def runtime_resources(app: web.Application):  # type: ignore[no-untyped-def]
@@ -341,8 +348,10 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
         app[AUDIT].close()
 
     app.cleanup_ctx.append(runtime_resources)
+    app.on_response_prepare.append(drop_server_header)
+    # Liveness only on the public port ({"status": "up"} tells nobody anything); /readyz is on the ops
+    # listener (mediator.server.build_metrics_app), so on this port it is just another unknown path.
     app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/readyz", handle_readyz)
     auth = identity_handlers(lambda r: r.app[RUNTIME].current.identity,
                              lambda r: r.app[RUNTIME].current.client_ip_policy, lambda r: r.app[METRICS].record)
     prefix = urlsplit(config.channels.server.public_base_url).path

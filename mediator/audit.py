@@ -55,8 +55,8 @@ def audit_event(exchange: Exchange, status: int, reason: str, recorded: float) -
     agent: dict[str, Any] = {"requestor": True}
     if principal is not None:
         agent["who"] = {"identifier": {"system": EXTENSION_BASE + "client-id", "value": principal.client_id}}
-        if principal.user_id:
-            agent["altId"] = principal.user_id
+        if principal.user_key:
+            agent["altId"] = principal.user_key  # namespaced by the vouching issuer/client
         if principal.health_facilities:
             agent["extension"] = [{"url": EXTENSION_BASE + "health-facility", "valueString": code}
                                   for code in sorted(principal.health_facilities)]

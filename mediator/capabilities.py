@@ -48,8 +48,8 @@ class _Grant:
 
 
 def _granted(policy: AuthorizationPolicy | None, resource_type: str, letter: str) -> _Grant:
-    if policy is None:   # no authorization stage: the channels alone decide
-        return _Grant(True)
+    if policy is None:   # no policy: the authorization stage denies everything (authorization_absent)
+        return _Grant(False)
     permissions = [p for rule in policy.rules if rule.effect == "allow" and rule.mode == "enforce"
                    for p in rule.permissions
                    if p.resource_type in ("*", resource_type) and letter in p.letters]

@@ -75,6 +75,8 @@ class FacilitySnapshot:
     organizations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     practitioners: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     loaded_at: float = 0.0
+    claim_administrators: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    """Claim administrator code (exactly as openIMIS spells it, the user name they log in with) → HF code."""
 
     @staticmethod
     def _put(table: dict[str, str], key: str, code: str) -> None:
@@ -101,6 +103,7 @@ class FacilitySnapshot:
             if isinstance(org.get("id"), str):
                 cls._put(orgs, org["id"], hf)
         practitioners: dict[str, str] = {}
+        claim_admins: dict[str, str] = {}
         for role in practitioner_roles:
             if role.get("code") and not _has_code(role, "code", "ca"):
                 continue   # enrolment officers are not claim administrators
@@ -122,11 +125,20 @@ class FacilitySnapshot:
             for name in names:
                 if isinstance(name, str) and name:
                     cls._put(practitioners, name, hf)
-        return cls(MappingProxyType(orgs), MappingProxyType(practitioners), loaded_at)
+            for kind, value in identifier_values(role):
+                if kind == "Code":   # exact: a user name differing in case is another (unknown) user
+                    claim_admins[value] = hf if claim_admins.get(value, hf) == hf else _AMBIGUOUS
+        return cls(MappingProxyType(orgs), MappingProxyType(practitioners), loaded_at,
+                   MappingProxyType(claim_admins))
 
     def facility_of_organization(self, key: str) -> str | None:
         code = self.organizations.get(key.lower())
         return None if code in (None, _AMBIGUOUS) else code
+
+    def facility_of_claim_administrator(self, code: str) -> str | None:
+        """The HF of the claim administrator whose openIMIS code is exactly `code` (None: unknown)."""
+        hf = self.claim_administrators.get(code)
+        return None if hf in (None, _AMBIGUOUS) else hf
 
     def facility_of_practitioner(self, key: str) -> str | None:
         code = self.practitioners.get(key.lower())

@@ -4,12 +4,13 @@ One response step, run on every openIMIS answer before the response filters (the
 stage's facility filter) see it, so that filter always gets a Bundle for a search:
 
 * searches: openIMIS's bare resource (its answer to `?identifier=` / `?code=`) becomes a searchset
-  Bundle; its "not found" answers (404, or the 500 "failed to retrieve") become an empty one;
+  Bundle; its "not found" answers (404, or the 500 "failed to retrieve": `upstream.is_not_found`, marked
+  on the sanitised error answer as OPENIMIS_NOT_FOUND) become an empty one;
 * creates: `Location` of the created resource and the body chosen by `Prefer: return=`;
 * every answer: dateTimes without a zone get the upstream's `time_zone` offset.
 
 Per channel, `fhir_answers` (mediator.config.models.FhirAnswersConfig) can keep openIMIS's shapes.
-The pure helpers (`searchset`, `with_zone`, `is_not_found`) carry the rules; `FhirAnswers` does I/O.
+The pure helpers (`searchset`, `with_zone`, `zone_datetimes`) carry the rules; `FhirAnswers` does I/O.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mediator.facilities import LookupFailed, fetch_json
 from mediator.facility_scope import FACILITY_BOUND
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, REASON_SYSTEM, prefer_tokens
 from mediator.pipeline import Exchange
-from mediator.upstream import OpenImisUpstream
+from mediator.upstream import OPENIMIS_NOT_FOUND, OpenImisUpstream
 
 log = logging.getLogger("mediator.fhir_answers")
 
@@ -37,7 +38,6 @@ CREATE_RETURNS = ("representation", "minimal", "OperationOutcome", "upstream")
 # A JSON string that is a date-time without a zone: invalid as FHIR dateTime/instant.
 _NAIVE = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?\Z", re.ASCII)
 _NAIVE_IN_BODY = re.compile(rb'"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?"')
-_NOT_FOUND_TEXTS = ("failed to retrieve", "does not exist", "not found", "invalid page")
 _DROPPED_HEADERS = frozenset({"content-length", "content-type", "content-encoding"})
 
 
@@ -91,17 +91,6 @@ def zone_datetimes(body: bytes, zone: ZoneInfo) -> bytes:
     if _NAIVE_IN_BODY.search(body) is None:
         return body
     return _NAIVE_IN_BODY.sub(zoned, body)
-
-
-def is_not_found(status: int, document: Any) -> bool:
-    """openIMIS's ways of saying "no such resource" to a search: 404, or 500 "failed to retrieve ..."."""
-    if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":
-        return False
-    if status == 404:
-        return True
-    texts = [str((issue.get("details") or {}).get("text", "")).lower() + " " + str(issue.get("diagnostics", ""))
-             .lower() for issue in document.get("issue") or () if isinstance(issue, dict)]
-    return status == 500 and any(marker in text for text in texts for marker in _NOT_FOUND_TEXTS)
 
 
 def searchset(public_base_url: str, resource_type: str, self_query: str,
@@ -167,7 +156,7 @@ class FhirAnswers:
                 if status == 200 and isinstance(document, dict) and \
                         document.get("resourceType") == fhir.resource_type:
                     document = searchset(self.public_base_url, fhir.resource_type, query, [document])
-                elif is_not_found(status, document):
+                elif response.get(OPENIMIS_NOT_FOUND, False):
                     status, document = 200, searchset(self.public_base_url, fhir.resource_type, query, [])
                 else:
                     search = False   # an error or an unexpected answer: passed on as it is

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -63,6 +64,24 @@ class Principal:
     health_facilities: frozenset[str] = frozenset()
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_HEADERS)
     """Other verified, non-secret claims (never the token itself)."""
+    vouched_by: str | None = None
+    """Who vouches for `user_id`: `iss=<issuer>` (an SSO user token) or `client=<client_id>` (a trusted
+    header). None with a user id: the client (explain, tests)."""
+
+    @property
+    def user_key(self) -> str | None:
+        """The user as a key (rate limits, audit, logs): see `user_key`."""
+        if self.user_id is None:
+            return None
+        return user_key(self.vouched_by or f"client={self.client_id}", self.user_id)
+
+
+def user_key(vouched_by: str, user_id: str) -> str:
+    """The one construction of a user key: the user id namespaced by the issuer or client that vouches
+    for it. Two vouching parties naming the same user id are two users (vendor B's trusted header naming
+    one of A's users must not exhaust, or appear as, A's user). Both parts are percent-encoded, so no
+    user id can forge another namespace with separators of its own."""
+    return f"{quote(vouched_by, safe='=')}/user={quote(user_id, safe='')}"
 
 
 class BodyTooLarge(Exception):

@@ -25,7 +25,7 @@ from ssl import SSLContext
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mediator.app import RUNTIME, build_app, handle_healthz, handle_readyz, handler_args
+from mediator.app import READINESS, RUNTIME, build_app, drop_server_header, handle_healthz, handle_readyz, handler_args
 from mediator.config import Config
 from mediator.metrics import Metrics
 from mediator.reload import attach_reloader
@@ -58,9 +58,11 @@ def build_metrics_app(metrics: Metrics, mediator_app: web.Application | None = N
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
+    app.on_response_prepare.append(drop_server_header)
     app.router.add_get("/metrics", handle_metrics)
     if mediator_app is not None:
         app[RUNTIME] = mediator_app[RUNTIME]  # the same holder: readiness follows reloads
+        app[READINESS] = mediator_app[READINESS]
         app.router.add_get("/healthz", handle_healthz)
         app.router.add_get("/readyz", handle_readyz)
     return app

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +25,8 @@ from aiohttp import web
 from yarl import URL
 
 from mediator.config.models import UpstreamConfig
-from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, wants_fhir_json
+from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, operation_outcome_response, wants_fhir_json
+from mediator.logs import JsonEvent
 
 log = logging.getLogger("mediator.upstream")
 
@@ -44,6 +46,39 @@ RESPONSE_HEADERS_TO_KEEP = frozenset({
 })
 
 MAX_UPSTREAM_BODY = 64 * 1_048_576
+MAX_LOGGED_ERROR_BYTES = 4096
+"""How much of an openIMIS error answer the log keeps."""
+
+
+def upstream_error_text(status: int) -> tuple[str, str]:
+    """(reason code, diagnostics) for an error answer of openIMIS: per status, naming nothing of openIMIS
+    (no URL, host, code, id or text of its own)."""
+    if status == 401:
+        return "upstream.refused", "openIMIS refused the mediator's own login"
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "error"
+    if status < 500:
+        return "upstream.refused", f"openIMIS refused the request ({status} {phrase})"
+    return "upstream.error", f"openIMIS could not process the request ({status} {phrase})"
+
+
+OPENIMIS_NOT_FOUND = web.ResponseKey("openimis_not_found", bool)
+"""Set on openIMIS's error answers: True when openIMIS said the resource does not exist."""
+_NOT_FOUND_TEXTS = ("failed to retrieve", "does not exist", "not found", "invalid page")
+
+
+def is_not_found(status: int, document: Any) -> bool:
+    """openIMIS's ways of saying "no such resource": a 404 OperationOutcome, or a 500 "failed to retrieve
+    ... matching query does not exist" (how its retrievers fail, README "openIMIS facts")."""
+    if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":
+        return False
+    if status == 404:
+        return True
+    texts = [f"{(issue.get('details') or {}).get('text', '')} {issue.get('diagnostics', '')}".lower()
+             for issue in document.get("issue") or () if isinstance(issue, dict)]
+    return status == 500 and any(marker in text for text in texts for marker in _NOT_FOUND_TEXTS)
 
 
 class UpstreamUnavailable(Exception):
@@ -266,14 +301,21 @@ class OpenImisUpstream:
         if body and not is_json:
             # openIMIS's FHIR API speaks JSON only; HTML error pages and the like are not FHIR.
             raise UpstreamInvalidAnswer(f"answer {reply.status} is {reply.content_type or 'untyped'}, not JSON")
+        document: Any = None
         if body:
             try:
                 document = json.loads(body)
             except (ValueError, RecursionError) as exc:
                 raise UpstreamInvalidAnswer(f"answer {reply.status} is not valid JSON") from exc
-            if isinstance(document, dict) and self.rewriter.may_need_rewriting(body) and \
-                    self.rewriter.rewrite_bundle(document):
-                body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        if reply.status >= 400:
+            response = self._error_to_client(reply, headers)
+            # Whether openIMIS said "no such resource" (its words are gone from the answer): what
+            # mediator.fhir_answers needs to answer a search that found nothing with an empty searchset.
+            response[OPENIMIS_NOT_FOUND] = is_not_found(reply.status, document)
+            return response
+        if isinstance(document, dict) and self.rewriter.may_need_rewriting(body) and \
+                self.rewriter.rewrite_bundle(document):
+            body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if is_json:
             content_type = FHIR_JSON if wants_fhir_json(request) else PLAIN_JSON
         else:
@@ -281,14 +323,37 @@ class OpenImisUpstream:
         return web.Response(status=reply.status, body=body, headers=headers, content_type=content_type,
                             charset="utf-8" if is_json else None)
 
-    async def reachable(self, timeout_s: float = 3.0) -> bool:
-        """Readiness: openIMIS answers (and, if configured, accepts our login)."""
+    def _error_to_client(self, reply: UpstreamReply, headers: dict[str, str]) -> web.Response:
+        """openIMIS's error answers, passed on without openIMIS's words: its texts carry its internal base
+        URL and host:port, and facts of other facilities ("Claim with code 'X' already exists" is an
+        existence oracle for another facility's claim). The caller gets the status and a generic, stable
+        OperationOutcome; the log keeps what openIMIS said (its body never holds our token)."""
+        log.info(JsonEvent({"event": "upstream_error", "upstream": self.name, "status": reply.status,
+                            "body": reply.body[:MAX_LOGGED_ERROR_BYTES].decode("utf-8", "replace")}))
+        reason, message = upstream_error_text(reply.status)
+        # A 401 (after one fresh login) is about the mediator's credentials, not the caller's: passed on as
+        # 401 it would send the client re-authenticating with us for nothing. It is a gateway failure.
+        status = 502 if reply.status == 401 else reply.status
+        return operation_outcome_response(status, reason, message, headers)
+
+    async def probe(self, timeout_s: float = 3.0) -> bool:
+        """Readiness: openIMIS answers one small real request now (`GET Organization?_count=1`, one row:
+        the web server, its database and our login all work), with the token we would use for a request
+        (logged in again once if openIMIS refuses it). A cached token alone proves nothing."""
+        url = self.upstream_url("Organization", "_count=1")
         try:
-            if self.config.login is not None:
-                await asyncio.wait_for(self.token(), timeout_s)
-                return True
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self.session.get(self.base / "metadata/", timeout=timeout) as resp:
-                return resp.status < 500
-        except (UpstreamUnavailable, aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                for attempt in (0, 1):
+                    token = await self.token(force=attempt == 1)
+                    headers = {"Accept": PLAIN_JSON, "X-Request-ID": "readiness-probe"}
+                    if token:
+                        headers["Authorization"] = f"Bearer {token}"
+                    reply = await self.send("GET", url, headers, None, timeout_s)
+                    if reply.status != 401 or self.config.login is None:
+                        break
+        except (UpstreamUnavailable, UpstreamTimeout, TimeoutError) as exc:
+            log.warning("readiness: upstream %s unreachable (%s)", self.name, type(exc).__name__)
             return False
+        if reply.status != 200:
+            log.warning("readiness: upstream %s answered %d", self.name, reply.status)
+        return reply.status == 200

@@ -71,13 +71,33 @@ def channels_yaml(upstream: str, *, extra_server: str = "", channels: str | None
     ) + textwrap.indent(textwrap.dedent(channels), "  ")
 
 
+ALLOW_ALL_AUTHORIZATION = """\
+# For tests of the other stages only: an absent authorization policy denies everything, so they say
+# explicitly that every role they use may do anything (no facility check).
+version: 1
+facility_directory: {upstream: openimis}
+rules:
+  - name: tests-allow-everything
+    roles: [anonymous, hms, claim-admin, claim_administrator]
+    permissions: [system/*.cruds]
+    facility_scope: any
+"""
+
+
 def write_config(root: Path, channels: str, ip_policy: str = DEFAULT_IP_POLICY,
-                 extra_policies: dict[str, str] | None = None) -> Path:
+                 extra_policies: dict[str, str | None] | None = None) -> Path:
+    """`extra_policies`: file name → text; without "authorization.yaml" an allow-everything policy is
+    written (ALLOW_ALL_AUTHORIZATION; needs an upstream named openimis); {"authorization.yaml": None}
+    writes none (to test the absent policy)."""
     (root / "policies").mkdir(parents=True, exist_ok=True)
     (root / "channels.yaml").write_text(channels)
     (root / "policies" / "ip_allowlist.yaml").write_text(ip_policy)
-    for name, text in (extra_policies or {}).items():
-        (root / "policies" / name).write_text(text)
+    policies = dict(extra_policies or {})
+    if "authorization.yaml" not in policies and "\n  openimis:\n" in channels:
+        policies["authorization.yaml"] = ALLOW_ALL_AUTHORIZATION
+    for name, text in policies.items():
+        if text is not None:
+            (root / "policies" / name).write_text(text)
     return root
 
 
@@ -110,7 +130,7 @@ def make_mediator(tmp_path: Path, aiohttp_client: Any) -> MediatorFactory:
     """Build a mediator from config text and return a test client talking to it over a socket."""
 
     async def factory(channels: str, ip_policy: str = DEFAULT_IP_POLICY,
-                      extra_policies: dict[str, str] | None = None, **client_kwargs: Any):
+                      extra_policies: dict[str, str | None] | None = None, **client_kwargs: Any):
         root = write_config(tmp_path / "config", channels, ip_policy, extra_policies)
         config = load_config(root)
         return await aiohttp_client(build_app(config), **client_kwargs)

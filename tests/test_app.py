@@ -99,15 +99,9 @@ async def test_every_answer_has_a_request_id(mediator):
     assert len(made.headers["X-Request-ID"]) == 32
 
 
-async def test_health_and_readiness(sandbox_server, mediator, make_mediator, unused_tcp_port):
+async def test_liveness_on_the_public_port_readiness_only_on_the_ops_listener(mediator):
     assert (await mediator.get("/healthz")).status == 200
-    ready = await mediator.get("/readyz")
-    assert ready.status == 200 and (await ready.json())["upstreams"] == {"openimis": True}
-    down = await make_mediator(channels_yaml(f"http://127.0.0.1:{unused_tcp_port}/api/api_fhir_r4/"))
-    not_ready = await down.get("/readyz")
-    assert not_ready.status == 503
-    assert (await down.get("/healthz")).status == 200
-
+    assert (await mediator.get("/readyz")).status == 404   # tests/test_readiness.py: the ops listener
 
 async def test_an_internal_error_is_a_500_outcome_and_the_server_lives_on(mediator):
     from mediator import app as app_module

@@ -101,8 +101,10 @@ async def test_a_repeated_batch_submits_nothing_twice(setup):
     ("document", "status", "reason"),
     [
         (bundle(post(claim("T-1")), kind="transaction"), 400, "batch.transaction_unsupported"),
-        (bundle(post(claim("T-1")), kind="collection"), 400, "batch.not_a_batch"),
-        (claim("T-1"), 400, "batch.not_a_bundle"),
+        # Authorization reads every Bundle before the batch handler (it decides each entry) and refuses
+        # what is not a batch or transaction itself.
+        (bundle(post(claim("T-1")), kind="collection"), 400, "authorization.bundle_malformed"),
+        (claim("T-1"), 400, "authorization.bundle_malformed"),
         (bundle(*[post(claim(f"T-{i}")) for i in range(5)]), 413, "batch.too_many_entries"),
     ],
 )

@@ -49,7 +49,8 @@ def test_openimis_parameters_for_upstream_channels(tmp_path, sandbox_server):
     root = write_config(tmp_path, channels_yaml(upstream_url(sandbox_server)))
     statement = build_statement(load_config(root), "https://mediator.example.org/auth/token")
     resources = _resources(statement)
-    # No authorization policy: the channels alone decide. openIMIS honours no identifier on ClaimResponse.
+    # An allow-everything policy (tests/conftest.py): the channels decide. openIMIS honours no identifier on
+    # ClaimResponse.
     assert {p["name"] for p in resources["ClaimResponse"]["searchParam"]} == {"_lastUpdated"}
     assert {p["name"] for p in resources["Patient"]["searchParam"]} == \
         {"_lastUpdated", "identifier", "refDate", "claimDateFrom"}
@@ -83,3 +84,13 @@ async def test_metadata_is_answered_by_the_mediator_and_matches_smart_configurat
     token = statement["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"]
     assert token == smart["token_endpoint"] == "https://mediator.example.org/auth/token"
     assert set(_resources(statement)) == {"Claim", "ClaimResponse"}
+
+
+def test_without_an_authorization_policy_nothing_is_listed(tmp_path, sandbox_server):
+    from tests.conftest import write_config
+
+    root = write_config(tmp_path, channels_yaml(upstream_url(sandbox_server)),
+                        extra_policies={"authorization.yaml": None})
+    statement = build_statement(load_config(root), "https://mediator.example.org/auth/token")
+    assert statement["rest"][0]["resource"] == []   # the absent policy denies everything
+    CapabilityStatement.model_validate(statement)

@@ -10,7 +10,8 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mediator.fhir_answers import add_zones, is_not_found, searchset, with_zone, zone_datetimes
+from mediator.fhir_answers import add_zones, searchset, with_zone, zone_datetimes
+from mediator.upstream import is_not_found
 from tests.conftest import channels_yaml, config_problems, upstream_url, write_config
 
 BASE = "https://mediator.example.org/fhir/"
@@ -168,3 +169,28 @@ def test_fixing_serialized_json_equals_fixing_the_parsed_document(document, asci
     zone = ZoneInfo("Africa/Dar_es_Salaam")
     body = json.dumps(document, ensure_ascii=ascii_only, separators=(",", ":")).encode()
     assert json.loads(zone_datetimes(body, zone)) == add_zones(json.loads(body), zone)
+
+
+async def test_openimis_500_failed_to_retrieve_is_an_empty_searchset_other_500s_stay(aiohttp_server, make_mediator):
+    # The sanitised error answer (upstream.error) no longer carries openIMIS's words; the upstream marks
+    # whether they said "does not exist" (OPENIMIS_NOT_FOUND) before dropping them.
+    async def login(request):
+        return web.json_response({"token": "t", "exp": 4_102_444_800})
+
+    async def patients(request):
+        text = ("failed to retrieve Insuree with the filter {'chf_id': '999'}; details Insuree matching query "
+                "does not exist.") if request.query.get("identifier") == "999" else "database is on fire"
+        return web.json_response({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "exception", "details": {"text": text}}]}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/api/api_fhir_r4/login/", login)
+    app.router.add_get("/api/api_fhir_r4/Patient/", patients)
+    client = await make_mediator(channels_yaml(upstream_url(await aiohttp_server(app))))
+    none = await client.get("/fhir/Patient?identifier=999")
+    assert none.status == 200 and (await none.json())["entry"] == []
+    broken = await client.get("/fhir/Patient?identifier=123")
+    assert broken.status == 500
+    outcome = await broken.json()
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "upstream.error"
+    assert "fire" not in json.dumps(outcome)

@@ -184,3 +184,64 @@ async def test_location_header_and_unknown_response_headers(aiohttp_server, make
     assert response.headers["Location"] == "https://mediator.example.org/fhir/Claim/c1/"
     assert response.headers["ETag"] == 'W/"1"'
     assert "Set-Cookie" not in response.headers
+
+
+def _internal_error_server(status: int, text: str):  # type: ignore[no-untyped-def]
+    """An openIMIS that answers every FHIR request with `status` and an OperationOutcome saying `text`."""
+    app = web.Application()
+
+    async def login(request):  # type: ignore[no-untyped-def]
+        return web.json_response({"token": "t0ken-of-the-mediator", "exp": time.time() + 3600})
+
+    async def fail(request):  # type: ignore[no-untyped-def]
+        return web.json_response({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "exception", "details": {"text": text}}]}, status=status,
+            headers={"Retry-After": "7", "X-Powered-By": "Django"})
+
+    app.router.add_post("/api/api_fhir_r4/login/", login)
+    app.router.add_route("*", "/{tail:.*}", fail)
+    return app
+
+
+async def test_openimis_errors_are_passed_on_generic_and_kept_whole_in_the_log(aiohttp_server, make_mediator,
+                                                                               caplog):
+    for status, reason, answered in ((500, "upstream.error", 500), (400, "upstream.refused", 400),
+                                     (404, "upstream.refused", 404),
+                                     (401, "upstream.refused", 502)):  # openIMIS refused *our* login
+        server = await aiohttp_server(_internal_error_server(
+            status, "[\"Claim with code 'FOREIGN-42' already exists.\"] at http://openimis.internal:8000/api/api_fhir_r4/"))
+        upstream = upstream_url(server)
+        mediator = await make_mediator(channels_yaml(upstream))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mediator.upstream"):
+            response = await mediator.post("/fhir/Claim", json={"resourceType": "Claim"})
+        text = await response.text()
+        assert response.status == answered
+        assert response.content_type == "application/fhir+json"
+        outcome = json.loads(text)
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert outcome["issue"][0]["details"]["coding"][0]["code"] == reason
+        for internal in ("FOREIGN-42", "already exists", str(server.port), "openimis.internal", "8000", "api_fhir_r4",
+                         "Django"):
+            assert internal not in text and internal not in str(response.headers)
+        assert response.headers["Retry-After"] == "7"          # allowlisted headers still pass
+        logged = " ".join(r.getMessage() for r in caplog.records)
+        assert "Claim with code 'FOREIGN-42' already exists." in logged   # openIMIS's words, for operators
+        assert "t0ken-of-the-mediator" not in logged
+
+
+async def test_no_answer_names_the_server_software(mediator, tmp_path, sandbox_server, aiohttp_client):
+    from mediator.config import load_config
+    from mediator.server import mediator_sites
+    from tests.conftest import write_config
+
+    answers = [await mediator.get("/fhir/Medication/"), await mediator.get("/fhir/Nothing/"),
+               await mediator.get("/healthz"), await mediator.post("/auth/token"),
+               await mediator.get("/.well-known/jwks.json")]
+    root = write_config(tmp_path / "ops", channels_yaml(upstream_url(sandbox_server),
+                                                       extra_server="metrics:\n  host: 127.0.0.1\n  port: 0\n"))
+    ops = await aiohttp_client(mediator_sites(load_config(root))[1].app)
+    answers += [await ops.get("/metrics"), await ops.get("/readyz"), await ops.get("/nothing")]
+    assert {a.status for a in answers} >= {200, 404}
+    for answer in answers:
+        assert "Server" not in answer.headers, (answer.url, answer.headers.get("Server"))

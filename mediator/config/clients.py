@@ -110,6 +110,13 @@ class UserTokenPolicy(Strict):
     replay_check: bool = False
     """True: `jti` is required and each token is accepted once (for per-request tokens)."""
     claims: ClaimNames = ClaimNames()
+    client_aliases: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = ()
+    """Other names the IdP gives this client in a token's `azp`/`client_id` (besides its client_id). A
+    token carrying `azp` or `client_id` must name this client (else 401
+    authentication.user_token_wrong_client): a token issued to another application is not accepted."""
+    require_client_binding: bool = False
+    """True: a token without `azp` and without `client_id` is refused (401
+    authentication.user_token_client_unbound). False: such a token is accepted (IdPs that omit them)."""
 
 
 AuthMethod = Literal["mtls", "private_key_jwt"]

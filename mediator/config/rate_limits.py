@@ -21,7 +21,8 @@ class RateLimit(Strict):
     """One limit: `rate` requests per `period_s`, at most `burst` at once, counted per key.
 
     The key is built from `per`: ip (resolved client IP), client (principal.client_id), user
-    (principal.user_id), health_facility (principal.health_facilities, sorted), channel (channel name).
+    (principal.user_key: the user id namespaced by the issuer or client vouching for it), health_facility
+    (principal.health_facilities, sorted), channel (channel name).
     Without a principal (a channel without authentication) client, user and health_facility fall back
     to the client IP; a principal without a user falls back to the client id, without facilities too.
     """

@@ -69,5 +69,9 @@ class RedisReplayStore:
             raise ReplayStoreUnavailable(type(exc).__name__) from None
         return bool(created)
 
+    async def ping(self) -> bool:
+        """Readiness: Redis answers (raises RedisError/OSError when it does not)."""
+        return bool(await self._client.ping())
+
     async def close(self) -> None:
         await self._client.aclose()

@@ -35,6 +35,8 @@ log = logging.getLogger("mediator.identity")
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_FORM_BYTES = 16 * 1024
+REPLAY_STORE_RETRY_AFTER_S = "5"
+"""Retry-After of a 503 temporarily_unavailable (the replay store, Redis, did not answer)."""
 STAGE = "auth_token"
 """Label of token-endpoint decisions in mediator_stage_decisions_total."""
 
@@ -124,8 +126,10 @@ async def _issue(identity: Identity, request: web.Request, client_ip_policy: Cli
                                                 float(verified.claims["exp"]) + service.leeway_s)
     except ReplayStoreUnavailable:
         log.error("replay store unavailable; refusing the assertion")
-        raise TokenError(oauth_errors.TemporarilyUnavailableError(description="try again later"),
-                         "auth_token.replay_store_unavailable", 503) from None
+        # authlib (1.9) has no class for RFC 6749 §4.1.2.1 temporarily_unavailable: the generic error.
+        raise TokenError(oauth_errors.OAuth2Error(error="temporarily_unavailable", description="try again later",
+                                                  status_code=503),
+                         "auth_token.replay_store_unavailable", 503, retry_after=REPLAY_STORE_RETRY_AFTER_S) from None
     if not first:
         raise _invalid_client("auth_token.assertion_replayed", "this assertion was already used")
 

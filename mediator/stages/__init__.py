@@ -1,11 +1,13 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → authentication → search (parameters) → [authorization: issue 4] → [rate limit: issue 5]
+client_ip → channel → ip → authentication → search (parameters) → authorization (always: absent policy
+denies) → [rate limit]
 → route (cache/upstream, in mediator.app). A test asserts this order.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
@@ -16,8 +18,9 @@ from mediator.metrics import Metrics
 from mediator.pipeline import Stage
 from mediator.redis_store import RedisStore
 from mediator.search_parameters import SearchParameterStage
-from mediator.stages.authentication import AuthenticationStage
+from mediator.stages.authentication import AuthenticationStage, VouchedUsers
 from mediator.stages.authorization import AuthorizationStage
+from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
@@ -41,15 +44,25 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
                      for name, u in config.channels.upstreams.items()}
     redis = redis if redis is not None else RedisStore(config.channels.server.redis)
+    # Absent policies/authorization.yaml: nothing is allowed (README "policies/authorization.yaml").
+    authorization: Stage = NoAuthorizationPolicyStage()
+    users = None
+    if "authorization" not in config.policies:
+        logging.getLogger("mediator.authorization").warning(
+            "policies/authorization.yaml is absent: every request is denied (authorization.no_policy)")
+    if "authorization" in config.policies:
+        authorization = AuthorizationStage.from_config(config, upstreams, registry)
+        # Trusted-header users are checked against the same directory authorization uses.
+        users = VouchedUsers(authorization.directory,
+                             authorization.policy.facility_directory.refresh_on_miss_after_s)
     stages: list[Stage] = [
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
-        AuthenticationStage(identity or Identity.from_config(config)),
+        AuthenticationStage(identity or Identity.from_config(config), users),
         SearchParameterStage.from_config(config),
+        authorization,
     ]
-    if "authorization" in config.policies:
-        stages.append(AuthorizationStage.from_config(config, upstreams, registry))
     rate_limits = RateLimitTable.from_config(config)
     if rate_limits is not None:
         stages.append(RateLimitStage(rate_limits, redis, metrics))

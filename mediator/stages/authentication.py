@@ -3,9 +3,13 @@
 The client is proven by a mediator access token (`Authorization: Bearer`, from /auth/token) and/or a
 TLS client certificate mapped to a registered client; when both are present they must name the same
 client. The client must be enabled, allowed that method, and calling from its own networks. The user
-is then proven by an SSO token (`X-User-Token`, verified against the client's configured issuer), or,
-only for mTLS clients flagged `trust_user_header`, named by `X-User-Name`; otherwise that header is
-ignored. A channel with `authentication: none` skips all of this (explicit open channels only).
+is then proven by an SSO token (`X-User-Token`, verified against the client's configured issuer and bound
+to the presenting client through `azp`/`client_id`), or, only for mTLS clients flagged
+`trust_user_header`, named by `X-User-Name`: that name must be a claim administrator openIMIS knows
+(the facility directory) of a facility the client is registered for, and the user then acts for that one
+facility. Otherwise the header is ignored. A user is identified by who vouches for them
+(`Principal.user_key`: the token's issuer, or the client of a trusted header). A channel with
+`authentication: none` skips all of this (explicit open channels only).
 
 Failures: 401 + `WWW-Authenticate: Bearer ... error="invalid_token"` (RFC 6750 §3) for credentials
 that do not prove anything; 403 for authenticated callers that are not allowed. Reason codes are
@@ -19,9 +23,12 @@ import logging
 import re
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mediator.config.clients import UserTokenPolicy
+from mediator.facilities import DirectoryUnavailable, FacilityDirectory
 from mediator.identity import Identity, PeerCertificate, RegisteredClient, describe_certificate
 from mediator.identity.keys import ACCESS_TOKEN_TYPE
 from mediator.identity.replay import ReplayStoreUnavailable
@@ -126,7 +133,24 @@ def _strings(value: Any) -> frozenset[str] | None:
     return None
 
 
-async def prove_user(proof: ClientProof, creds: Credentials, identity: Identity, now: int) -> Principal | Decision:
+def _party_refusal(policy: UserTokenPolicy, client_id: str, claims: Mapping[str, Any]) -> Decision | None:
+    """A user token is bound to the client it was issued to: `azp` and `client_id`, where the token
+    has them, must each name the presenting client (its id or one of `user_token.client_aliases`);
+    with `user_token.require_client_binding` a token naming neither is refused too."""
+    accepted = {client_id, *policy.client_aliases}
+    named = [claims[name] for name in ("azp", "client_id") if name in claims]
+    if not named:
+        if policy.require_client_binding:
+            return unauthenticated("user_token_client_unbound",
+                                   "user token: azp or client_id naming this client is required")
+        return None
+    if any(not isinstance(value, str) or value not in accepted for value in named):
+        return unauthenticated("user_token_wrong_client", "user token: issued to another client (azp/client_id)")
+    return None
+
+
+async def prove_user(proof: ClientProof, creds: Credentials, identity: Identity, now: int,
+                     users: VouchedUsers | None = None) -> Principal | Decision:
     client = proof.client
     entry = client.entry
     registered = frozenset(entry.health_facilities)
@@ -149,6 +173,9 @@ async def prove_user(proof: ClientProof, creds: Credentials, identity: Identity,
         user_id = claims.get(policy.claims.user_id)
         if not isinstance(user_id, str) or not user_id:
             return unauthenticated("user_token_invalid_claim", "user token: the user id claim is not a string")
+        refusal = _party_refusal(policy, client.client_id, claims)
+        if refusal is not None:
+            return refusal
         if policy.replay_check:
             jti = claims.get("jti")
             try:
@@ -175,20 +202,62 @@ async def prove_user(proof: ClientProof, creds: Credentials, identity: Identity,
                 return forbidden("facility_not_registered",
                                  "the user's health facility is not registered for this client")
         safe_claims = {"iss": policy.issuer, **proof.claims}
-        return Principal(client.client_id, proof.method, user_id, roles, proof.scopes, facilities, safe_claims)
+        return Principal(client.client_id, proof.method, user_id, roles, proof.scopes, facilities, safe_claims,
+                         vouched_by=f"iss={policy.issuer}")
     if policy is not None and policy.required:
         return unauthenticated("user_token_missing", f"send the user's token in {USER_TOKEN_HEADER}")
     if creds.user_name is not None and proof.method == "mtls" and entry.trust_user_header:
         if not USER_NAME_PATTERN.match(creds.user_name):
             return Decision.denied("authentication.malformed_user_name", 400, f"malformed {USER_NAME_HEADER}")
+        facility = await _facility_of_vouched_user(creds.user_name, registered, users)
+        if isinstance(facility, Decision):
+            return facility
         return Principal(client.client_id, "trusted_header", creds.user_name, base["roles"], proof.scopes,
-                         registered, dict(proof.claims))
+                         frozenset({facility}), dict(proof.claims), vouched_by=f"client={client.client_id}")
     # X-User-Name from anyone else is ignored: never trusted, never forwarded (upstream allowlist).
     return Principal(client.client_id, proof.method, None, base["roles"], proof.scopes, registered,
                      dict(proof.claims))
 
 
-async def decide(creds: Credentials, client_ip: Any, identity: Identity, now: int) -> tuple[Decision, Principal | None]:
+@dataclass(frozen=True, slots=True)
+class VouchedUsers:
+    """Who a trusted header may name: openIMIS's claim administrators, from the facility directory that
+    authorization uses (policies/authorization.yaml `facility_directory`)."""
+
+    directory: FacilityDirectory
+    refresh_on_miss_after_s: float = 30.0
+    """An unknown name reloads the directory once if it is older than this (a newly created claim
+    administrator); so a flood of unknown names costs at most one reload per interval."""
+
+
+async def _facility_of_vouched_user(name: str, registered: frozenset[str],
+                                    users: VouchedUsers | None) -> str | Decision:
+    """The one health facility a trusted-header user acts for: the facility openIMIS has them as claim
+    administrator of, which must be one the client is registered for."""
+    if users is None:
+        return forbidden("unknown_user", f"{USER_NAME_HEADER} cannot be checked: no facility directory is "
+                                         "configured (policies/authorization.yaml)")
+    try:
+        snapshot = await users.directory.snapshot()
+        facility = snapshot.facility_of_claim_administrator(name)
+        if facility is None:
+            fresher = await users.directory.snapshot(max_age_s=users.refresh_on_miss_after_s)
+            facility = fresher.facility_of_claim_administrator(name)
+    except DirectoryUnavailable:
+        return Decision.denied("authentication.directory_unavailable", 503,
+                               "the facility directory is unavailable; try again later", {"Retry-After": "5"})
+    if facility is not None and facility in registered:
+        return facility
+    # SECURITY: one answer for "nobody" and "a claim administrator of a facility not yours": two answers
+    # would tell the client which codes exist at other facilities. The log tells operators which it was.
+    log.info(JsonEvent({"event": "authentication.vouched_user_refused",
+                        "why": "unknown" if facility is None else "facility_not_registered"}))
+    return forbidden("unknown_user", f"{USER_NAME_HEADER} names no claim administrator of a health facility "
+                                     "registered for this client")
+
+
+async def decide(creds: Credentials, client_ip: Any, identity: Identity, now: int,
+                 users: VouchedUsers | None = None) -> tuple[Decision, Principal | None]:
     proof = await prove_client(creds, identity, now)
     if isinstance(proof, Decision):
         return proof, None
@@ -196,7 +265,7 @@ async def decide(creds: Credentials, client_ip: Any, identity: Identity, now: in
         return forbidden("client_disabled", "this client is disabled"), None
     if not identity.address_allowed(proof.client, client_ip):
         return forbidden("client_ip_denied", "this client may not call from this address"), None
-    principal = await prove_user(proof, creds, identity, now)
+    principal = await prove_user(proof, creds, identity, now, users)
     if isinstance(principal, Decision):
         return principal, None
     return Decision.allowed("authentication.authenticated", principal.auth_method), principal
@@ -222,8 +291,10 @@ def read_credentials(exchange: Exchange) -> Credentials | Decision:
 class AuthenticationStage:
     name = "authentication"
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, users: VouchedUsers | None = None) -> None:
         self.identity = identity
+        self.users = users
+        """Where trusted-header user names are checked (None: no directory, such names are refused)."""
 
     async def run(self, exchange: Exchange) -> Decision:
         channel = exchange.channel
@@ -233,7 +304,8 @@ class AuthenticationStage:
         if isinstance(creds, Decision):
             decision = creds
         else:
-            decision, exchange.principal = await decide(creds, exchange.client_ip, self.identity, int(time.time()))
+            decision, exchange.principal = await decide(creds, exchange.client_ip, self.identity, int(time.time()),
+                                                       self.users)
         principal = exchange.principal
         # Denials at INFO; an allow at DEBUG only: the audit event already records who made every
         # request, and one more INFO line per request cost about 3 % of the mediator's CPU (bench).

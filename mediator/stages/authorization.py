@@ -525,7 +525,7 @@ class AuthorizationStage:
             "reason": verdict.decision.reason,
             "rule": verdict.rule.name if verdict.rule else None,
             "client": principal.client_id if principal else None,
-            "user": principal.user_id if principal else None,
+            "user": principal.user_key if principal else None,  # namespaced by its voucher
             "caller_facilities": sorted(principal.health_facilities) if principal else [],
             "resource_type": fhir.resource_type if fhir else None,
             "resource_id": fhir.resource_id if fhir else None,

@@ -239,7 +239,10 @@ def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
         elif part == "client":
             parts.append(f"client={principal.client_id}")
         elif part == "user":
-            parts.append(f"user={principal.user_id}" if principal.user_id else f"client={principal.client_id}")
+            # Namespaced by who vouches for the user (Principal.user_key): another client naming the
+            # same user id counts against its own key, never against this user's.
+            user = principal.user_key
+            parts.append(user if user is not None else f"client={principal.client_id}")
         else:  # health_facility: the one authorization resolved for this request, else the principal's
             resolved = exchange.attributes.get("health_facility")
             facilities = [resolved] if isinstance(resolved, str) else sorted(principal.health_facilities)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import textwrap
 import time
 import uuid
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def make_keys() -> Keys:
 
 
 def clients_yaml(*, replay: str = "", user_token_keys: str = "public_key_file: keys/idp.pem",
-                 vendor_a_cidrs: str = "[]", required_user: bool = False) -> str:
+                 vendor_a_cidrs: str = "[]", required_user: bool = False, user_token_extra: str = "") -> str:
+    """`user_token_extra`: more `user_token` fields of vendor-a, e.g. "require_client_binding: true"."""
     return f"""\
 version: 1
 token_service:
@@ -92,6 +94,7 @@ token_service:
         user_id: preferred_username
         roles: roles
         health_facility: hf
+{textwrap.indent(user_token_extra.rstrip() + chr(10), "      ") if user_token_extra else ""}\
   vendor-rsa:
     auth_methods: [private_key_jwt]
     keys:
@@ -104,7 +107,8 @@ token_service:
     certificates:
       - subject_cn: vendor-b
     ip_allowlist: [local]
-    health_facilities: [JMHOS009]
+    health_facilities: [RAHOS001]
+    default_roles: [hms]
     trust_user_header: true
     scopes: [system/*.read]
   vendor-far:

@@ -63,12 +63,12 @@ def test_outcome_code_follows_the_status(status, outcome):
 def test_who_comes_from_the_principal_and_the_event_is_a_valid_r4_audit_event():
     principal = Principal(client_id="hms-vendor-a", auth_method="private_key_jwt", user_id="ca-0042",
                           health_facilities=frozenset({"JMHOS001", "JMHOS002"}),
-                          claims={"access_token": "eyJsecret"})
+                          claims={"access_token": "eyJsecret"}, vouched_by="iss=https://sso.a.example")
     event = audit_event(_exchange("GET", "Claim/abc", principal), 200, "upstream.answered", 1_700_000_000.0)
     parsed = AuditEvent.model_validate(event)
     agent = event["agent"][0]
     assert agent["who"]["identifier"]["value"] == "hms-vendor-a"
-    assert agent["altId"] == "ca-0042"
+    assert agent["altId"] == "iss=https%3A%2F%2Fsso.a.example/user=ca-0042"  # namespaced by its issuer
     assert [e["valueString"] for e in agent["extension"]] == ["JMHOS001", "JMHOS002"]
     assert agent["network"] == {"address": "192.0.2.7", "type": "2"}
     assert [e.get("what") for e in event["entity"]] == [{"identifier": {"value": "req-0123456789"}},

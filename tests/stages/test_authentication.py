@@ -17,10 +17,11 @@ from aiohttp import web
 from mediator.app import METRICS, build_app
 from mediator.certs import ensure_ca, issue, make_dev_pki
 from mediator.config import load_config
+from mediator.facilities import DirectoryUnavailable, FacilitySnapshot, StaticFacilityDirectory
 from mediator.identity import Identity
 from mediator.identity.client import client_assertion
 from mediator.identity.keys import load_or_create_signing_key
-from mediator.stages.authentication import Credentials, decide
+from mediator.stages.authentication import Credentials, VouchedUsers, decide
 from mediator.tls import server_context
 from tests.conftest import channels_yaml, config_problems, upstream_url, write_config
 from tests.identity.kit import (
@@ -188,6 +189,61 @@ async def test_replayed_assertion_is_refused_across_instances_with_redis(tmp_pat
         async for key in store.scan_iter(match=f"{prefix}*"):
             await store.delete(key)
         await store.aclose()
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released): connecting is refused at once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_token_endpoint_with_its_replay_store_down_is_503_temporarily_unavailable(
+        tmp_path, sandbox_server, aiohttp_client, monkeypatch):
+    monkeypatch.setenv("MEDIATOR_TEST_REDIS", f"redis://127.0.0.1:{_closed_port()}/0")
+    replay = "  replay_store:\n    redis_url_env: MEDIATOR_TEST_REDIS\n"
+    root = write_config(tmp_path / "config", channels_yaml(upstream_url(sandbox_server), channels=AUTH_CHANNELS),
+                        extra_policies={"clients.yaml": clients_yaml(replay=replay)})
+    write_keys(root, KEYS)
+    client = await aiohttp_client(build_app(load_config(root)))
+    response = await client.post("/auth/token", data=form(good_assertion(KEYS)))
+    assert response.status == 503
+    assert (await response.json()) == {"error": "temporarily_unavailable", "error_description": "try again later"}
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["Cache-Control"] == "no-store"
+    assert counted(client, "auth_token", "auth_token.replay_store_unavailable") == 1
+
+
+def test_every_authlib_error_the_token_endpoint_uses_exists_in_the_pinned_authlib():
+    """An error class that does not exist is an AttributeError (a 500) exactly when it is needed."""
+    import ast
+    import inspect
+    import re
+
+    from authlib.oauth2.rfc6749 import errors as oauth_errors
+
+    import mediator.identity.token_service as token_service
+
+    tree = ast.parse(inspect.getsource(token_service))
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "oauth_errors"}
+    assert used >= {"InvalidClientError", "InvalidRequestError", "OAuth2Error"}  # the scan finds them
+    for name in sorted(used):
+        error_class = getattr(oauth_errors, name)   # AttributeError: the class does not exist
+        assert issubclass(error_class, oauth_errors.OAuth2Error)
+        if name == "OAuth2Error":
+            error = error_class(error="temporarily_unavailable", description="x", status_code=503)
+        else:
+            error = error_class("x") if name == "UnsupportedGrantTypeError" else error_class(description="x")
+        assert dict(error.get_body())["error"]
+    # The version tested is the version pinned.
+    import importlib.metadata
+    from pathlib import Path
+
+    pinned = re.search(r'"authlib==([^"]+)"', (Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pinned is not None and pinned[1] == importlib.metadata.version("authlib")
 
 
 # --- access tokens on FHIR channels ---------------------------------------------------------------
@@ -389,21 +445,79 @@ async def _access_token(identity_obj):
     return sign({"alg": "ES256", "typ": "at+jwt", "kid": key.kid}, _access_claims(), key)
 
 
+# The facility directory that trusted-header names are checked against (claim administrator codes, exact).
+CLAIM_ADMINS = StaticFacilityDirectory(FacilitySnapshot(
+    claim_administrators={"RHOS0011": "RAHOS001", "JHOS0011": "JMHOS001"}, loaded_at=time.time()))
+USERS = VouchedUsers(CLAIM_ADMINS)
+
+
 @pytest.mark.parametrize(("cn", "user_name", "method", "user_id", "reason"), [
-    ("vendor-b", "jdoe", "trusted_header", "jdoe", "authentication.authenticated"),   # flagged mTLS client
+    ("vendor-b", "RHOS0011", "trusted_header", "RHOS0011", "authentication.authenticated"),  # flagged mTLS
     ("vendor-a", "jdoe", "mtls", None, "authentication.authenticated"),               # header ignored
     ("vendor-b", "bad name;", None, None, "authentication.malformed_user_name"),
+    ("vendor-b", "NOBODY", None, None, "authentication.unknown_user"),                 # not in openIMIS
+    ("vendor-b", "rhos0011", None, None, "authentication.unknown_user"),               # codes are exact
+    # Another facility's claim administrator: the same answer as nobody (no oracle for other HFs' codes).
+    ("vendor-b", "JHOS0011", None, None, "authentication.unknown_user"),
     ("vendor-c", None, None, None, "authentication.unknown_client_certificate"),
 ])
 async def test_certificate_clients_and_the_trusted_user_header(identity, cn, user_name, method, user_id, reason):
     decision, principal = await decide(Credentials(None, _cert(identity, cn), None, user_name), LOCAL, identity,
-                                       _now())
+                                       _now(), USERS)
     assert decision.reason == reason
     if method is None:
         assert principal is None and not decision.allow
+        assert decision.status in (400, 401, 403)
     else:
         assert principal is not None
         assert (principal.auth_method, principal.user_id) == (method, user_id)
+
+
+async def test_the_log_tells_operators_why_a_vouched_user_was_refused(identity, caplog):
+    with caplog.at_level("INFO", logger="mediator.identity"):
+        for name in ("NOBODY", "JHOS0011"):
+            await decide(Credentials(None, _cert(identity, "vendor-b"), None, name), LOCAL, identity, _now(), USERS)
+    whys = [r.getMessage() for r in caplog.records if "vouched_user_refused" in r.getMessage()]
+    assert len(whys) == 2 and '"unknown"' in whys[0] and '"facility_not_registered"' in whys[1]
+
+
+async def test_a_trusted_header_user_acts_for_their_own_facility_vouched_by_the_client(identity):
+    _, principal = await decide(Credentials(None, _cert(identity, "vendor-b"), None, "RHOS0011"), LOCAL,
+                                identity, _now(), USERS)
+    assert principal is not None
+    assert principal.health_facilities == {"RAHOS001"}   # the directory's, not every registered one
+    assert principal.user_key == "client=vendor-b/user=RHOS0011"
+
+
+class _Unavailable:
+    async def snapshot(self, *, max_age_s=None):
+        raise DirectoryUnavailable("openIMIS down")
+
+
+async def test_a_trusted_header_cannot_be_checked_without_a_directory(identity):
+    creds = Credentials(None, _cert(identity, "vendor-b"), None, "RHOS0011")
+    decision, principal = await decide(creds, LOCAL, identity, _now(), None)
+    assert (decision.status, decision.reason, principal) == (403, "authentication.unknown_user", None)
+    decision, principal = await decide(creds, LOCAL, identity, _now(), VouchedUsers(_Unavailable()))
+    assert (decision.status, decision.reason, principal) == (503, "authentication.directory_unavailable", None)
+    assert decision.headers["Retry-After"]
+
+
+async def test_an_unknown_name_reloads_the_directory_once_for_a_new_claim_administrator(identity):
+    class Growing:
+        def __init__(self):
+            self.asked: list[float | None] = []
+
+        async def snapshot(self, *, max_age_s=None):
+            self.asked.append(max_age_s)
+            known = {"NEW0001": "RAHOS001"} if max_age_s is not None else {}
+            return FacilitySnapshot(claim_administrators=known)
+
+    directory = Growing()
+    decision, principal = await decide(Credentials(None, _cert(identity, "vendor-b"), None, "NEW0001"), LOCAL,
+                                       identity, _now(), VouchedUsers(directory, 30.0))
+    assert decision.allow and principal is not None and principal.health_facilities == {"RAHOS001"}
+    assert directory.asked == [None, 30.0]
 
 
 async def test_header_user_name_is_ignored_for_token_clients(identity):
@@ -455,8 +569,13 @@ async def test_mtls_clients_over_real_tls(tmp_path, sandbox_server, unused_tcp_p
         async with aiohttp.ClientSession() as session:
             async with session.get(url, ssl=context(certs, "vendor-a")) as response:
                 assert response.status == 200
-            async with session.get(url, ssl=context(certs, "vendor-b"), headers={"X-User-Name": "jdoe"}) as response:
+            # Vouched users are checked against the claim administrators openIMIS (here the stand-in) has.
+            vendor_b = context(certs, "vendor-b")
+            async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "RHOS0011"}) as response:
                 assert response.status == 200
+            async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "NOBODY"}) as response:
+                assert response.status == 403
+                assert reason_of(await response.json()) == "authentication.unknown_user"
             async with session.get(url, ssl=context(certs, "vendor-c")) as response:  # our CA, not registered
                 assert response.status == 401
                 assert reason_of(await response.json()) == "authentication.unknown_client_certificate"
@@ -533,3 +652,51 @@ def test_token_request_limit_schema(tmp_path):
     assert config_problems(root) == [
         "policies/clients.yaml:4:3: token_service.requests_per_minute_per_address: "
         "Input should be greater than or equal to 1"]
+
+
+# --- user tokens are bound to the presenting client (azp / client_id) -------------------------------
+
+async def _identity_with(tmp_path, user_token_extra: str) -> Identity:
+    root = write_config(tmp_path / "bound", channels_yaml("http://127.0.0.1:9/api/", channels=AUTH_CHANNELS),
+                        extra_policies={"clients.yaml": clients_yaml(user_token_extra=user_token_extra)})
+    write_keys(root, KEYS)
+    return Identity.from_config(load_config(root))
+
+
+@pytest.mark.parametrize(("extra", "claims", "reason"), [
+    ("", {}, "authentication.authenticated"),                          # no azp/client_id: accepted by default
+    ("", {"azp": "vendor-a"}, "authentication.authenticated"),
+    ("", {"client_id": "vendor-a"}, "authentication.authenticated"),
+    ("", {"azp": "vendor-rsa"}, "authentication.user_token_wrong_client"),   # issued to another application
+    ("", {"azp": "vendor-a", "client_id": "vendor-rsa"}, "authentication.user_token_wrong_client"),
+    ("", {"azp": ["vendor-a"]}, "authentication.user_token_wrong_client"),   # not a string
+    ("client_aliases: [hms-a-prod]", {"azp": "hms-a-prod"}, "authentication.authenticated"),
+    ("require_client_binding: true", {}, "authentication.user_token_client_unbound"),
+    ("require_client_binding: true", {"azp": "vendor-a"}, "authentication.authenticated"),
+])
+async def test_user_tokens_are_bound_to_the_presenting_client(tmp_path, extra, claims, reason):
+    bound = await _identity_with(tmp_path, extra)
+    token = await _access_token(bound)
+    decision, principal = await decide(Credentials(f"Bearer {token}", None, user_token(KEYS.idp, **claims), None),
+                                       LOCAL, bound, _now())
+    assert decision.reason == reason
+    if not decision.allow:
+        assert decision.status == 401 and principal is None
+        assert "invalid_token" in decision.headers["WWW-Authenticate"]
+
+
+async def test_a_user_token_is_keyed_by_its_issuer(identity):
+    token = await _access_token(identity)
+    _, principal = await decide(Credentials(f"Bearer {token}", None, user_token(KEYS.idp), None), LOCAL,
+                                identity, _now())
+    assert principal is not None
+    assert principal.user_key == "iss=https%3A%2F%2Fidp.vendor-a.example/user=dr.amina"
+
+
+def test_client_binding_options_are_part_of_the_schema(tmp_path):
+    root = write_config(tmp_path / "c", channels_yaml("http://127.0.0.1:9/api/", channels=AUTH_CHANNELS),
+                        extra_policies={"clients.yaml": clients_yaml(user_token_extra="require_client_binding: maybe")})
+    write_keys(root, KEYS)
+    problems = config_problems(root)
+    assert len(problems) == 1 and "clients.vendor-a.user_token.require_client_binding" in problems[0]
+    assert problems[0].startswith("policies/clients.yaml:")

@@ -349,17 +349,35 @@ def test_policy_errors_name_file_line_and_message(tmp_path, fixture, expected):
     assert config_problems(root) == expected
 
 
-def test_absent_policy_means_no_authorization_stage_and_empty_rules_deny_all(tmp_path):
+async def test_absent_policy_denies_everything_and_empty_rules_deny_all(tmp_path, caplog):
+    """No policies/authorization.yaml is not "no authorization": every request is denied (issue 13)."""
     from mediator.stages import build_stages
+    from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 
-    root = write_config(tmp_path, GOOD_CHANNELS)
-    assert "authorization" not in [s.name for s in build_stages(load_config(root))]
+    root = write_config(tmp_path, GOOD_CHANNELS, DEFAULT_IP_POLICY, {"authorization.yaml": None})
+    assert not (root / "policies" / "authorization.yaml").exists()
+    with caplog.at_level("WARNING", logger="mediator.authorization"):
+        stages = build_stages(load_config(root))
+    assert any("authorization.yaml is absent" in r.getMessage() for r in caplog.records)
+    assert [s.name for s in stages][-1] == "authorization"
+    assert isinstance(stages[-1], NoAuthorizationPolicyStage)
+    decision = await stages[-1].run(None)  # type: ignore[arg-type]  # it looks at nothing
+    assert (decision.allow, decision.status, decision.reason) == (False, 403, "authorization.no_policy")
     empty = "version: 1\nfacility_directory: {upstream: openimis}\nrules: []\n"
     root = write_config(tmp_path, GOOD_CHANNELS, DEFAULT_IP_POLICY, {"authorization.yaml": empty})
     config = load_config(root)
     assert [s.name for s in build_stages(config)][-1] == "authorization"
     assert evaluate(config.policies["authorization"].rules, HMS_ONLY,  # type: ignore[attr-defined]
                     _access("Medication", "s"), None).decision.reason == "authorization.no_matching_rule"
+
+
+async def test_absent_policy_refuses_even_open_channels_over_a_socket(sandbox_server, make_mediator):
+    client = await make_mediator(channels_yaml(upstream_url(sandbox_server)), DEFAULT_IP_POLICY,
+                                 {"authorization.yaml": None})
+    response = await client.get("/fhir/Medication/")
+    assert response.status == 403
+    outcome = await response.json()
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "authorization.no_policy"
 
 
 # --- (c) round trips over real sockets ----------------------------------------------------------------

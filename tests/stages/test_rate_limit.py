@@ -98,6 +98,8 @@ def _exchange(principal, channel_name="claims", attributes=None):
 
 VENDOR = Principal("vendor-a", "mtls", user_id="u1", health_facilities=frozenset({"HF2", "HF1"}))
 MACHINE = Principal("vendor-b", "private_key_jwt")
+SSO_USER = Principal("vendor-a", "access_token", user_id="u1", vouched_by="iss=https://sso.a.example")
+HEADER_USER = Principal("vendor-b", "trusted_header", user_id="u1", vouched_by="client=vendor-b")
 
 
 @pytest.mark.parametrize(
@@ -107,7 +109,9 @@ MACHINE = Principal("vendor-b", "private_key_jwt")
         (None, ("user", "channel"), None, ["ip=192.0.2.7", "channel=claims"]),
         (None, ("health_facility",), None, ["ip=192.0.2.7"]),
         (VENDOR, ("client",), None, ["client=vendor-a"]),
-        (VENDOR, ("user",), None, ["user=u1"]),
+        (VENDOR, ("user",), None, ["client=vendor-a/user=u1"]),
+        (SSO_USER, ("user",), None, ["iss=https%3A%2F%2Fsso.a.example/user=u1"]),
+        (HEADER_USER, ("user",), None, ["client=vendor-b/user=u1"]),
         (MACHINE, ("user",), None, ["client=vendor-b"]),        # no user: the client
         (VENDOR, ("health_facility",), None, ["hf=HF1,HF2"]),
         (VENDOR, ("health_facility",), {"health_facility": "HF2"}, ["hf=HF2"]),  # authorization resolved it
@@ -117,6 +121,16 @@ MACHINE = Principal("vendor-b", "private_key_jwt")
 )
 def test_counting_keys(principal, per, attributes, key):
     assert key_for(per, _exchange(principal, attributes=attributes)) == key
+
+
+def test_one_user_id_vouched_for_by_two_parties_is_two_keys():
+    """Vendor B's trusted header naming vendor A's user must not count against A's user (issue 13)."""
+    keys = {key_for(("user",), _exchange(p))[0] for p in (VENDOR, SSO_USER, HEADER_USER)}
+    assert len(keys) == 3
+    # A user id cannot forge another namespace with separators of its own.
+    forged = Principal("vendor-b", "trusted_header", user_id="u1/user=x", vouched_by="client=vendor-b")
+    plain = Principal("vendor-b", "trusted_header", user_id="u1", vouched_by="client=vendor-b/user=x")
+    assert key_for(("user",), _exchange(forged)) != key_for(("user",), _exchange(plain))
 
 
 # --- schema -------------------------------------------------------------------------------------------
