@@ -200,6 +200,10 @@ class FhirAnswers:
                 return document
             created = await self._read_back(exchange, upstream, rtype, rid)
             if created is not None:
+                version = (created.get("meta") or {}).get("versionId") if isinstance(created.get("meta"), dict) \
+                    else None
+                if isinstance(version, str) and version and "ETag" not in headers:
+                    headers["ETag"] = f'W/"{version}"'
                 return created
         return created_outcome(rtype, rid, self.public_base_url,
                                f"its adjudication is {related}" if related else "")

@@ -194,3 +194,26 @@ async def test_openimis_500_failed_to_retrieve_is_an_empty_searchset_other_500s_
     outcome = await broken.json()
     assert outcome["issue"][0]["details"]["coding"][0]["code"] == "upstream.error"
     assert "fire" not in json.dumps(outcome)
+
+
+async def test_the_created_claim_read_back_gives_its_etag(aiohttp_server, make_mediator):
+    async def login(request):
+        return web.json_response({"token": "t", "exp": 4_102_444_800})
+
+    async def create(request):
+        return web.json_response({"resourceType": "ClaimResponse", "id": "c1", "outcome": "complete"}, status=201)
+
+    async def read(request):
+        return web.json_response({"resourceType": "Claim", "id": "c1", "meta": {"versionId": "3"},
+                                  "created": "2026-11-20T10:00:00"})
+
+    app = web.Application()
+    app.router.add_post("/api/api_fhir_r4/login/", login)
+    app.router.add_post("/api/api_fhir_r4/Claim/", create)
+    app.router.add_get("/api/api_fhir_r4/Claim/c1/", read)
+    client = await make_mediator(channels_yaml(upstream_url(await aiohttp_server(app))))
+    response = await client.post("/fhir/Claim", json={"resourceType": "Claim"})
+    assert response.status == 201 and response.headers["ETag"] == 'W/"3"'
+    assert response.headers["Location"] == f"{BASE}Claim/c1"
+    claim = await response.json()
+    assert claim["created"] == "2026-11-20T10:00:00+00:00"   # the read-back gets the zone too
