@@ -181,6 +181,11 @@ FEATURES: list[Feature] = [
                 facility_scope: any
             """},
     ),
+    # Required with authorization.yaml; the bench sends GETs, which carry no body for it to check.
+    Feature(
+        "write firewall (the shipped write profiles)", lambda keys: "write_profiles" in keys,
+        policies={"write_profiles.yaml": (Path(__file__).parents[1] / "policies" / "write_profiles.yaml").read_text()},
+    ),
     Feature(
         "rate limits (Redis, per client and per user)",
         lambda keys: "rate_limits" in keys and "server.redis" in keys,

@@ -21,12 +21,10 @@ from mediator.audit import AuditLog
 from mediator.bulkhead import UpstreamRefused
 from mediator.capabilities import CapabilityStatement
 from mediator.config import Config
-from mediator.config.models import LimitsConfig
-from mediator.fhir import ACCEPTED_BODY_TYPES, operation_outcome_response
+from mediator.fhir import operation_outcome_response
 from mediator.fhir_answers import FhirAnswers
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
-from mediator.json_limits import parse_body
 from mediator.load_protection import LoadProtection
 from mediator.logs import JsonEvent, bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
@@ -49,9 +47,6 @@ from mediator.upstream import OpenImisUpstream, UpstreamInvalidAnswer, UpstreamT
 
 log = logging.getLogger("mediator")
 access_log = logging.getLogger("mediator.access")
-
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
 
 @dataclass(slots=True)
 class Runtime:
@@ -171,41 +166,13 @@ AUDIT = web.AppKey("audit", AuditLog)
 READINESS = web.AppKey("readiness", Readiness)
 
 
-def _check_body(exchange: Exchange, body: bytes, limits: LimitsConfig) -> Decision | None:
-    """Refuse bodies openIMIS would choke on (it answers 500 to most of them)."""
-    content_type = exchange.request.content_type
-    if content_type not in ACCEPTED_BODY_TYPES:
-        return Decision.denied("request.unsupported_media_type", 415,
-                               "send application/fhir+json or application/json")
-    document, refusal = parse_body(body, limits)
-    if refusal is not None:
-        return refusal
-    if not isinstance(document, dict) or not isinstance(document.get("resourceType"), str):
-        return Decision.denied("request.not_a_resource", 400, "the body is not a FHIR resource")
-    fhir = exchange.fhir
-    if fhir is not None and fhir.interaction in ("create", "update") and \
-            document["resourceType"] != fhir.resource_type:
-        return Decision.denied("request.resource_type_mismatch", 400,
-                               "the body's resourceType does not match the URL")
-    if fhir is not None and fhir.interaction == "update" and document.get("id") != fhir.resource_id:
-        return Decision.denied("request.id_mismatch", 400, "the body's id does not match the URL")
-    exchange.attributes["resource"] = document
-    return None
-
-
 async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> web.StreamResponse:
     channel = exchange.channel
     fhir = exchange.fhir
     assert channel is not None and fhir is not None  # the channel stage allowed the request
     request = exchange.request
-    limits = runtime.config.channels.server.limits
-    body: bytes | None = None
-    if request.method in BODY_METHODS:
-        body = await exchange.body(limits.max_body_bytes)
-        refusal = _check_body(exchange, body, limits)
-        if refusal is not None:
-            exchange.decisions.append(("request", refusal))
-            return operation_outcome_response(refusal.status, refusal.reason, refusal.message)
+    # The request stage parsed it; these are the bytes that document was parsed from.
+    body = exchange.body.raw if exchange.body is not None else None
     if fhir.interaction == "capabilities":  # the mediator's own statement; openIMIS 1.10 has none
         exchange.decisions.append(("capabilities", Decision.allowed("capabilities.answered")))
         return runtime.capabilities.response(request)

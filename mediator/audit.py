@@ -74,6 +74,13 @@ def audit_event(exchange: Exchange, status: int, reason: str, recorded: float) -
         if fhir.resource_id is not None:
             entity["what"] = {"reference": f"{fhir.resource_type}/{fhir.resource_id}"}
         entities.append(entity)
+    check = exchange.write_check
+    if check is not None and check.element is not None:
+        # Which element the write firewall decided on: an element path (`Claim.contained[0]`), never a value.
+        entities.append({"type": {"system": "http://hl7.org/fhir/resource-types", "code": "Bundle"
+                                  if check.entry is not None else (fhir.resource_type if fhir else "Resource")},
+                         "detail": [{"type": "write-firewall-element", "valueString": check.element},
+                                    {"type": "write-firewall-rule", "valueString": check.rule or ""}]})
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",

@@ -3,7 +3,8 @@
 openIMIS 1.10 has no `/metadata`, and its own statement would not say what the mediator lets through.
 This one is built once per runtime from what the mediator really does: a type is readable, searchable
 or creatable when a channel routes that request (the same `channel_match.decide` the pipeline uses)
-AND some allow rule of policies/authorization.yaml grants it; its search parameters are the ones the
+AND some allow rule of policies/authorization.yaml grants it (and, for a create, the write firewall has
+a profile allowing it: policies/write_profiles.yaml); its search parameters are the ones the
 search stage accepts on that channel (mediator.search_parameters). `rest.security` carries the SMART
 `oauth-uris` extension pointing at the token endpoint, the one /.well-known/smart-configuration names.
 """
@@ -21,6 +22,7 @@ from aiohttp import web
 from mediator import __version__
 from mediator.config import Config
 from mediator.config.authorization import AuthorizationPolicy
+from mediator.config.write_profiles import WriteProfilesPolicy
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, wants_fhir_json
 from mediator.replica.policy import ReplicaPolicy
 from mediator.search_parameters import OPENIMIS_SEARCH_PARAMETERS, PAGING, supported_parameters
@@ -68,6 +70,9 @@ def build_statement(config: Config, token_url: str, generated_at: datetime | Non
     policy = policy if isinstance(policy, AuthorizationPolicy) else None
     replica = config.policies.get("replica")
     replica = replica if isinstance(replica, ReplicaPolicy) else None
+    writes = config.policies.get("write_profiles")
+    writable = {rtype for rtype, profile in writes.profiles.items() if "create" in profile.interactions} \
+        if isinstance(writes, WriteProfilesPolicy) else set()   # absent: the write firewall refuses every write
     resources: list[dict[str, Any]] = []
     for rtype in CANDIDATE_TYPES:
         interactions: list[dict[str, str]] = []
@@ -77,7 +82,8 @@ def build_statement(config: Config, token_url: str, generated_at: datetime | Non
             path = f"{prefix}{rtype}/{_PROBE_ID}" if by_id else f"{prefix}{rtype}"
             match = decide(method, path, path, table)
             grant = _granted(policy, rtype, letter)
-            if not match.decision.allow or match.channel is None or not grant.allowed:
+            if not match.decision.allow or match.channel is None or not grant.allowed or \
+                    (code == "create" and rtype not in writable):
                 continue
             interactions.append({"code": code})
             if code == "search-type":
@@ -112,7 +118,8 @@ def build_statement(config: Config, token_url: str, generated_at: datetime | Non
     }
     batch_path = prefix
     batch = decide("POST", batch_path, batch_path, table)
-    if batch.decision.allow and batch.channel is not None and batch.channel.config.batch is not None:
+    if batch.decision.allow and batch.channel is not None and batch.channel.config.batch is not None and \
+            set(batch.channel.config.batch.resource_types) & writable:
         rest["interaction"] = [{"code": "batch"}]
     when = (generated_at or datetime.now(UTC)).replace(microsecond=0)
     return {

@@ -23,6 +23,7 @@ from mediator.config import Config
 from mediator.pipeline import Decision, Exchange, Pipeline, Principal, Stage
 from mediator.stages import ORDER, build_stages
 from mediator.upstream import OpenImisUpstream
+from mediator.write_profiles import WriteCheck
 
 _PRINCIPAL_FIELDS = {"client_id", "auth_method", "user_id", "roles", "scopes", "health_facilities", "claims"}
 
@@ -75,6 +76,7 @@ class Explanation:
     decisions: list[tuple[str, Decision]]
     authz: dict[str, Any] = field(default_factory=dict)
     final: Decision | None = None
+    write_check: WriteCheck | None = None
 
     @property
     def reasons(self) -> list[tuple[str, str]]:
@@ -94,6 +96,10 @@ class Explanation:
                 if "shadow" in self.authz:
                     shadow = self.authz["shadow"]
                     line += f"  shadow: rule={shadow['rule']} would {shadow['decision']} ({shadow['reason']})"
+            if stage == "write" and self.write_check is not None:
+                line += f"  rule={self.write_check.rule or '-'}"
+                if self.write_check.element is not None:
+                    line += f"  element={self.write_check.element}"
             if decision.message:
                 line += f"  -- {decision.message}"
             out.append(line)
@@ -131,7 +137,8 @@ async def explain(config: Config, method: str, path: str, principal: Principal |
         request = make_mocked_request(method.upper(), path, headers=request_headers, transport=_Peer(client_ip))
         exchange = Exchange(request, "explain", _body=body if body is not None else b"")
         final = await Pipeline(stages).run(exchange)
-        return Explanation(exchange.decisions, dict(exchange.attributes.get("authz", {})), final)
+        return Explanation(exchange.decisions, dict(exchange.attributes.get("authz", {})), final,
+                           exchange.write_check)
     finally:
         for upstream in upstreams.values():
             await upstream.close()

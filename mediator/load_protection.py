@@ -58,7 +58,7 @@ class LoadProtection:
                 request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s,
                 raw_query=raw_query))
 
-        resource: dict[str, Any] | None = exchange.attributes.get("resource")
+        resource: dict[str, Any] | None = exchange.body.document if exchange.body is not None else None
         if fhir.interaction == "batch-or-transaction":
             if resource is None:
                 resource = {}

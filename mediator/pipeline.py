@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from mediator.fhir import FhirRequest
     from mediator.search_parameters import SearchRequest
     from mediator.stages.channel_match import Channel
+    from mediator.write_profiles import WriteCheck
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
@@ -84,6 +85,23 @@ def user_key(vouched_by: str, user_id: str) -> str:
     return f"{quote(vouched_by, safe='=')}/user={quote(user_id, safe='')}"
 
 
+@dataclass(frozen=True, slots=True)
+class ParsedBody:
+    """A request body as the request stage read and parsed it, once (stages/request_body.py).
+
+    `raw` is what is forwarded to openIMIS; `document` is what every stage judged. They are the same
+    JSON: UTF-8 only, no duplicate keys, so openIMIS's parser (Python's json, via Django REST framework)
+    reads exactly the document the mediator checked.
+    """
+
+    raw: bytes
+    document: dict[str, Any]
+
+    @property
+    def resource_type(self) -> str:
+        return str(self.document["resourceType"])
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -107,10 +125,14 @@ class Exchange:
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
     _body: bytes | None = None
+    body: ParsedBody | None = None
+    """The parsed request body (POST/PUT/PATCH), set by the request stage; None before it or without a body."""
+    write_check: WriteCheck | None = None
+    """What the write firewall decided and on which element (for audit and explain)."""
     body_read_timeout_s: float | None = None
     """Deadline for reading the whole body (None: unbounded; the app sets server.limits.body_read_timeout_s)."""
 
-    async def body(self, max_bytes: int) -> bytes:
+    async def read_body(self, max_bytes: int) -> bytes:
         """The request body, read once, never more than max_bytes (else BodyTooLarge)."""
         if self._body is None:
             declared = self.request.content_length

@@ -71,6 +71,22 @@ def channels_yaml(upstream: str, *, extra_server: str = "", channels: str | None
     ) + textwrap.indent(textwrap.dedent(channels), "  ")
 
 
+SHIPPED_WRITE_PROFILES = (Path(__file__).parents[1] / "policies" / "write_profiles.yaml").read_text()
+"""The repository's policies/write_profiles.yaml: what tests with their own authorization policy run with."""
+
+_ANY_CLAIM_ELEMENT = (
+    "id meta implicitRules language text extension modifierExtension identifier status type subType use patient "
+    "billablePeriod created enterer insurer provider priority fundsReserve related prescription "
+    "originalPrescription payee referral facility careTeam supportingInfo diagnosis procedure insurance "
+    "accident item total purpose servicedDate servicedPeriod name gender birthDate note").split()
+ACCEPT_TEST_WRITES = "# For tests of the other stages only: any element (never contained) of these types.\n" \
+    "version: 1\nprofiles:\n" + "".join(
+        f"  {kind}:\n    interactions: [create, update]\n    elements:\n"
+        + "".join(f"      {name}: any\n" for name in _ANY_CLAIM_ELEMENT)
+        for kind in ("Claim", "CoverageEligibilityRequest", "Patient"))
+"""Paired with ALLOW_ALL_AUTHORIZATION: the write firewall of tests that are about other stages."""
+
+
 ALLOW_ALL_AUTHORIZATION = """\
 # For tests of the other stages only: an absent authorization policy denies everything, so they say
 # explicitly that every role they use may do anything (no facility check).
@@ -87,14 +103,18 @@ rules:
 def write_config(root: Path, channels: str, ip_policy: str = DEFAULT_IP_POLICY,
                  extra_policies: dict[str, str | None] | None = None) -> Path:
     """`extra_policies`: file name → text; without "authorization.yaml" an allow-everything policy is
-    written (ALLOW_ALL_AUTHORIZATION; needs an upstream named openimis); {"authorization.yaml": None}
-    writes none (to test the absent policy)."""
+    written (ALLOW_ALL_AUTHORIZATION; needs an upstream named openimis) with ACCEPT_TEST_WRITES as the
+    write profiles; {"authorization.yaml": None} writes none (to test the absent policy). With a test's
+    own authorization policy, the shipped write profiles unless it gives its own (None: none)."""
     (root / "policies").mkdir(parents=True, exist_ok=True)
     (root / "channels.yaml").write_text(channels)
     (root / "policies" / "ip_allowlist.yaml").write_text(ip_policy)
     policies = dict(extra_policies or {})
     if "authorization.yaml" not in policies and "\n  openimis:\n" in channels:
         policies["authorization.yaml"] = ALLOW_ALL_AUTHORIZATION
+        policies.setdefault("write_profiles.yaml", ACCEPT_TEST_WRITES)
+    if policies.get("authorization.yaml") is not None:
+        policies.setdefault("write_profiles.yaml", SHIPPED_WRITE_PROFILES)
     for name, text in policies.items():
         if text is not None:
             (root / "policies" / name).write_text(text)

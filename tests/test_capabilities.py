@@ -94,3 +94,12 @@ def test_without_an_authorization_policy_nothing_is_listed(tmp_path, sandbox_ser
     statement = build_statement(load_config(root), "https://mediator.example.org/auth/token")
     assert statement["rest"][0]["resource"] == []   # the absent policy denies everything
     CapabilityStatement.model_validate(statement)
+
+
+def test_a_create_the_write_firewall_refuses_is_not_listed(tmp_path, sandbox_server):
+    from tests.conftest import write_config
+
+    root = write_config(tmp_path, channels_yaml(upstream_url(sandbox_server)),
+                        extra_policies={"write_profiles.yaml": "version: 1\nprofiles: {}\n"})
+    resources = _resources(build_statement(load_config(root), "https://mediator.example.org/auth/token"))
+    assert _interactions(resources["Claim"]) == {"read", "search-type"}   # no profile: every write refused

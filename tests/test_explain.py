@@ -148,6 +148,6 @@ async def test_explain_command_prints_every_stage_and_the_rule(tmp_path, capsys,
     out = capsys.readouterr().out.splitlines()
     assert code == 1
     assert [line.split()[0] for line in out[1:-1]] == ["client_ip", "channel", "ip", "authentication",
-                                                       "search", "authorization"]
+                                                       "request", "search", "authorization"]
     assert "authorization.enterer_other_facility" in out[-2] and "rule=claim-submit" in out[-2]
     assert out[-1] == "result: 403 authorization.enterer_other_facility"

@@ -17,6 +17,7 @@ from mediator.config.authorization import AuthorizationPolicy
 from mediator.config.clients import ClientsPolicy
 from mediator.config.models import ChannelsFile, IpAllowlistPolicy
 from mediator.config.rate_limits import RateLimitsPolicy, check_limit_channels
+from mediator.config.write_profiles import WriteProfilesPolicy
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
 from mediator.replica.policy import ReplicaPolicy
@@ -46,6 +47,8 @@ POLICY_FILES: dict[str, PolicyFile] = {
     "rate_limits": PolicyFile("rate_limits.yaml", RateLimitsPolicy, required=False),
     # Absent: no master-data replica; channels must not say serve_from: replica.
     "replica": PolicyFile("replica.yaml", ReplicaPolicy, required=False),
+    # Absent: every write is refused (write.no_profile), like an absent authorization policy.
+    "write_profiles": PolicyFile("write_profiles.yaml", WriteProfilesPolicy, required=False),
 }
 
 CrossCheck = Callable[["Config", dict[str, SourcedDocument]], list[ConfigProblem]]
@@ -181,3 +184,17 @@ def _replica_references(config: Config, docs: dict[str, SourcedDocument]) -> lis
 
 
 CROSS_CHECKS.append(_replica_references)
+
+
+def _write_profiles_present(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    """Facility bindings and contained rules resolve through the facility directory, which
+    authorization.yaml declares (README "Write firewall")."""
+    profiles = config.policies.get("write_profiles")
+    if isinstance(profiles, WriteProfilesPolicy) and profiles.needs_directory() \
+            and "authorization" not in config.policies:
+        return [docs["write_profiles"].problem(("profiles",), "facility: caller and contained rules need "
+                                               "policies/authorization.yaml (its facility_directory)")]
+    return []
+
+
+CROSS_CHECKS.append(_write_profiles_present)

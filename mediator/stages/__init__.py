@@ -1,8 +1,8 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → authentication → search (parameters) → authorization (always: absent policy
-denies) → [rate limit]
-→ route (cache/upstream, in mediator.app). A test asserts this order.
+client_ip → channel → ip → authentication → request (body read and parsed once) → search (parameters)
+→ authorization (always: absent policy denies) → write (the write firewall; always: absent profiles refuse
+every write) → [rate limit] → route (replica/upstream, in mediator.app). A test asserts this order.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry
 
 from mediator.config import Config
+from mediator.facilities import FacilityDirectory
 from mediator.identity import Identity
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
@@ -25,11 +26,14 @@ from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
+from mediator.stages.request_body import RequestBodyStage
+from mediator.stages.write_firewall import WriteFirewallStage
 from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "authentication", "search", "authorization", "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "authentication", "request", "search", "authorization", "write",
+         "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -47,6 +51,7 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
     # Absent policies/authorization.yaml: nothing is allowed (README "policies/authorization.yaml").
     authorization: Stage = NoAuthorizationPolicyStage()
     users = None
+    directory: FacilityDirectory | None = None
     if "authorization" not in config.policies:
         logging.getLogger("mediator.authorization").warning(
             "policies/authorization.yaml is absent: every request is denied (authorization.no_policy)")
@@ -55,13 +60,17 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         # Trusted-header users are checked against the same directory authorization uses.
         users = VouchedUsers(authorization.directory,
                              authorization.policy.facility_directory.refresh_on_miss_after_s)
+        directory = authorization.directory
     stages: list[Stage] = [
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
         AuthenticationStage(identity or Identity.from_config(config), users),
+        RequestBodyStage.from_config(config),
         SearchParameterStage.from_config(config),
         authorization,
+        # One facility directory per runtime: the firewall resolves references with authorization's.
+        WriteFirewallStage.from_config(config, directory),
     ]
     rate_limits = RateLimitTable.from_config(config)
     if rate_limits is not None:

@@ -439,14 +439,10 @@ class AuthorizationStage:
         return verdict.decision
 
     async def _resource_of(self, exchange: Exchange) -> tuple[dict[str, Any] | None, Decision | None]:
-        body = await exchange.body(self.max_body_bytes)
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return None, Decision.denied(f"{NAME}.unreadable_body", 400, "the body is not valid JSON")
-        if not isinstance(document, dict):
-            return None, Decision.denied(f"{NAME}.unreadable_body", 400, "the body is not a FHIR resource")
-        return document, None
+        # The request stage (before this one) parsed the body once; no body here means it was not sent.
+        if exchange.body is None:
+            return None, Decision.denied(f"{NAME}.unreadable_body", 400, "the request has no JSON body")
+        return exchange.body.document, None
 
     async def _run_single(self, exchange: Exchange, principal: Principal | None,
                           upstream: OpenImisUpstream) -> _Outcome:

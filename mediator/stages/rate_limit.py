@@ -14,7 +14,6 @@ every limit admits the request and all are charged, or none is).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -250,15 +249,11 @@ def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
     return parts
 
 
-async def request_cost(exchange: Exchange, max_body_bytes: int) -> int:
-    """A batch Bundle counts one per entry; anything else counts one."""
-    if exchange.fhir is None or exchange.fhir.interaction != "batch-or-transaction":
+def request_cost(exchange: Exchange) -> int:
+    """A batch Bundle counts one per entry; anything else counts one. The request stage parsed the body."""
+    if exchange.fhir is None or exchange.fhir.interaction != "batch-or-transaction" or exchange.body is None:
         return 1
-    try:
-        document = json.loads(await exchange.body(max_body_bytes))  # BodyTooLarge: 413 from the app
-    except (ValueError, UnicodeDecodeError):
-        return 1  # the batch handler answers 400 for it
-    entries = document.get("entry") if isinstance(document, dict) else None
+    entries = exchange.body.document.get("entry")
     return max(1, len(entries)) if isinstance(entries, list) else 1
 
 
@@ -285,7 +280,7 @@ class RateLimitStage:
             return Decision.allowed("rate_limit.none")
         limits = [limit for limit, _ in applicable]
         keys = [f"rl:{limit.name}:" + "|".join(key_for(per, exchange)) for limit, per in applicable]
-        cost = await request_cost(exchange, self.table.max_body_bytes)
+        cost = request_cost(exchange)
         if self.shared is None:
             decision, results = self.local.apply(keys, limits, cost)
         else:

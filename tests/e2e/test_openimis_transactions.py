@@ -92,8 +92,8 @@ async def test_invalid_claims(through_mediator):
     again = await through_mediator.post("/fhir/Claim", json=claim, headers={"Idempotency-Key": "e2e-other-claim-1"})
     assert again.status >= 400
     assert (await again.json())["resourceType"] == "OperationOutcome"
-    # Not JSON at all: refused by the mediator (the authorization stage must read the body to find the
-    # facility, so it is the one that refuses), openIMIS never sees it.
+    # Not JSON at all: refused by the mediator's request stage (it parses every body once, before
+    # authorization), openIMIS never sees it.
     broken = await through_mediator.post("/fhir/Claim", data=b"{", headers={"Content-Type": "application/json"})
     assert broken.status == 400
-    assert (await broken.json())["issue"][0]["details"]["coding"][0]["code"] == "authorization.unreadable_body"
+    assert (await broken.json())["issue"][0]["details"]["coding"][0]["code"] == "request.malformed_json"

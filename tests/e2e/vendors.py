@@ -56,6 +56,14 @@ CHANNELS = """\
   timeout_s: 60
   ip_allowlist: [local]
   idempotency: {window_s: 600}
+- name: claims-batch
+  path: ^/fhir/?$
+  methods: [POST]
+  upstream: openimis
+  timeout_s: 60
+  ip_allowlist: [local]
+  idempotency: {window_s: 600}
+  batch: {max_entries: 10}
 - name: claim-status
   path: ^/fhir/ClaimResponse(/[^/]+)?/?$
   methods: [GET]

@@ -81,7 +81,7 @@ async def test_every_request_is_audited_to_the_file_without_secrets(tmp_path, sa
     client = await make_mediator(channels_yaml(upstream_url(sandbox_server), extra_server=AUDIT_TO_FILE))
     secrets = {"Authorization": "Bearer eyJhbGciOi.secret-token", "Cookie": "sessionid=cookie-secret"}
     await client.get("/fhir/Patient?identifier=123456789", headers=secrets)
-    await client.post("/fhir/Claim", json={"resourceType": "Claim", "password": "body-secret-pw"}, headers=secrets)
+    await client.post("/fhir/Claim", json={"resourceType": "Claim", "text": {"div": "body-secret-pw"}}, headers=secrets)
     await client.get("/fhir/Nothing/zz", headers=secrets)
     await client.close()
     text = (tmp_path / "config" / "audit" / "audit.log").read_text()

@@ -359,14 +359,14 @@ async def test_absent_policy_denies_everything_and_empty_rules_deny_all(tmp_path
     with caplog.at_level("WARNING", logger="mediator.authorization"):
         stages = build_stages(load_config(root))
     assert any("authorization.yaml is absent" in r.getMessage() for r in caplog.records)
-    assert [s.name for s in stages][-1] == "authorization"
-    assert isinstance(stages[-1], NoAuthorizationPolicyStage)
-    decision = await stages[-1].run(None)  # type: ignore[arg-type]  # it looks at nothing
+    assert [s.name for s in stages][-2:] == ["authorization", "write"]
+    assert isinstance(stages[-2], NoAuthorizationPolicyStage)
+    decision = await stages[-2].run(None)  # type: ignore[arg-type]  # it looks at nothing
     assert (decision.allow, decision.status, decision.reason) == (False, 403, "authorization.no_policy")
     empty = "version: 1\nfacility_directory: {upstream: openimis}\nrules: []\n"
     root = write_config(tmp_path, GOOD_CHANNELS, DEFAULT_IP_POLICY, {"authorization.yaml": empty})
     config = load_config(root)
-    assert [s.name for s in build_stages(config)][-1] == "authorization"
+    assert [s.name for s in build_stages(config)][-2:] == ["authorization", "write"]
     assert evaluate(config.policies["authorization"].rules, HMS_ONLY,  # type: ignore[attr-defined]
                     _access("Medication", "s"), None).decision.reason == "authorization.no_matching_rule"
 
