@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from mediator.audit import AuditLog
-from mediator.bulkhead import UpstreamRefused
+from mediator.bulkhead import UpstreamGuard, UpstreamRefused
 from mediator.capabilities import CapabilityStatement
 from mediator.config import Config
 from mediator.fhir import operation_outcome_response
@@ -90,11 +90,16 @@ class Runtime:
         redis = previous.redis if previous is not None and previous.redis.config == server.redis \
             else RedisStore(server.redis)
         identity = Identity.from_config(config, previous.identity if previous is not None else None)
-        stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics)
-        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         kept_guards = {} if previous is None else {
             name: guard for name, guard in previous.protection.guards.items()
             if name in upstreams and upstreams[name] is previous.upstreams.get(name)}
+        # One guard per upstream for everything sent to it: forwarded requests and the stages' own lookups.
+        kept_guards = {name: kept_guards.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker,
+                                                                          metrics)
+                       for name, u in config.channels.upstreams.items()}
+        stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
+                              guards=kept_guards)
+        entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         protection = LoadProtection(
             config, redis, metrics, entry_checks, kept_guards=kept_guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis

@@ -15,8 +15,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-
-from aiohttp import web
+from typing import Protocol, TypeVar
 
 from mediator.config.models import BulkheadConfig, CircuitBreakerConfig
 from mediator.metrics import Metrics
@@ -167,6 +166,14 @@ class CircuitBreaker:
             self.trials -= 1
 
 
+class _Answer(Protocol):
+    @property
+    def status(self) -> int: ...
+
+
+AnswerT = TypeVar("AnswerT", bound=_Answer)
+
+
 class UpstreamGuard:
     """Breaker check, then a bulkhead slot, then the call; the outcome feeds the breaker."""
 
@@ -181,7 +188,8 @@ class UpstreamGuard:
         return cls(name, Bulkhead(name, bulkhead, metrics),
                    CircuitBreaker(name, breaker, metrics) if breaker is not None else None)
 
-    async def call(self, priority: int, send: Callable[[], Awaitable[web.Response]]) -> web.Response:
+    async def call(self, priority: int, send: Callable[[], Awaitable[AnswerT]]) -> AnswerT:
+        """`send` is any request to openIMIS: a forwarded request, an ownership lookup, a search window."""
         breaker = self.breaker
         if breaker is not None:
             breaker.before_call()

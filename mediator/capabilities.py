@@ -22,10 +22,17 @@ from aiohttp import web
 from mediator import __version__
 from mediator.config import Config
 from mediator.config.authorization import AuthorizationPolicy
+from mediator.config.models import ChannelConfig
 from mediator.config.write_profiles import WriteProfilesPolicy
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, wants_fhir_json
 from mediator.replica.policy import ReplicaPolicy
-from mediator.search_parameters import OPENIMIS_SEARCH_PARAMETERS, PAGING, supported_parameters
+from mediator.search_parameters import (
+    OPENIMIS_SEARCH_PARAMETERS,
+    REPLICA_SEARCH_PARAMETERS,
+    RESULT_PARAMETERS,
+    SCOPED_SEARCH_PARAMETERS,
+    supported_parameters,
+)
 from mediator.stages.channel_match import ChannelTable, decide
 
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
@@ -37,6 +44,7 @@ CANDIDATE_TYPES = tuple(sorted(set(OPENIMIS_SEARCH_PARAMETERS) | {
 SEARCH_PARAMETER_TYPES = {
     "_lastUpdated": "date", "identifier": "token", "code": "token", "name": "string", "patient": "reference",
     "refDate": "date", "claimDateFrom": "date", "physicalType": "token", "type": "token", "resourceType": "token",
+    "contained": "token",
 }
 _PROBE_ID = "capability-probe"
 _INTERACTIONS = (("read", "GET", True, "r"), ("search-type", "GET", False, "s"), ("create", "POST", False, "c"))
@@ -60,6 +68,16 @@ def _granted(policy: AuthorizationPolicy | None, resource_type: str, letter: str
     if any(p.param is None for p in permissions):
         return _Grant(True)
     return _Grant(True, frozenset(p.param for p in permissions if p.param is not None))
+
+
+def _max_count(rtype: str, channel: ChannelConfig, replica: ReplicaPolicy | None,
+               policy: AuthorizationPolicy | None) -> int:
+    """What the search stage caps `_count` at (SearchParameterStage.run)."""
+    scoped = rtype in SCOPED_SEARCH_PARAMETERS and supported_parameters(rtype, channel, replica) is not \
+        REPLICA_SEARCH_PARAMETERS
+    if scoped and policy is not None:
+        return min(channel.fhir_answers.max_count, policy.search_results.max_page_size)
+    return channel.fhir_answers.max_count
 
 
 def build_statement(config: Config, token_url: str, generated_at: datetime | None = None) -> dict[str, Any]:
@@ -87,12 +105,12 @@ def build_statement(config: Config, token_url: str, generated_at: datetime | Non
                 continue
             interactions.append({"code": code})
             if code == "search-type":
-                supported = supported_parameters(rtype, match.channel.config, replica) - PAGING
+                supported = supported_parameters(rtype, match.channel.config, replica) - RESULT_PARAMETERS
                 params = [{"name": name, "type": SEARCH_PARAMETER_TYPES.get(name, "string")}
                           for name in sorted(supported) if ":" not in name]
                 if grant.required_params:
                     notes.append("A search must give " + " or ".join(sorted(grant.required_params)) + ".")
-                notes.append(f"_count is reduced to {match.channel.config.fhir_answers.max_count}.")
+                notes.append(f"_count is reduced to {_max_count(rtype, match.channel.config, replica, policy)}.")
         if not interactions:
             continue
         entry: dict[str, Any] = {"type": rtype, "interaction": interactions, "versioning": "no-version",

@@ -22,7 +22,8 @@ from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
+from mediator.bulkhead import UpstreamGuard
+from mediator.upstream import OpenImisUpstream, UpstreamReply, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator.facilities")
 
@@ -77,6 +78,8 @@ class FacilitySnapshot:
     loaded_at: float = 0.0
     claim_administrators: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     """Claim administrator code (exactly as openIMIS spells it, the user name they log in with) → HF code."""
+    facility_uuids: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    """HF code → the facility's openIMIS uuid (what the claim index filters by)."""
 
     @staticmethod
     def _put(table: dict[str, str], key: str, code: str) -> None:
@@ -90,6 +93,7 @@ class FacilitySnapshot:
     def from_resources(cls, organizations: Iterable[Mapping[str, Any]],
                        practitioner_roles: Iterable[Mapping[str, Any]], loaded_at: float) -> FacilitySnapshot:
         orgs: dict[str, str] = {}
+        uuids: dict[str, str] = {}
         for org in organizations:
             if not _has_code(org, "type", "prov"):
                 continue   # policy holders (bus) and insurers (ins) are not health facilities
@@ -98,8 +102,10 @@ class FacilitySnapshot:
             if len(codes) != 1:
                 continue
             hf = codes[0]
-            for _, value in ids:
+            for kind, value in ids:
                 cls._put(orgs, value, hf)
+                if kind == "UUID":
+                    uuids[hf] = value if uuids.get(hf, value) == value else _AMBIGUOUS
             if isinstance(org.get("id"), str):
                 cls._put(orgs, org["id"], hf)
         practitioners: dict[str, str] = {}
@@ -129,11 +135,17 @@ class FacilitySnapshot:
                 if kind == "Code":   # exact: a user name differing in case is another (unknown) user
                     claim_admins[value] = hf if claim_admins.get(value, hf) == hf else _AMBIGUOUS
         return cls(MappingProxyType(orgs), MappingProxyType(practitioners), loaded_at,
-                   MappingProxyType(claim_admins))
+                   claim_administrators=MappingProxyType(claim_admins),
+                   facility_uuids=MappingProxyType({hf: u for hf, u in uuids.items() if u != _AMBIGUOUS}))
 
     def facility_of_organization(self, key: str) -> str | None:
         code = self.organizations.get(key.lower())
         return None if code in (None, _AMBIGUOUS) else code
+
+    def uuid_of_facility(self, hf_code: str) -> str | None:
+        """The uuid of a health facility, if it resolves back to that facility (never an ambiguous one)."""
+        found = self.facility_uuids.get(hf_code)
+        return found if found is not None and self.facility_of_organization(found) == hf_code else None
 
     def facility_of_claim_administrator(self, code: str) -> str | None:
         """The HF of the claim administrator whose openIMIS code is exactly `code` (None: unknown)."""
@@ -157,15 +169,17 @@ class FacilityDirectory(Protocol):
 
 
 async def fetch_json(upstream: OpenImisUpstream, relative_path: str, query: str, timeout_s: float,
-                     request_id: str) -> tuple[int, Any]:
+                     request_id: str, guard: UpstreamGuard | None = None, priority: int = 0) -> tuple[int, Any]:
     """GET a FHIR path from openIMIS as the mediator's own user: (status, parsed JSON or None).
 
-    The caller's credentials are never involved. Raises LookupFailed for transport failures and
-    answers that are not JSON.
+    The caller's credentials are never involved. With `guard`, the request waits for a bulkhead slot
+    like any forwarded one. Raises LookupFailed for transport failures and answers that are not JSON.
     """
     url = upstream.upstream_url(relative_path, query)
     headers = {"Accept": "application/json", "X-Request-ID": request_id}
-    try:
+
+    async def send() -> UpstreamReply:
+        reply: UpstreamReply | None = None
         for attempt in (0, 1):
             token = await upstream.token(force=attempt == 1)
             if token:
@@ -173,6 +187,11 @@ async def fetch_json(upstream: OpenImisUpstream, relative_path: str, query: str,
             reply = await upstream.send("GET", url, headers, None, timeout_s)
             if reply.status != 401 or upstream.config.login is None:
                 break
+        assert reply is not None
+        return reply
+
+    try:
+        reply = await (guard.call(priority, send) if guard is not None else send())
     except (UpstreamUnavailable, UpstreamTimeout) as exc:
         raise LookupFailed(f"{relative_path}: {type(exc).__name__}") from exc
     try:
@@ -191,8 +210,9 @@ class UpstreamFacilityDirectory:
     MAX_PAGES = 1000
 
     def __init__(self, upstream: OpenImisUpstream, ttl_s: float, max_stale_s: float,
-                 page_size: int, timeout_s: float) -> None:
+                 page_size: int, timeout_s: float, guard: UpstreamGuard | None = None) -> None:
         self.upstream = upstream
+        self.guard = guard
         self.ttl_s = ttl_s
         self.max_stale_s = max_stale_s
         self.page_size = page_size
@@ -234,7 +254,7 @@ class UpstreamFacilityDirectory:
         for _ in range(self.MAX_PAGES):
             seen.add(query)
             status, bundle = await fetch_json(self.upstream, resource_type, query, self.timeout_s,
-                                              "facility-directory")
+                                              "facility-directory", self.guard)
             if status != 200 or not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
                 raise LookupFailed(f"{resource_type} list answered {status}")
             for entry in bundle.get("entry") or ():

@@ -50,13 +50,16 @@ class LoadProtection:
         guard = self.guards[upstream.name]
         client_ip = str(exchange.client_ip)
 
+        if exchange.served_by is not None:   # a facility-scoped search: its requests go through the guard
+            return await exchange.served_by.run(request, client_ip, exchange.request_id, config.priority_value,
+                                                config.timeout_s)
+        path = exchange.upstream_path or fhir.path
         # A search goes with only the parameters the search stage kept (mediator.search_parameters).
         raw_query = exchange.search.upstream_query if exchange.search is not None else None
 
         async def send_as_is() -> web.Response:
             return await guard.call(config.priority_value, lambda: upstream.forward(
-                request, fhir.path, body, client_ip, exchange.request_id, config.timeout_s,
-                raw_query=raw_query))
+                request, path, body, client_ip, exchange.request_id, config.timeout_s, raw_query=raw_query))
 
         resource: dict[str, Any] | None = exchange.body.document if exchange.body is not None else None
         if fhir.interaction == "batch-or-transaction":

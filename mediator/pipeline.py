@@ -131,6 +131,13 @@ class Exchange:
     """What the write firewall decided and on which element (for audit and explain)."""
     body_read_timeout_s: float | None = None
     """Deadline for reading the whole body (None: unbounded; the app sets server.limits.body_read_timeout_s)."""
+    upstream_cost: int = 1
+    """How many openIMIS requests this request may cause; the rate limit charges this (authorization
+    declares 2 for reads and searches of facility-bound types: an ownership or index lookup + the read)."""
+    upstream_path: str | None = None
+    """The FHIR path sent to openIMIS when it is not the client's (a Claim read by code goes by uuid)."""
+    served_by: LocalAnswer | None = None
+    """Set by a stage that answers the request itself (facility-scoped searches) instead of forwarding it."""
 
     async def read_body(self, max_bytes: int) -> bytes:
         """The request body, read once, never more than max_bytes (else BodyTooLarge)."""
@@ -154,6 +161,13 @@ class Exchange:
                 raise BodyTooLarge()
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class LocalAnswer(Protocol):
+    """An answer built by the mediator from its own openIMIS requests (each inside the upstream's guard)."""
+
+    async def run(self, request: web.Request, client_ip: str, request_id: str, priority: int,
+                  timeout_s: float) -> web.Response: ...
 
 
 class Stage(Protocol):

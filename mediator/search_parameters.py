@@ -20,6 +20,7 @@ from urllib.parse import unquote_plus
 from multidict import MultiDict
 
 from mediator.config import Config
+from mediator.config.authorization import AuthorizationPolicy
 from mediator.config.models import ChannelConfig
 from mediator.fhir import prefer_tokens
 from mediator.pipeline import Decision, Exchange
@@ -30,14 +31,24 @@ NAME = "search"
 # Answered by the mediator itself (the answer's media type), never forwarded.
 MEDIATOR_PARAMETERS = frozenset({"_format"})
 PAGING = frozenset({"_count", "page-offset"})
+RESULT_PARAMETERS = PAGING | {"_offset"}
+"""Paging, not filters (not listed as searchParam in the CapabilityStatement)."""
 _LAST_UPDATED = frozenset({"_lastUpdated"})
+
+# Claim and ClaimResponse searches are answered by the authorization stage's facility-scoped search
+# (stages/authorization_search.py PARAMS, which imports nothing from here; a test keeps the two equal).
+SCOPED_SEARCH_PARAMETERS: Mapping[str, frozenset[str]] = {
+    "Claim": frozenset({"_count", "_offset", "page-offset", "patient", "identifier", "contained"}),
+    "ClaimResponse": frozenset({"_count", "_offset", "page-offset", "identifier"}),
+}
 
 # openIMIS 1.10 (api_fhir_r4/views/fhir): parameters each list() honours. `identifier` / `code` make it
 # answer one bare resource (a retrieve), not a Bundle.
 OPENIMIS_SEARCH_PARAMETERS: Mapping[str, frozenset[str]] = {
     "Patient": PAGING | _LAST_UPDATED | {"identifier", "refDate", "claimDateFrom"},
-    "Claim": PAGING | _LAST_UPDATED | {"identifier", "patient", "refDate"},
-    "ClaimResponse": PAGING | _LAST_UPDATED,          # ?identifier= is ignored by openIMIS here
+    # Claim, ClaimResponse: the scoped search's (from openIMIS's claim index), not openIMIS's list's.
+    "Claim": SCOPED_SEARCH_PARAMETERS["Claim"],
+    "ClaimResponse": SCOPED_SEARCH_PARAMETERS["ClaimResponse"],
     "ActivityDefinition": PAGING | _LAST_UPDATED,     # no identifier/code search in openIMIS
     "Medication": PAGING | _LAST_UPDATED | {"identifier"},
     "Location": PAGING | _LAST_UPDATED | {"identifier", "physicalType"},
@@ -104,8 +115,8 @@ def decide(raw_query: str, supported: frozenset[str], handling: str, max_count: 
                                        + ", ".join(sorted(supported)))
             ignored.append(key)
             continue
-        if key in PAGING:
-            number = _positive_int(value, zero=count_only and key == "_count")
+        if key in RESULT_PARAMETERS:
+            number = _positive_int(value, zero=(count_only and key == "_count") or key == "_offset")
             if number is None:
                 if handling == "strict":
                     return Decision.denied(f"{NAME}.invalid_parameter", 400, f"{key} must be a positive integer")
@@ -136,13 +147,18 @@ class SearchParameterStage:
 
     name = NAME
 
-    def __init__(self, replica: ReplicaPolicy | None) -> None:
+    def __init__(self, replica: ReplicaPolicy | None, scoped_max_count: int | None = None) -> None:
         self.replica = replica
+        self.scoped_max_count = scoped_max_count
+        """authorization's search_results.max_page_size: the largest page a scoped search serves."""
 
     @classmethod
     def from_config(cls, config: Config) -> SearchParameterStage:
         replica = config.policies.get("replica")
-        return cls(replica if isinstance(replica, ReplicaPolicy) else None)
+        authorization = config.policies.get("authorization")
+        return cls(replica if isinstance(replica, ReplicaPolicy) else None,
+                   authorization.search_results.max_page_size if isinstance(authorization, AuthorizationPolicy)
+                   else None)
 
     async def run(self, exchange: Exchange) -> Decision:
         fhir, channel = exchange.fhir, exchange.channel
@@ -152,9 +168,12 @@ class SearchParameterStage:
             return Decision.allowed(f"{NAME}.not_a_search")
         answers = channel.config.fhir_answers
         supported = supported_parameters(fhir.resource_type, channel.config, self.replica)
+        scoped = fhir.resource_type in SCOPED_SEARCH_PARAMETERS and supported is not REPLICA_SEARCH_PARAMETERS
+        max_count = min(answers.max_count, self.scoped_max_count) if scoped and self.scoped_max_count \
+            else answers.max_count
         verdict = decide(exchange.request.rel_url.raw_query_string, supported,
-                         handling_for(exchange, answers.handling), answers.max_count,
-                         count_only=supported is REPLICA_SEARCH_PARAMETERS)
+                         handling_for(exchange, answers.handling), max_count,
+                         count_only=supported is REPLICA_SEARCH_PARAMETERS or scoped)
         if isinstance(verdict, Decision):
             return verdict
         exchange.search = verdict

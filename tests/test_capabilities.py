@@ -49,9 +49,10 @@ def test_openimis_parameters_for_upstream_channels(tmp_path, sandbox_server):
     root = write_config(tmp_path, channels_yaml(upstream_url(sandbox_server)))
     statement = build_statement(load_config(root), "https://mediator.example.org/auth/token")
     resources = _resources(statement)
-    # An allow-everything policy (tests/conftest.py): the channels decide. openIMIS honours no identifier on
-    # ClaimResponse.
-    assert {p["name"] for p in resources["ClaimResponse"]["searchParam"]} == {"_lastUpdated"}
+    # An allow-everything policy (tests/conftest.py): the channels decide. Claim and ClaimResponse searches are
+    # the facility-scoped search's (authorization_search.PARAMS), the others openIMIS's.
+    assert {p["name"] for p in resources["ClaimResponse"]["searchParam"]} == {"identifier"}
+    assert {p["name"] for p in resources["Claim"]["searchParam"]} == {"identifier", "patient", "contained"}
     assert {p["name"] for p in resources["Patient"]["searchParam"]} == \
         {"_lastUpdated", "identifier", "refDate", "claimDateFrom"}
     assert "interaction" not in statement["rest"][0]   # no batch channel

@@ -109,3 +109,10 @@ async def test_the_replica_follows_the_same_rule(sandbox, sandbox_server, make_m
     assert strict.status == 400
     capped = await (await client.get("/fhir/Medication?_count=900")).json()
     assert "_count=200" in capped["link"][0]["url"]
+
+
+def test_the_scoped_search_parameters_are_the_authorization_stages():
+    from mediator.search_parameters import SCOPED_SEARCH_PARAMETERS
+    from mediator.stages.authorization_search import PARAMS
+
+    assert dict(SCOPED_SEARCH_PARAMETERS) == PARAMS

@@ -151,12 +151,18 @@ class FacilityDirectoryConfig(Strict):
     page_size: int = Field(100, ge=1, le=1000)
     timeout_s: PositiveSeconds = 30
     """Each directory page and each owning-Claim lookup; beyond: the request is refused (fail closed)."""
+    graphql_path: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_./-]*$")] = "/api/graphql"
+    """openIMIS's GraphQL endpoint on the upstream's host: the claim index (owners, facility-scoped searches)."""
 
 
 class SearchResultsConfig(Strict):
     foreign_entries: Literal["drop", "deny"] = "drop"
-    """A search answer holding a facility-bound entry the caller may not see: drop the entry (default;
-    Bundle.total is removed) or deny the whole answer (403)."""
+    """Accepted so that older policy files load; no effect: facility-scoped searches never hold another
+    facility's entries (mediator.stages.authorization_search), and the shadow count never changes an answer."""
+    max_page_size: int = Field(100, ge=1, le=100)
+    """Largest `_count` of a facility-scoped search (the claim index serves at most 100 per request)."""
+    window_entries: int = Field(100, ge=1, le=1000)
+    """`_count` of the one openIMIS list read per page (the window the page's claims are taken from)."""
 
 
 class AuthorizationPolicy(Strict):

@@ -9,6 +9,10 @@ For the master-data replica it also keeps a change time per resource, served as 
 lists with `_lastUpdated=<prefix><%Y-%m-%dT%H:%M:%S>` (naive, read as UTC; any other format is a 500, as
 openIMIS's strptime makes it), orders lists by change time (openIMIS orders by validity_from), and builds
 the code systems `CodeSystem/medical-item/` and `CodeSystem/medical-service/` from its items and services.
+It also answers the three GraphQL queries the mediator's claim index sends (`POST /api/graphql`,
+recognised by operation name: MediatorClaimOwner, MediatorClaimPage, MediatorClaimOwners), from its Claims
+(uuid = id, code = the `Code` identifier, facility = the provider's Organization, order = change time);
+it is not a GraphQL server.
 The security of the mediator is proven against real openIMIS (tests/openimis), never against this.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import secrets
 import time
 import uuid
@@ -26,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 BASE_PATH = "/api/api_fhir_r4/"
+GRAPHQL_PATH = "/api/graphql"
 DEFAULT_USERS = {"Admin": "admin123"}
 TOKEN_LIFETIME_S = 86400  # openIMIS tokens live one day
 
@@ -189,6 +195,65 @@ class OpenImisSandbox:
                 _outcome(404, f"{rtype} matching query does not exist.")
         return _outcome(405, f'Method "{request.method}" not allowed.')
 
+    def _claim_node(self, claim: dict[str, Any]) -> dict[str, Any] | None:
+        codes = [i.get("value") for i in claim.get("identifier") or ()
+                 if any(c.get("code") == "Code" for c in (i.get("type") or {}).get("coding") or ())]
+        reference = str((claim.get("provider") or {}).get("reference", ""))
+        org = self.lookup("Organization", reference.split("/")[-1]) if reference.startswith("Organization/") else None
+        if org is None or not isinstance(claim.get("id"), str):
+            return None
+        org_uuid = next((i.get("value") for i in org.get("identifier") or ()
+                         if any(c.get("code") == "UUID" for c in (i.get("type") or {}).get("coding") or ())),
+                        org["id"])
+        org_code = next(iter(sorted(_codes(org))), "")
+        changed = self.updated.get(("Claim", claim["id"]), 0.0)
+        return {"uuid": claim["id"], "code": codes[0] if codes else claim["id"],
+                "validityFrom": datetime.fromtimestamp(changed, UTC).replace(tzinfo=None).isoformat(),
+                "healthFacility": {"uuid": org_uuid, "code": org_code},
+                "_patient": str((claim.get("patient") or {}).get("reference", "")).split("/")[-1]}
+
+    def _claim_nodes(self) -> list[dict[str, Any]]:
+        claims = sorted(self.store.get("Claim", {}).values(), key=lambda r: self.updated.get(("Claim", r["id"]), 0.0))
+        return [n for n in (self._claim_node(c) for c in claims) if n is not None]
+
+    @staticmethod
+    def _connection(nodes: list[dict[str, Any]], total: bool = False) -> dict[str, Any]:
+        found: dict[str, Any] = {"edges": [{"node": {k: v for k, v in n.items() if not k.startswith("_")}}
+                                           for n in nodes]}
+        if total:
+            found["totalCount"] = len(nodes)
+        return found
+
+    async def graphql(self, request: web.Request) -> web.Response:
+        self.requests.append({"method": request.method, "path": request.path, "query": "",
+                              "headers": dict(request.headers)})
+        if not self._authorised(request):
+            return web.json_response({"errors": [{"message": "unauthorized"}]}, status=401)
+        try:
+            document = await request.json()
+        except ValueError:
+            return web.json_response({"errors": [{"message": "invalid JSON"}]}, status=400)
+        query = str(document.get("query", ""))
+        variables = document.get("variables") or {}
+        nodes = self._claim_nodes()
+        if "MediatorClaimOwners" in query:
+            ids = re.findall(r'(c\d+): claims\(uuid: "([^"]+)"', query)
+            return web.json_response({"data": {alias: self._connection([n for n in nodes if n["uuid"] == cid])
+                                               for alias, cid in ids}})
+        if "MediatorClaimOwner" in query:
+            key = variables.get("key")
+            return web.json_response({"data": {"byUuid": self._connection([n for n in nodes if n["uuid"] == key]),
+                                               "byCode": self._connection([n for n in nodes if n["code"] == key])}})
+        if "MediatorClaimPage" in query:
+            chosen = [n for n in nodes if n["healthFacility"]["uuid"].lower() == str(variables.get("hf")).lower()
+                      and variables.get("patient") in (None, n["_patient"])
+                      and variables.get("code") in (None, n["code"]) and variables.get("uuid") in (None, n["uuid"])]
+            first, offset = int(variables.get("first", 100)), int(variables.get("offset", 0))
+            page = self._connection(chosen[offset:offset + first])
+            page["totalCount"] = len(chosen)
+            return web.json_response({"data": {"claims": page}})
+        return web.json_response({"errors": [{"message": "the stand-in answers only the mediator's queries"}]})
+
     def lookup(self, rtype: str, key: str) -> dict[str, Any] | None:
         resources_ = self.store.get(rtype, {})
         if key in resources_:
@@ -260,5 +325,6 @@ def build_sandbox_app(sandbox: OpenImisSandbox | None = None) -> web.Application
     app = web.Application()
     app[SANDBOX] = sandbox
     app.router.add_route("*", BASE_PATH + "{tail:.*}", sandbox.handle)
+    app.router.add_post(GRAPHQL_PATH, sandbox.graphql)
     return app
 

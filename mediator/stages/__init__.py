@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 
+from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
 from mediator.facilities import FacilityDirectory
 from mediator.identity import Identity
@@ -38,10 +39,12 @@ ORDER = ("client_ip", "channel", "ip", "authentication", "request", "search", "a
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
                  registry: CollectorRegistry | None = None, identity: Identity | None = None, *,
-                 redis: RedisStore | None = None, metrics: Metrics | None = None) -> list[Stage]:
+                 redis: RedisStore | None = None, metrics: Metrics | None = None,
+                 guards: Mapping[str, UpstreamGuard] | None = None) -> list[Stage]:
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
+    `guards`: the runtime's per-upstream bulkhead + breaker, shared with forwarding (absent: fresh ones).
     `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's."""
     if upstreams is None:
         server = config.channels.server
@@ -56,7 +59,10 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         logging.getLogger("mediator.authorization").warning(
             "policies/authorization.yaml is absent: every request is denied (authorization.no_policy)")
     if "authorization" in config.policies:
-        authorization = AuthorizationStage.from_config(config, upstreams, registry)
+        if guards is None:
+            guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker)
+                      for name, u in config.channels.upstreams.items()}
+        authorization = AuthorizationStage.from_config(config, upstreams, registry, guards)
         # Trusted-header users are checked against the same directory authorization uses.
         users = VouchedUsers(authorization.directory,
                              authorization.policy.facility_directory.refresh_on_miss_after_s)

@@ -250,8 +250,12 @@ def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
 
 
 def request_cost(exchange: Exchange) -> int:
-    """A batch Bundle counts one per entry; anything else counts one. The request stage parsed the body."""
-    if exchange.fhir is None or exchange.fhir.interaction != "batch-or-transaction" or exchange.body is None:
+    """A batch Bundle counts one per entry (the request stage parsed the body); anything else counts the
+    openIMIS requests it may cause (`Exchange.upstream_cost`: 1, or 2 for facility-checked reads and
+    facility-scoped searches, set by authorization)."""
+    if exchange.fhir is None or exchange.fhir.interaction != "batch-or-transaction":
+        return exchange.upstream_cost
+    if exchange.body is None:
         return 1
     entries = exchange.body.document.get("entry")
     return max(1, len(entries)) if isinstance(entries, list) else 1

@@ -158,10 +158,10 @@ async def test_fhirclient_finds_the_token_endpoint_and_does_the_four_transaction
     assert refusal.issue[0].details.coding[0].code == "authorization.owner_other_facility"
 
 
-async def test_a_wrapped_foreign_claim_is_never_shown(kit):
-    # openIMIS (logged in as the mediator's Admin) answers Claim?identifier=<uuid> with the bare Claim of
-    # any facility; wrapped into a searchset, the facility filter drops it: Rapta's answer for Jambero's
-    # claim is the answer for a claim that does not exist.
+async def test_a_foreign_claim_found_by_identifier_is_never_shown(kit):
+    # openIMIS (logged in as the mediator's Admin) would answer Claim?identifier=<uuid> with the bare Claim of
+    # any facility; the mediator answers a searchset from the caller's own claims: Rapta's answer for
+    # Jambero's claim is the answer for a claim that does not exist.
     jm, ra = kit["vendor-jm"], kit["vendor-ra"]
     created = await jm.request("POST", "/fhir/Claim", json=_claim_for("JMHOS001"),
                                headers={"Prefer": "return=minimal"})
@@ -173,13 +173,13 @@ async def test_a_wrapped_foreign_claim_is_never_shown(kit):
     unknown_id = str(uuid.uuid4())
     unknown = await ra.request("GET", f"/fhir/Claim?identifier={unknown_id}")
     assert foreign.status == unknown.status == 200
-    assert (await foreign.json())["entry"] == []
+    assert (await foreign.json()).get("entry", []) == [] and (await foreign.json())["type"] == "searchset"
     assert (await foreign.read()).replace(claim_id.encode(), unknown_id.encode()) == await unknown.read()
 
 
 async def test_a_parameter_openimis_ignores_never_widens_the_answer(kit):
-    # ClaimResponse?identifier= is ignored by openIMIS (it lists every claim); the mediator drops it
-    # (lenient, the default) and says so in the self link, and the facility filter still applies.
+    # _id is supported neither by openIMIS (it would list every claim) nor by the scoped search: the mediator
+    # drops it (lenient, the default), says so in the self link, and the answer is still the caller's own.
     jm, ra = kit["vendor-jm"], kit["vendor-ra"]
     created = await jm.request("POST", "/fhir/Claim", json=_claim_for("JMHOS001"),
                                headers={"Prefer": "return=OperationOutcome"})
@@ -187,12 +187,12 @@ async def test_a_parameter_openimis_ignores_never_widens_the_answer(kit):
     outcome = await created.json()
     assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "information"
     claim_id = created.headers["Location"].rsplit("/", 1)[-1]
-    answer = await ra.request("GET", f"/fhir/ClaimResponse?identifier={claim_id}&_count=100")
+    answer = await ra.request("GET", f"/fhir/ClaimResponse?_id={claim_id}&_count=100")
     assert answer.status == 200
     bundle = await answer.json()
     assert claim_id not in [e["resource"]["id"] for e in bundle.get("entry", [])]
-    assert "identifier" not in bundle["link"][0]["url"] and "_count=100" in bundle["link"][0]["url"]
-    strict = await ra.request("GET", f"/fhir/ClaimResponse?identifier={claim_id}",
+    assert "_id" not in bundle["link"][0]["url"] and "_count=100" in bundle["link"][0]["url"]
+    strict = await ra.request("GET", f"/fhir/ClaimResponse?_id={claim_id}",
                               headers={"Prefer": "handling=strict"})
     assert strict.status == 400 and _reason(await strict.json()) == "search.unsupported_parameter"
 

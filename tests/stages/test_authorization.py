@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -590,8 +591,9 @@ async def test_claim_response_of_another_facility_is_refused(authz_mediator):
 async def test_status_polls_look_the_owner_up_once_and_stay_refused_for_others(sandbox, authz_mediator):
     client = await authz_mediator()
 
-    def owner_lookups() -> int:
-        return sum(1 for r in sandbox.requests if r["method"] == "GET" and r["path"].endswith(f"/Claim/{JM_CLAIM}/"))
+    def owner_lookups() -> int:   # the claim index (GraphQL) is asked; openIMIS's FHIR Claim read is not
+        assert not [r for r in sandbox.requests if r["path"].endswith(f"/Claim/{JM_CLAIM}/")]
+        return sum(1 for r in sandbox.requests if r["path"] == "/api/graphql")
 
     for _ in range(3):
         assert (await _get(client, f"/fhir/ClaimResponse/{JM_CLAIM}")).status == 200
@@ -603,7 +605,7 @@ async def test_status_polls_look_the_owner_up_once_and_stay_refused_for_others(s
     missing = "00000000-0000-4000-8000-000000000000"
     for _ in range(2):  # an unknown claim is asked for every time (a claim may appear)
         assert (await _get(client, f"/fhir/ClaimResponse/{missing}")).status == 404
-    assert sum(1 for r in sandbox.requests if r["path"].endswith(f"/Claim/{missing}/")) == 2
+    assert owner_lookups() == 3
 
 
 def test_owner_cache_is_bounded_expires_and_keeps_only_the_owner():
@@ -625,57 +627,71 @@ def test_owner_cache_is_bounded_expires_and_keeps_only_the_owner():
     assert len(cache) == 2 and cache.get("openimis", "a") is None
 
 
-async def test_search_answers_lose_other_facilities_entries(sandbox, authz_mediator):
-    client = await authz_mediator()
+@pytest.mark.parametrize("foreign_entries", ["drop", "deny"])
+async def test_searches_show_only_the_callers_claims_with_its_own_total(sandbox, authz_mediator, foreign_entries):
+    policy = SHIPPED_POLICY.replace("foreign_entries: drop", f"foreign_entries: {foreign_entries}")
+    client = await authz_mediator(policy)
     response = await _get(client, "/fhir/ClaimResponse?_count=100")
     assert response.status == 200
     bundle = await response.json()
     assert [e["resource"]["id"] for e in bundle["entry"]] == [JM_CLAIM]
-    assert "total" not in bundle
-    # openIMIS really returned more (it has no facility search parameter): the filter did the work.
+    assert bundle["total"] == 1   # Jambero's own count, not the stand-in's
     assert len(sandbox.store["ClaimResponse"]) > 1
     theirs = await (await _get(client, "/fhir/ClaimResponse?_count=100", "ra-clerk")).json()
     assert RA_CLAIM in [e["resource"]["id"] for e in theirs["entry"]]
     assert JM_CLAIM not in [e["resource"]["id"] for e in theirs["entry"]]
+    assert theirs["total"] == len(theirs["entry"])
+    registry = client.app[RUNTIME].current.pipeline._recorder.registry
+    assert registry.get_sample_value("mediator_authorization_search_pages_total",
+                                     {"resource_type": "ClaimResponse", "outcome": "full"}) == 2
+    assert registry.get_sample_value("mediator_authorization_index_requests_total",
+                                     {"kind": "page", "outcome": "ok"}) == 2
 
 
-async def test_search_answers_with_foreign_entries_are_refused_when_the_policy_says_deny(authz_mediator):
-    client = await authz_mediator(SHIPPED_POLICY.replace("foreign_entries: drop", "foreign_entries: deny"))
-    response = await _get(client, "/fhir/ClaimResponse")
-    assert response.status == 403
-    assert _reason(await response.json()) == "authorization.search_entry_denied"
-
-
-async def test_bare_resource_answer_to_identifier_search_is_wrapped_then_checked(authz_mediator):
-    # openIMIS answers Claim?identifier= with the bare Claim; mediator.fhir_answers wraps it into a
-    # searchset before this filter runs, so the foreign claim is dropped like any other entry, and the
-    # answer is byte for byte the one for a claim that does not exist.
+async def test_identifier_search_finds_only_the_callers_claim(authz_mediator):
     client = await authz_mediator()
-    own = await _get(client, "/fhir/Claim?identifier=JM000001")
+    own = await _get(client, "/fhir/ClaimResponse?identifier=JADH0001")
     assert own.status == 200
-    assert [e["resource"]["id"] for e in (await own.json())["entry"]] == [JM_CLAIM]
-    other = await _get(client, "/fhir/Claim?identifier=RA000001")
-    nobody = await _get(client, "/fhir/Claim?identifier=NOSUCH01")
-    assert other.status == nobody.status == 200
-    assert (await other.json())["entry"] == []
-    assert (await other.read()).replace(b"RA000001", b"NOSUCH01") == await nobody.read()
+    assert [(e["resource"]["id"]) for e in (await own.json())["entry"]] == [JM_CLAIM]
+    other = await _get(client, "/fhir/ClaimResponse?identifier=RAD00001")
+    assert other.status == 200   # not 403: that would tell Jambero that Rapta has a claim with this code
+    answer = await other.json()
+    assert answer["total"] == 0 and "entry" not in answer and [link["relation"] for link in answer["link"]] == ["self"]
 
 
-async def test_a_filter_that_cannot_check_the_answer_is_a_500(sandbox, authz_mediator):
+@pytest.mark.parametrize(("prefer", "query", "reason"), [
+    ("handling=strict", "?status=active", "search.unsupported_parameter"),   # the search stage, first
+    ("handling=lenient", "?_count=1&_count=2", "authorization.search_param_unsupported"),
+    ("handling=strict", "?_count=1&_count=2", "authorization.search_param_unsupported"),
+])
+async def test_search_parameters_openimis_would_ignore_are_refused(authz_mediator, prefer, query, reason):
+    client = await authz_mediator()
+    headers = {**await credentials(client, "jm-clerk"), "Prefer": prefer}
+    response = await client.get(f"/fhir/ClaimResponse{query}", headers=headers)
+    assert (response.status, _reason(await response.json())) == (400, reason)
+
+
+async def test_ignored_search_parameters_are_never_used_and_the_count_is_capped(authz_mediator):
+    # handling=lenient (the default): ?status is neither used nor forwarded, the self link says what was used.
+    client = await authz_mediator()
+    response = await _get(client, "/fhir/ClaimResponse?status=active&_count=101")
+    assert response.status == 200
+    bundle = await response.json()
+    assert {e["resource"]["id"] for e in bundle["entry"]} == {JM_CLAIM}
+    assert "status" not in bundle["link"][0]["url"] and "_count=100" in bundle["link"][0]["url"]
+
+
+async def test_a_search_whose_index_cannot_be_read_is_a_502(sandbox, authz_mediator):
     client = await authz_mediator()
     headers = await credentials(client, "jm-clerk")
-    # Break the owner lookup: openIMIS answers the ClaimResponse list but fails on each Claim.
-    original = sandbox.lookup
 
-    def failing_lookup(rtype, key):
-        if rtype == "Claim":
-            raise RuntimeError("boom")
-        return original(rtype, key)
+    def broken() -> list:
+        raise RuntimeError("boom")
 
-    sandbox.lookup = failing_lookup  # type: ignore[method-assign]
+    sandbox._claim_nodes = broken  # type: ignore[method-assign]
     response = await client.get("/fhir/ClaimResponse", headers=headers)
-    assert response.status == 500
-    assert _reason(await response.json()) == "authorization.filter_failed"
+    assert response.status == 502
+    assert _reason(await response.json()) == "authorization.lookup_failed"
 
 
 def _bundle(*entries):
@@ -834,16 +850,78 @@ async def test_claim_submission_over_mtls_with_the_users_token(tmp_path, sandbox
         await runner.cleanup()
 
 
-@pytest.mark.parametrize(
-    ("document", "expected"),
-    [
-        ({"resourceType": "OperationOutcome", "issue": [{"details": {"text": "failed to retrieve Claim with the "
-                                                                              "filter {'uuid': 'x'}"}}]}, True),
-        ({"resourceType": "OperationOutcome", "issue": [{"details": {"text": "database is down"}}]}, False),
-        (None, False),
-    ],
-)
-def test_openimis_500_for_an_unknown_claim_is_read_as_not_found(document, expected):
-    from mediator.stages.authorization import _is_not_found_outcome
 
-    assert _is_not_found_outcome(document) is expected
+
+@pytest.mark.parametrize("path", [f"/fhir/ClaimResponse/{JM_CLAIM}", "/fhir/ClaimResponse?_count=5"])
+async def test_ownership_and_index_lookups_go_through_the_upstreams_guard(sandbox, authz_mediator, path):
+    client = await authz_mediator()
+    headers = await credentials(client, "jm-clerk")
+    runtime = client.app[RUNTIME].current
+    stage = next(s for s in runtime.pipeline.stages if s.name == "authorization")
+    guard = runtime.protection.guards["openimis"]
+    assert stage.guards["openimis"] is guard   # one bulkhead for forwarded requests and lookups alike
+    await stage._snapshot()   # the facility directory is loaded (through the guard too) before the breaker opens
+    guard.breaker.state, guard.breaker.opened_at = "open", time.monotonic()
+    before = len(sandbox.requests)
+    response = await client.get(path, headers=headers)
+    assert (response.status, _reason(await response.json())) == (503, "upstream.circuit_open")
+    assert sandbox.requests[before:] == []   # the lookup waited for the guard, which refused it
+
+
+async def test_reads_and_searches_of_facility_bound_types_cost_two_in_the_rate_limit(authz_mediator, sandbox):
+    from mediator.pipeline import Exchange
+
+    client = await authz_mediator()
+    seen: list[Exchange] = []
+    runtime = client.app[RUNTIME].current
+    stage = next(s for s in runtime.pipeline.stages if s.name == "authorization")
+    original = stage.run
+
+    async def spy(exchange):
+        seen.append(exchange)
+        return await original(exchange)
+
+    stage.run = spy  # type: ignore[method-assign]
+    for path in (f"/fhir/ClaimResponse/{JM_CLAIM}", "/fhir/ClaimResponse", "/fhir/Medication"):
+        assert (await _get(client, path)).status in (200, 403)
+    assert [e.upstream_cost for e in seen] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("path", ["/fhir/Claim/_history", "/fhir/CommunicationRequest"])
+async def test_facility_bound_histories_and_unscopable_searches_are_refused(sandbox, authz_mediator, path):
+    policy = SHIPPED_POLICY.replace("permissions: [user/ClaimResponse.rs]",
+                                    "permissions: [user/ClaimResponse.rs, user/Claim.rs, user/CommunicationRequest.rs]")
+    client = await authz_mediator(policy)
+    before = len(sandbox.requests)
+    response = await _get(client, path)
+    assert (response.status, _reason(await response.json())) == (403, "authorization.search_not_scopable")
+    assert [r for r in sandbox.requests[before:] if "/Claim" in r["path"] or "/Communication" in r["path"]] == []
+
+
+async def test_a_window_missing_the_pages_claims_falls_back_to_reading_the_first(sandbox, authz_mediator):
+    client = await authz_mediator()
+    headers = await credentials(client, "ra-clerk")
+    assert (await client.get("/fhir/ClaimResponse?_count=0", headers=headers)).status == 200   # warm up
+    original = sandbox.search
+
+    def stale_list(request, rtype):   # as openIMIS's hour-long count cache does: the list is cut short
+        answer = original(request, rtype)
+        document = json.loads(answer.body)
+        document["entry"] = []
+        return web.json_response(document)
+
+    sandbox.search = stale_list  # type: ignore[method-assign]
+    before = len(sandbox.requests)
+    response = await client.get("/fhir/ClaimResponse?_count=2", headers=headers)
+    assert response.status == 200
+    bundle = await response.json()
+    assert bundle["total"] == 2 and len(bundle["entry"]) == 1   # a short page, never an empty one
+    assert [link["relation"] for link in bundle["link"]] == ["self", "next"]
+    sent = [r["path"].rsplit("/api/", 1)[-1] for r in sandbox.requests[before:]]
+    assert sent[0] == "graphql" and sent[1] == "api_fhir_r4/ClaimResponse/" and len(sent) == 3
+    assert sent[2].startswith("api_fhir_r4/ClaimResponse/") and sent[2] != sent[1]
+    registry = client.app[RUNTIME].current.pipeline._recorder.registry
+    assert registry.get_sample_value("mediator_authorization_search_pages_total",
+                                     {"resource_type": "ClaimResponse", "outcome": "fallback"}) == 1
+    assert registry.get_sample_value("mediator_authorization_search_pages_total",
+                                     {"resource_type": "ClaimResponse", "outcome": "short"}) is None
