@@ -30,6 +30,7 @@ from fhirclient.server import FHIRPermissionDeniedException
 from fhirpy import AsyncFHIRClient, SyncFHIRClient
 from fhirpy.base.exceptions import ForbiddenError
 
+from tests.e2e.test_facility_searches import _db_claims
 from tests.e2e.vendors import CAPABILITIES_CHANNEL, CHANNELS, _claim_for, vendor_kit
 
 pytestmark = [pytest.mark.openimis, pytest.mark.timeout(600)]
@@ -208,10 +209,10 @@ def _readme_snippet(marker: str) -> str:
 
 
 async def test_the_readme_snippets_work_as_written(kit):
-    jm, ra = kit["vendor-jm"], kit["vendor-ra"]
-    foreign = await ra.request("POST", "/fhir/Claim", json=_claim_for("RAHOS001"), headers={"Prefer": "return=minimal"})
-    assert foreign.status == 201, await foreign.text()
-    foreign_id = foreign.headers["Location"].rsplit("/", 1)[-1]
+    jm = kit["vendor-jm"]
+    # Another facility's claim: one of Rapta's in the demo database (creating one here would give Rapta
+    # claims for insuree 070707070, which test_facility_searches relies on Rapta not having).
+    foreign_id = next(iter(_db_claims("RAHOS001")))
     given = {"BASE": jm.base, "CLIENT_ID": jm.name, "USER_TOKEN": jm.user_token()}
 
     fhirpy_snippet = dict(given, ACCESS_TOKEN=jm.access_token)
