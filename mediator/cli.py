@@ -1,24 +1,34 @@
-"""Command line: serve, check, explain, sync, sandbox, dev, certs, token."""
+"""Command line: serve, check, explain, test, sync, sandbox, dev, certs, token."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mediator.config import Config, load_config
 from mediator.errors import ConfigError
 from mediator.logs import configure_logging
-from mediator.server import Site, mediator_sites, run_sites, supervise, worker_command
+from mediator.server import ListenError, Site, mediator_sites, run_sites, supervise, worker_command
+
+if TYPE_CHECKING:
+    from mediator.offline import AssumedFacts
 
 log = logging.getLogger("mediator")
 
 
 def _load_or_report(config_dir: str) -> Config | None:
+    root = Path(config_dir)
+    if not root.is_dir():
+        print(f"--config {config_dir}: no such directory (it should hold channels.yaml and policies/)",
+              file=sys.stderr)
+        return None
     try:
-        return load_config(Path(config_dir))
+        return load_config(root)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -36,16 +46,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.port is not None:
             argv += ["--port", str(args.port)]
         return supervise(worker_command(argv), args.workers)
-    asyncio.run(run_sites(mediator_sites(config, args.host, args.port, args.worker_index)))
+    return _run(mediator_sites(config, args.host, args.port, args.worker_index))
+
+
+def _run(sites: list[Site]) -> int:
+    """Serve until stopped; a listener that cannot bind is one line on stderr and exit 1 (no traceback)."""
+    try:
+        asyncio.run(run_sites(sites))
+    except ListenError as exc:
+        print(f"openimis-mediator: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from mediator.config.lint import config_warnings
+
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    print(f"{args.config}: configuration is valid ({len(config.channels.channels)} channels)")
-    return 0
+    warnings = config_warnings(config)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    noted = f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+    print(f"{args.config}: configuration is valid ({len(config.channels.channels)} channels{noted})")
+    code = 2 if warnings and args.strict else 0
+    if args.with_tests:
+        from mediator.policy_tests import run_policy_tests
+
+        tested, lines = run_policy_tests(config, [])
+        for line in lines:
+            print(line, file=sys.stderr if tested == 2 else sys.stdout)
+        code = max(code, tested)
+    return code
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from mediator.policy_tests import run_policy_tests
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    code, lines = run_policy_tests(config, args.cases, args.junit)
+    for line in lines:
+        print(line, file=sys.stderr if code == 2 else sys.stdout)
+    return code
+
+
+def _facts_or_report(path: str | None) -> AssumedFacts | None | bool:
+    """The facts of `explain --facts`: None without the option, False (reported) when invalid."""
+    from mediator.config import validate_document
+    from mediator.config.yaml_source import load_yaml
+    from mediator.offline import AssumedFacts
+
+    if path is None:
+        return None
+    try:
+        facts, problems = validate_document(load_yaml(Path(path), path), AssumedFacts)
+    except ConfigError as exc:
+        facts, problems = None, exc.problems
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return facts if facts is not None else False
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -54,6 +116,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 2
+    facts = _facts_or_report(args.facts)
+    if facts is False or facts is True:
+        return 2
     try:
         principal = described_principal(args.claims, args.client, args.roles, args.facility, args.user,
                                         args.scopes, args.auth_method or ("access_token" if args.scopes else "mtls"))
@@ -61,9 +126,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"explain: {exc}", file=sys.stderr)
         return 2
+    if facts is None:
+        from mediator.config.lint import named_environment_variables
+
+        for _, _, variable, purpose in named_environment_variables(config):
+            if not os.environ.get(variable):
+                print(f"explain: environment variable {variable} is not set ({purpose} needs it): lookups in "
+                      "openIMIS will fail; set it, or answer them offline with --facts FILE", file=sys.stderr)
     headers = dict(h.split(":", 1) for h in args.header)
     result = asyncio.run(explain(config, args.method, args.path, principal, body=body, client_ip=args.ip,
-                                 headers={k.strip(): v.strip() for k, v in headers.items()}))
+                                 headers={k.strip(): v.strip() for k, v in headers.items()},
+                                 facts=facts))
     print(f"{args.method.upper()} {args.path}")
     for line in result.lines():
         print(line)
@@ -83,8 +156,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mediator.sandbox import build_sandbox_app
 
-    asyncio.run(run_sites([Site(build_sandbox_app(), args.host, args.port, "sandbox")]))
-    return 0
+    return _run([Site(build_sandbox_app(), args.host, args.port, "sandbox", port_setting="it with --port")])
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -94,9 +166,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 2
-    asyncio.run(run_sites([Site(build_sandbox_app(), "127.0.0.1", args.sandbox_port, "sandbox"),
-                           *mediator_sites(config)]))
-    return 0
+    return _run([Site(build_sandbox_app(), "127.0.0.1", args.sandbox_port, "sandbox",
+                      port_setting="it with --sandbox-port"), *mediator_sites(config)])
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -134,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes sharing the port (SO_REUSEPORT), supervised by this process")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
-    check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2")
+    check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2; "
+                           "warnings too, exit 0 (2 with --strict)")
     check.add_argument("--config", required=True)
+    check.add_argument("--strict", action="store_true", help="warnings fail the check too (exit 2)")
+    check.add_argument("--with-tests", action="store_true",
+                       help="also run the policy tests in DIR/policies/tests (exit 1 if one fails)")
     check.set_defaults(func=cmd_check)
     explain = sub.add_parser("explain", help="print every stage's decision for a described request")
     explain.add_argument("--config", required=True)
@@ -152,7 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--body", help="file with the request body")
     explain.add_argument("--ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
     explain.add_argument("--header", action="append", default=[], help="extra request header 'Name: value'")
+    explain.add_argument("--facts", help="YAML file of assumed facts (facilities, claims; README \"Policy tests\"): "
+                         "lookups answered from it, fully offline. Absent: asked of openIMIS, as live")
     explain.set_defaults(func=cmd_explain)
+    test = sub.add_parser("test", help="run policy test cases offline; one line per case, exit 1 on a failure")
+    test.add_argument("--config", required=True)
+    test.add_argument("cases", nargs="*", help="case files or directories (default: DIR/policies/tests/*.yaml)")
+    test.add_argument("--junit", help="also write a JUnit XML report to this file")
+    test.set_defaults(func=cmd_test)
     sync = sub.add_parser("sync", help="sync the master-data replica now (policies/replica.yaml); exit 1 on failure")
     sync.add_argument("--config", required=True)
     sync.add_argument("--full", action="store_true", help="full sync even if an incremental one would do")

@@ -13,6 +13,7 @@ it stops everything and exits 1), and exits when they have all exited: 0 if they
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mediator.app import READINESS, RUNTIME, build_app, drop_server_header, handle_healthz, handle_readyz, handler_args
 from mediator.config import Config
+from mediator.errors import MediatorError
 from mediator.metrics import Metrics
 from mediator.reload import attach_reloader
 from mediator.tls import server_context
@@ -48,6 +50,12 @@ class Site:
     handler_args: dict[str, int] = field(default_factory=dict)
     reuse_port: bool = False
     shutdown_timeout: float = 60.0
+    port_setting: str = "the port"
+    """Where an operator changes this listener's port (named when the port is taken)."""
+
+
+class ListenError(MediatorError):
+    """A listener could not bind its address (port in use, address not local, no permission)."""
 
 
 def build_metrics_app(metrics: Metrics, mediator_app: web.Application | None = None) -> web.Application:
@@ -80,11 +88,13 @@ def mediator_sites(config: Config, host: str | None = None, port: int | None = N
     ssl_context = server_context(listen.tls, config.root) if listen.tls else None
     sites = [Site(app, host or listen.host, port if port is not None else listen.port, "fhir", ssl_context,
                   handler_args(config), reuse_port=worker_index is not None,
-                  shutdown_timeout=server.shutdown.drain_timeout_s)]
+                  shutdown_timeout=server.shutdown.drain_timeout_s,
+                  port_setting="server.listen.port in channels.yaml, or run with --port")]
     if server.metrics is not None:
         # Workers cannot share a metrics port usefully (a scrape would see one random worker): i gets port + i.
         metrics_port = server.metrics.port + (worker_index or 0) if server.metrics.port else 0
-        sites.append(Site(build_metrics_app(metrics, app), server.metrics.host, metrics_port, "metrics"))
+        sites.append(Site(build_metrics_app(metrics, app), server.metrics.host, metrics_port, "metrics",
+                          port_setting="server.metrics.port in channels.yaml"))
     return sites
 
 
@@ -107,7 +117,12 @@ async def run_sites(sites: Sequence[Site]) -> None:
             runners.append(runner)
             tcp = web.TCPSite(runner, site.host, site.port, ssl_context=site.ssl_context,
                               reuse_port=site.reuse_port or None)
-            await tcp.start()
+            try:
+                await tcp.start()
+            except OSError as exc:
+                reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                raise ListenError(f"cannot listen on {site.host}:{site.port} ({site.name} listener): {reason}; "
+                                  f"change {site.port_setting}") from None
             scheme = "https" if site.ssl_context else "http"
             log.info("%s listener on %s://%s:%d", site.name, scheme, site.host, site.port)
         for sig in (signal.SIGINT, signal.SIGTERM):

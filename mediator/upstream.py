@@ -146,6 +146,7 @@ class OpenImisUpstream:
         self._token: str | None = None
         self._token_expires = 0.0
         self._login_lock = asyncio.Lock()
+        self._last_credentials_error = -1e9
         self.in_flight = 0
         """Requests being forwarded now; a reload closes a removed upstream only once this is 0."""
         self._idle = asyncio.Event()
@@ -182,7 +183,14 @@ class OpenImisUpstream:
         username = login.username if login.username is not None else self._environ.get(login.username_env or "")
         password = self._environ.get(login.password_env)
         if not username or password is None:
-            raise UpstreamLoginFailed(f"upstream {self.name}: login credentials missing from environment")
+            variable = login.password_env if username else login.username_env
+            message = (f"upstream {self.name}: environment variable {variable} is not set (channels.yaml "
+                       f"upstreams.{self.name}.login); cannot log in to openIMIS")
+            now = time.monotonic()
+            if now - self._last_credentials_error > 60:   # one line a minute, not one per request
+                self._last_credentials_error = now
+                log.error(message)
+            raise UpstreamLoginFailed(message)
         return username, password
 
     async def token(self, *, force: bool = False) -> str | None:

@@ -6,8 +6,8 @@ collected and reported as `file:line:col: path: message`; nothing is half-loaded
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,14 +15,14 @@ from pydantic import BaseModel, ValidationError
 
 from mediator.config.authorization import AuthorizationPolicy
 from mediator.config.clients import ClientsPolicy
-from mediator.config.models import ChannelsFile, IpAllowlistPolicy
+from mediator.config.models import ChannelConfig, ChannelsFile, IpAllowlistPolicy, ServerConfig, UpstreamConfig
 from mediator.config.rate_limits import RateLimitsPolicy, check_limit_channels
 from mediator.config.write_profiles import WriteProfilesPolicy
 from mediator.config.yaml_source import SourcedDocument, load_yaml
 from mediator.errors import ConfigError, ConfigProblem
 from mediator.replica.policy import ReplicaPolicy
 
-__all__ = ["Config", "PolicyFile", "load_config", "POLICY_FILES"]
+__all__ = ["Config", "PolicyFile", "load_config", "POLICY_FILES", "validate_document"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -60,6 +60,17 @@ class Config:
     root: Path
     channels: ChannelsFile
     policies: dict[str, BaseModel]
+    sources: Mapping[str, SourcedDocument] = field(default_factory=dict, compare=False, repr=False)
+    """The parsed files with the position of every value (key as in POLICY_FILES, "channels"): for
+    `check`'s warnings at file:line:col."""
+    channel_indices: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
+    """Only while cross-checking a channels.yaml with invalid channels: the position in the file of each
+    channel kept. None: channels are as in the file."""
+
+    def indexed_channels(self) -> Iterator[tuple[int, ChannelConfig]]:
+        """(index in channels.yaml, channel): what a problem about a channel is reported at."""
+        for i, channel in enumerate(self.channels.channels):
+            yield (self.channel_indices[i] if self.channel_indices is not None else i), channel
 
     def policy(self, key: str, model: type[M]) -> M:
         value = self.policies[key]
@@ -76,7 +87,8 @@ def _message(error: Any) -> str:
     return msg
 
 
-def _validate(doc: SourcedDocument, model: type[M]) -> tuple[M | None, list[ConfigProblem]]:
+def validate_document(doc: SourcedDocument, model: type[M]) -> tuple[M | None, list[ConfigProblem]]:
+    """Validate a parsed YAML document against a schema: the model, or every problem at file:line:col."""
     if doc.data is None:
         return None, [ConfigProblem(doc.file, 1, 1, "file is empty")]
     try:
@@ -96,7 +108,7 @@ def _load(path: Path, display: str, model: type[M],
     except ConfigError as exc:
         return None, exc.problems
     docs[key] = doc
-    return _validate(doc, model)
+    return validate_document(doc, model)
 
 
 def load_config(root: Path | str) -> Config:
@@ -116,19 +128,74 @@ def load_config(root: Path | str) -> Config:
         problems += found
         if model is not None:
             policies[key] = model
-    if channels is not None and not problems:
-        config = Config(root, channels, policies)
+    indices: tuple[int, ...] | None = None
+    if channels is None and "channels" in docs:
+        channels, indices = _valid_parts(docs["channels"])
+    if channels is not None:
+        # Cross-file checks run even when some file has type errors, over everything that did validate,
+        # so one `check` reports every problem of every file (a policy that failed is simply not there).
+        config = Config(root, channels, policies, docs, indices)
         for check in CROSS_CHECKS:
             problems += check(config, docs)
         if not problems:
-            return config
+            return Config(root, channels, policies, docs)
     raise ConfigError(problems)
 
 
-def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
-    ip_sets = config.policy("ip_allowlist", IpAllowlistPolicy).ip_sets
+def _valid_parts(doc: SourcedDocument) -> tuple[ChannelsFile | None, tuple[int, ...] | None]:
+    """The channels, upstreams and server of a channels.yaml that failed validation, as far as they are
+    valid one by one: only for the cross checks (never served). Upstreams that failed still exist by name."""
+    data = doc.data
+    if not isinstance(data, dict) or not isinstance(data.get("channels"), list):
+        return None, None
+    upstreams: dict[str, UpstreamConfig] = {}
+    for name, raw in (data.get("upstreams") or {}).items() if isinstance(data.get("upstreams"), dict) else ():
+        try:
+            upstreams[name] = UpstreamConfig.model_validate(raw)
+        except ValidationError:
+            upstreams[name] = UpstreamConfig.model_construct(base_url="")
+    try:
+        server = ServerConfig.model_validate(data.get("server") or {})
+    except ValidationError:
+        return None, None   # the checks need server settings (redis); its own errors are reported
+    channels: list[ChannelConfig] = []
+    indices: list[int] = []
+    for i, raw in enumerate(data["channels"]):
+        try:
+            channels.append(ChannelConfig.model_validate(raw))
+        except ValidationError:
+            continue
+        indices.append(i)
+    partial = ChannelsFile.model_construct(version=1, server=server, upstreams=upstreams, channels=tuple(channels))
+    return partial, tuple(indices)
+
+
+def _channel_references(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    """Channel names are unique and every channel's upstream exists: reported at the channel's line."""
     problems = []
-    for i, channel in enumerate(config.channels.channels):
+    seen: dict[str, int] = {}
+    for i, channel in config.indexed_channels():
+        if channel.name in seen:
+            problems.append(docs["channels"].problem(
+                ("channels", i, "name"),
+                f"duplicate channel name {channel.name!r} (also channels[{seen[channel.name]}])"))
+        seen.setdefault(channel.name, i)
+        if channel.upstream not in config.channels.upstreams:
+            problems.append(docs["channels"].problem(
+                ("channels", i, "upstream"), f"unknown upstream {channel.upstream!r} (not in upstreams)"))
+    return problems
+
+
+CROSS_CHECKS.append(_channel_references)
+
+
+def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    ip_policy = config.policies.get("ip_allowlist")
+    if not isinstance(ip_policy, IpAllowlistPolicy):
+        return []   # the file failed: its own problems are reported
+    ip_sets = ip_policy.ip_sets
+    problems = []
+    for i, channel in config.indexed_channels():
         for j, name in enumerate(channel.ip_allowlist or ()):
             if name not in ip_sets:
                 problems.append(docs["channels"].problem(
@@ -153,9 +220,10 @@ def _authorization_upstream_exists(config: Config, docs: dict[str, SourcedDocume
 
 CROSS_CHECKS.append(_authorization_upstream_exists)
 def _client_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
-    if "clients" not in config.policies:
+    ip_policy = config.policies.get("ip_allowlist")
+    if "clients" not in config.policies or not isinstance(ip_policy, IpAllowlistPolicy):
         return []
-    ip_sets = config.policy("ip_allowlist", IpAllowlistPolicy).ip_sets
+    ip_sets = ip_policy.ip_sets
     clients = config.policy("clients", ClientsPolicy).clients
     return [docs["clients"].problem(("clients", client_id, "ip_allowlist", j),
                                     f"unknown ip set {name!r} (not in policies/ip_allowlist.yaml)")
@@ -176,8 +244,8 @@ def _replica_references(config: Config, docs: dict[str, SourcedDocument]) -> lis
                                                                    "(not in channels.yaml upstreams)"))
         if replica.store == "redis" and config.channels.server.redis is None:
             problems.append(docs["replica"].problem(("store",), "store redis needs server.redis in channels.yaml"))
-    for i, channel in enumerate(config.channels.channels):
-        if channel.serve_from == "replica" and replica is None:
+    for i, channel in config.indexed_channels():
+        if channel.serve_from == "replica" and replica is None and "replica" not in docs:
             problems.append(docs["channels"].problem(("channels", i, "serve_from"),
                                                      "serve_from replica needs policies/replica.yaml"))
     return problems
@@ -191,7 +259,8 @@ def _write_profiles_present(config: Config, docs: dict[str, SourcedDocument]) ->
     authorization.yaml declares (README "Write firewall")."""
     profiles = config.policies.get("write_profiles")
     if isinstance(profiles, WriteProfilesPolicy) and profiles.needs_directory() \
-            and "authorization" not in config.policies:
+            and "authorization" not in config.policies and "authorization" not in docs:
+        # (in docs but not in policies: the file is there and failed; its own problems are reported)
         return [docs["write_profiles"].problem(("profiles",), "facility: caller and contained rules need "
                                                "policies/authorization.yaml (its facility_directory)")]
     return []

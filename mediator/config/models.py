@@ -294,18 +294,8 @@ class ChannelsFile(Strict):
     server: ServerConfig = ServerConfig()
     upstreams: dict[Name, UpstreamConfig] = Field(min_length=1)
     channels: tuple[ChannelConfig, ...]
-    """Tried in order; the first whose path and method match wins. No match: 404, never forwarded."""
-
-    @model_validator(mode="after")
-    def _references(self) -> ChannelsFile:
-        seen: set[str] = set()
-        for channel in self.channels:
-            if channel.name in seen:
-                raise ValueError(f"duplicate channel name {channel.name!r}")
-            seen.add(channel.name)
-            if channel.upstream not in self.upstreams:
-                raise ValueError(f"channel {channel.name!r}: unknown upstream {channel.upstream!r}")
-        return self
+    """Tried in order; the first whose path and method match wins. No match: 404, never forwarded.
+    Names are unique and each upstream must exist (checked by the loader, at the channel's line)."""
 
 
 class IpSet(Strict):

@@ -40,12 +40,18 @@ ORDER = ("client_ip", "channel", "ip", "authentication", "request", "search", "a
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
                  registry: CollectorRegistry | None = None, identity: Identity | None = None, *,
                  redis: RedisStore | None = None, metrics: Metrics | None = None,
-                 guards: Mapping[str, UpstreamGuard] | None = None) -> list[Stage]:
+                 guards: Mapping[str, UpstreamGuard] | None = None,
+                 authentication: Stage | None = None,
+                 facility_directory: FacilityDirectory | None = None) -> list[Stage]:
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
     `guards`: the runtime's per-upstream bulkhead + breaker, shared with forwarding (absent: fresh ones).
-    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's."""
+    `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's.
+
+    Offline evaluation (`mediator.offline`: explain, policy tests) passes `authentication`, a stage that
+    stands in for the authentication stage (no Identity is built: no signing key, no replay store), an
+    unconfigured `redis` (in-memory counters), fresh `guards` and a `facility_directory` of assumed facts."""
     if upstreams is None:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
@@ -54,7 +60,7 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
     # Absent policies/authorization.yaml: nothing is allowed (README "policies/authorization.yaml").
     authorization: Stage = NoAuthorizationPolicyStage()
     users = None
-    directory: FacilityDirectory | None = None
+    directory: FacilityDirectory | None = facility_directory
     if "authorization" not in config.policies:
         logging.getLogger("mediator.authorization").warning(
             "policies/authorization.yaml is absent: every request is denied (authorization.no_policy)")
@@ -62,7 +68,8 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         if guards is None:
             guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker)
                       for name, u in config.channels.upstreams.items()}
-        authorization = AuthorizationStage.from_config(config, upstreams, registry, guards)
+        authorization = AuthorizationStage.from_config(config, upstreams, registry, guards,
+                                                       directory=facility_directory)
         # Trusted-header users are checked against the same directory authorization uses.
         users = VouchedUsers(authorization.directory,
                              authorization.policy.facility_directory.refresh_on_miss_after_s)
@@ -71,7 +78,7 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
-        AuthenticationStage(identity or Identity.from_config(config), users),
+        authentication or AuthenticationStage(identity or Identity.from_config(config), users),
         RequestBodyStage.from_config(config),
         SearchParameterStage.from_config(config),
         authorization,

@@ -294,14 +294,18 @@ class AuthorizationStage:
     @classmethod
     def from_config(cls, config: Config, upstreams: Mapping[str, OpenImisUpstream],
                     registry: CollectorRegistry | None = None,
-                    guards: Mapping[str, UpstreamGuard] | None = None) -> AuthorizationStage:
+                    guards: Mapping[str, UpstreamGuard] | None = None, *,
+                    directory: FacilityDirectory | None = None) -> AuthorizationStage:
+        """`guards`: the runtime's per-upstream bulkhead + breaker (absent: fresh ones). `directory`:
+        absent, the facility directory is read from openIMIS (facility_directory), inside the guard."""
         policy = config.policy("authorization", AuthorizationPolicy)
         spec = policy.facility_directory
         if guards is None:
             guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker)
                       for name, u in config.channels.upstreams.items()}
-        directory = UpstreamFacilityDirectory(upstreams[spec.upstream], spec.ttl_s, spec.max_stale_s,
-                                              spec.page_size, spec.timeout_s, guards[spec.upstream])
+        if directory is None:
+            directory = UpstreamFacilityDirectory(upstreams[spec.upstream], spec.ttl_s, spec.max_stale_s,
+                                                  spec.page_size, spec.timeout_s, guards[spec.upstream])
         return cls(policy, directory, upstreams, config.channels.server.limits.max_body_bytes,
                    AuthorizationMetrics.for_registry(registry), guards)
 

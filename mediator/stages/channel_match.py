@@ -61,8 +61,15 @@ def decide(method: str, raw_path: str, path: str, table: ChannelTable) -> Match:
         return Match(Decision.denied("channel.malformed_path", 400, str(exc)))
     if not (path + "/").startswith(table.prefix):
         return Match(Decision.denied("channel.none", 404, "no channel serves this path"))
+    relative = path[len(table.prefix):]
+    if relative.strip("/") == "metadata" and method not in ("GET", "HEAD"):
+        # The CapabilityStatement is read-only (FHIR capabilities interaction): 405 with what is allowed.
+        routed = {m for c in table.channels if c.path.fullmatch(path) for m in c.config.methods}
+        allowed = sorted(routed & {"GET", "HEAD"})
+        return Match(Decision.denied("channel.method_not_allowed", 405, f"{method} is not allowed on metadata",
+                                     {"Allow": ", ".join(allowed or ["GET"])}))
     try:
-        fhir = parse_fhir_path(method, path[len(table.prefix):])
+        fhir = parse_fhir_path(method, relative)
     except MalformedRequest as exc:
         return Match(Decision.denied("channel.malformed_path", 400, str(exc)))
     path_matched: list[Channel] = []

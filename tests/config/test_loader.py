@@ -50,7 +50,7 @@ def test_ip_policy_errors_name_file_line_and_message(tmp_path, fixture, expected
          ["channels.yaml:10:5: channels[0].path: invalid regular expression: "
           "missing ), unterminated subpattern at position 7"]),
         ("bad_channel_upstream.yaml",
-         ["channels.yaml:1:1: channel 'claims': unknown upstream 'openimis-prod'"]),
+         ["channels.yaml:12:5: channels[0].upstream: unknown upstream 'openimis-prod' (not in upstreams)"]),
         ("bad_channel_ip_set.yaml",
          ["channels.yaml:13:20: channels[0].ip_allowlist[0]: unknown ip set 'vendor-z' "
           "(not in policies/ip_allowlist.yaml)"]),

@@ -32,7 +32,7 @@ harness = _load_harness()
 
 
 @pytest.fixture(scope="session")
-def openimis() -> Any:
+def openimis(pytestconfig: pytest.Config) -> Any:
     if not harness.postgres_reachable():
         pytest.skip("REAL openIMIS END-TO-END TESTS NOT RUN: PostgreSQL is not reachable on 127.0.0.1:5432")
     # Several test sessions may share the backend (a developer's `harness.py up`, parallel runs): each
@@ -44,7 +44,15 @@ def openimis() -> Any:
     mine.touch()
     was_running = harness.running() is not None
     try:
-        yield harness.ensure_running()
+        # The harness reports progress (and a heartbeat every 30 s) on stderr; pytest would capture it
+        # and the first `make test` would look hung for minutes while openIMIS installs.
+        capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            if not was_running:
+                print("\n[openimis-harness] starting the real openIMIS backend for the e2e tests; the first run "
+                      "installs it (about 3 minutes), later runs start it in about 15 s", file=sys.stderr, flush=True)
+            backend = harness.ensure_running()
+        yield backend
     finally:
         mine.unlink(missing_ok=True)
         others = [p for p in users.iterdir() if p.name.isdigit() and harness._pid_alive(int(p.name))]

@@ -148,3 +148,30 @@ def test_bad_configuration_is_refused_before_any_worker_starts(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["policies/ip_allowlist.yaml:7:1: bogus: Extra inputs are not permitted"]
+
+
+@pytest.mark.parametrize("taken", ["fhir", "metrics"])
+def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(tmp_path, taken):
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    busy = holder.getsockname()[1]
+    other = free_port()
+    port, metrics_port = (busy, other) if taken == "fhir" else (other, busy)
+    root = _config(tmp_path, "http://127.0.0.1:9/api/api_fhir_r4/", port, metrics_port)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mediator", "serve", "--config", str(root)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    setting = "server.listen.port in channels.yaml, or run with --port" if taken == "fhir" else \
+        "server.metrics.port in channels.yaml"
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[-1] == (f"openimis-mediator: cannot listen on 127.0.0.1:{busy} ({taken} listener): address "
+                         f"already in use; change {setting}")
+    assert "Traceback" not in done.stderr
+    if taken == "fhir":   # nothing else was started, so nothing else is said
+        assert len(lines) == 1

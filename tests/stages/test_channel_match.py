@@ -75,3 +75,23 @@ async def test_no_channel_never_reaches_openimis(sandbox, sandbox_server, make_m
         assert response.status in (400, 404, 405), path
         assert (await response.json())["resourceType"] == "OperationOutcome"
     assert sandbox.requests == []
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_metadata_is_read_only_405_with_allow(sandbox, sandbox_server, make_mediator, method):
+    channels = """\
+      - name: capabilities
+        path: ^/fhir/metadata/?$
+        methods: [GET]
+        upstream: openimis
+        ip_allowlist: [local]
+        authentication: none
+    """
+    client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=channels))
+    response = await client.request(method, "/fhir/metadata", data=b"{}",
+                                    headers={"Content-Type": "application/fhir+json"})
+    assert response.status == 405
+    assert response.headers["Allow"] == "GET"
+    outcome = await response.json()
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "channel.method_not_allowed"
+    assert sandbox.requests == []
