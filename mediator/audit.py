@@ -175,7 +175,10 @@ class AuditLog:
         return cls(handlers)
 
     def record(self, exchange: Exchange, status: int, reason: str) -> None:
-        event = audit_event(exchange, status, reason, time.time())
+        self.record_event(audit_event(exchange, status, reason, time.time()))
+
+    def record_event(self, event: dict[str, Any]) -> None:
+        """Write an AuditEvent built elsewhere (the queue's final outcomes, which have no request)."""
         text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
         # makeRecord + handle is Logger.info without findCaller's stack walk: the event names its own
         # source, and the formatter writes the message only.
