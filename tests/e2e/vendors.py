@@ -130,6 +130,9 @@ limits:
 
 
 class Vendor:
+    origin = ORIGIN   # defaults for subclasses with their own __init__ (tests/e2e/test_async_claims_faults.py)
+    base = BASE
+
     def __init__(self, client, name: str, key: ECKey, origin: str = ORIGIN) -> None:
         self.client, self.name, self.key = client, name, key
         self.facility = VENDORS[name]
@@ -150,7 +153,8 @@ class Vendor:
 
     def user_token(self, user: str | None = None, facility: str | None = None) -> str:
         now = int(time.time())
-        claims = {"iss": f"https://sso.{self.name}.example", "aud": self.base, "iat": now, "exp": now + 300,
+        claims = {"iss": f"https://sso.{self.name}.example", "aud": self.base, "iat": now,
+                  "exp": now + 300,
                   "preferred_username": user or CLAIM_ADMIN[self.facility], "roles": ["claim-admin"],
                   "hf": facility or self.facility, "jti": uuid.uuid4().hex}
         return jwt.encode({"alg": "ES256"}, claims, self.key)
