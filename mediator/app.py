@@ -19,7 +19,7 @@ from aiohttp import web
 
 from mediator.async_claims import AsyncClaims, make_status_handler
 from mediator.audit import AuditLog
-from mediator.bulkhead import UpstreamGuard, UpstreamRefused
+from mediator.bulkhead import UpstreamRefused
 from mediator.capabilities import CapabilityStatement
 from mediator.config import Config
 from mediator.fhir import operation_outcome_response
@@ -98,16 +98,15 @@ class Runtime:
         identity = Identity.from_config(config, previous.identity if previous is not None else None)
         kept_guards = {} if previous is None else {
             name: guard for name, guard in previous.protection.guards.items()
-            if name in upstreams and upstreams[name] is previous.upstreams.get(name)}
+            if name in upstreams and upstreams[name] is previous.upstreams.get(name)
+            and (guard.bulkhead.budget is None or previous.redis is redis)}
         # One guard per upstream for everything sent to it: forwarded requests and the stages' own lookups.
-        kept_guards = {name: kept_guards.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker,
-                                                                          metrics)
-                       for name, u in config.channels.upstreams.items()}
+        guards = LoadProtection.build_guards(config, redis, metrics, kept_guards)
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
-                              guards=kept_guards)
+                              guards=guards)
         entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         protection = LoadProtection(
-            config, redis, metrics, entry_checks, kept_guards=kept_guards,
+            config, redis, metrics, entry_checks, guards=guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
             else None)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
@@ -149,6 +148,8 @@ class Runtime:
             closes.append(("replica", self.replica.close))  # first: its sync task uses an upstream
         closes.append(("identity", lambda: self.identity.close_retired(
             next_runtime.identity if next_runtime is not None else None)))
+        closes.append(("load protection", lambda: self.protection.close_retired(
+            next_runtime.protection if next_runtime is not None else None)))
         if next_runtime is None or next_runtime.redis is not self.redis:
             closes.append(("redis", self.redis.close))
         closes += [(f"upstream {u.name}", u.close) for u in self.retired_upstreams(next_runtime)]
