@@ -20,8 +20,10 @@ from aiohttp import web
 from mediator.addresses import ClientIpPolicy
 from mediator.async_claims import AsyncClaims, make_status_handler
 from mediator.audit import AuditLog
+from mediator.capabilities import CapabilityStatement
 from mediator.chain import RequestChain, Upstreams
 from mediator.config import Config
+from mediator.fhir_answers import FhirAnswers
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.load_protection import LoadProtection
@@ -104,7 +106,8 @@ class Runtime:
         audit = audit if audit is not None else previous.audit if previous is not None else None
         async_claims = AsyncClaims.from_config(config, redis, upstreams, protection, metrics, audit)
         chain = RequestChain.build(Pipeline(stages, metrics), Upstreams(upstreams, protection), replica,
-                                   async_claims, metrics)
+                                   CapabilityStatement.from_config(config, identity.token_url),
+                                   FhirAnswers(server.public_base_url, upstreams), async_claims, metrics)
         return cls(config, chain, upstreams, identity, ClientIpPolicy.from_config(config), redis, protection,
                    replica, async_claims=async_claims, audit=audit)
 

@@ -2,10 +2,10 @@
 
     stages   (mediator.stages.ORDER)  client_ip → channel → ip → authentication → request → authorization
                                       → write → rate_limit: each returns a Decision; the first denial ends it
-    route    (ROUTE)                  async_claims → replica → local_answer → batch → idempotent_create →
-                                      forward: the first step that answers ends the route; `forward` always
-                                      answers
-    response (RESPONSE)               response_filters: run on the routed answer only
+    route    (ROUTE)                  capabilities → async_claims → replica → local_answer → batch →
+                                      idempotent_create → forward: the first step that answers ends the
+                                      route; `forward` always answers
+    response (RESPONSE)               fhir_answers → response_filters: run on the routed answer only
     finish   (FINISH)                 response_headers: on every answer, denials and errors included
 
 An error raised by any stage or step becomes a Decision through one mechanism: a `MediatorError` says
@@ -26,9 +26,11 @@ from aiohttp import web
 
 from mediator.async_claims import AsyncClaims
 from mediator.batch import BatchEntry, run_batch
+from mediator.capabilities import CapabilityStatement
 from mediator.decision import Decision
 from mediator.errors import MediatorError
 from mediator.fhir import operation_outcome_response
+from mediator.fhir_answers import FhirAnswers
 from mediator.load_protection import LoadProtection
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange, Pipeline
@@ -68,6 +70,22 @@ class Upstreams:
         return self.clients[exchange.channel.config.upstream]
 
 
+class CapabilitiesStep:
+    """GET /metadata: the mediator's own CapabilityStatement (openIMIS 1.10 has none)."""
+
+    name = "capabilities"
+    sends_upstream = False
+
+    def __init__(self, statement: CapabilityStatement) -> None:
+        self.statement = statement
+
+    async def answer(self, exchange: Exchange) -> web.StreamResponse | None:
+        if exchange.fhir is None or exchange.fhir.interaction != "capabilities":
+            return None
+        exchange.decisions.append(("capabilities", Decision.allowed("capabilities.answered")))
+        return self.statement.response(exchange.request)
+
+
 class AsyncClaimsStep:
     """Claims on a channel with `async_submission`: queued (Redis Streams) and answered 202 with a status
     URL; delivered to openIMIS later inside the upstream's guard (mediator.async_claims)."""
@@ -100,7 +118,8 @@ class ReplicaStep:
         assert channel is not None and fhir is not None
         if channel.config.serve_from != "replica" or self.replica is None:
             return None
-        answered = await self.replica.reader.answer(exchange.request, fhir)
+        answered = await self.replica.reader.answer(
+            exchange.request, fhir, exchange.search.query if exchange.search is not None else None)
         if answered is None:
             return None
         exchange.decisions.append(("replica", answered.decision))
@@ -206,9 +225,30 @@ class ForwardStep:
         path = exchange.upstream_path or fhir.path
         # The request stage parsed the body; these are the bytes that document was parsed from.
         body = exchange.body.raw if exchange.body is not None else None
+        # A search goes with only the parameters the search stage kept (mediator.search_parameters).
+        raw_query = exchange.search.upstream_query if exchange.search is not None else None
         kind = f"{channel.name}:{fhir.interaction}"  # bounded: channels × FHIR interactions
         return await guard.call(config.priority_value, lambda: upstream.forward(
-            exchange.request, path, body, str(exchange.client_ip), exchange.request_id, config.timeout_s), kind)
+            exchange.request, path, body, str(exchange.client_ip), exchange.request_id, config.timeout_s,
+            raw_query=raw_query), kind)
+
+
+class FhirAnswersStep:
+    """openIMIS's answers shaped for FHIR clients (mediator.fhir_answers: a bare resource or "not found"
+    answered to a search becomes a searchset, a create answers with the created resource, naive datetimes
+    get the upstream's zone). Only for answers that came from openIMIS; before the response filters, so
+    the facility filter always sees a searchset Bundle."""
+
+    name = "fhir_answers"
+
+    def __init__(self, answers: FhirAnswers, upstreams: Upstreams) -> None:
+        self.answers = answers
+        self.upstreams = upstreams
+
+    async def apply(self, exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        if exchange.answered_by not in UPSTREAM_ROUTES:
+            return response
+        return await self.answers.shape(exchange, self.upstreams.of(exchange), response)
 
 
 class ResponseFiltersStep:
@@ -234,8 +274,10 @@ class ResponseHeadersStep:
         return response
 
 
-ROUTE = ("async_claims", "replica", "local_answer", "batch", "idempotent_create", "forward")
-RESPONSE = ("response_filters",)
+ROUTE = ("capabilities", "async_claims", "replica", "local_answer", "batch", "idempotent_create", "forward")
+UPSTREAM_ROUTES = frozenset({"local_answer", "batch", "idempotent_create", "forward"})
+"""The route steps whose answers come from openIMIS."""
+RESPONSE = ("fhir_answers", "response_filters")
 FINISH = ("response_headers",)
 
 
@@ -266,12 +308,13 @@ class RequestChain:
 
     @classmethod
     def build(cls, pipeline: Pipeline, upstreams: Upstreams, replica: Replica | None,
-              async_claims: AsyncClaims | None = None, metrics: Metrics | None = None) -> RequestChain:
+              capabilities: CapabilityStatement, answers: FhirAnswers, async_claims: AsyncClaims | None = None,
+              metrics: Metrics | None = None) -> RequestChain:
         return cls(pipeline,
-                   [AsyncClaimsStep(async_claims, upstreams), ReplicaStep(replica), LocalAnswerStep(),
-                    BatchStep(upstreams, metrics),
-                    IdempotentCreateStep(upstreams), ForwardStep(upstreams)],
-                   [ResponseFiltersStep()], [ResponseHeadersStep()], metrics)
+                   [CapabilitiesStep(capabilities), AsyncClaimsStep(async_claims, upstreams), ReplicaStep(replica),
+                    LocalAnswerStep(), BatchStep(upstreams, metrics), IdempotentCreateStep(upstreams),
+                    ForwardStep(upstreams)],
+                   [FhirAnswersStep(answers, upstreams), ResponseFiltersStep()], [ResponseHeadersStep()], metrics)
 
     @property
     def order(self) -> tuple[tuple[str, str], ...]:

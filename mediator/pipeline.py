@@ -24,6 +24,7 @@ from mediator.request_view import RequestView
 
 if TYPE_CHECKING:
     from mediator.fhir import FhirRequest
+    from mediator.search_parameters import SearchRequest
     from mediator.stages.channel_match import Channel
     from mediator.write_profiles import WriteCheck
 
@@ -151,6 +152,8 @@ class Exchange:
     fhir: FhirRequest | None = None
     channel: Channel | None = None
     principal: Principal | None = None
+    search: SearchRequest | None = None
+    """A GET search as the search stage accepted it (parameters used and ignored); None otherwise."""
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
     authorization_facts: AuthorizationFacts | None = None
     """What authorization decided and on what (rule, facilities, entries): for explain and policy tests."""

@@ -23,11 +23,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 DECLARED = (
     ("stage", "client_ip"), ("stage", "channel"), ("stage", "ip"), ("stage", "load_shed"),
-    ("stage", "authentication"),
-    ("stage", "request"), ("stage", "authorization"), ("stage", "write"), ("stage", "rate_limit"),
-    ("route", "async_claims"), ("route", "replica"), ("route", "local_answer"), ("route", "batch"),
-    ("route", "idempotent_create"), ("route", "forward"),
-    ("response", "response_filters"),
+    ("stage", "authentication"), ("stage", "request"), ("stage", "search"), ("stage", "authorization"),
+    ("stage", "write"), ("stage", "rate_limit"),
+    ("route", "capabilities"), ("route", "async_claims"), ("route", "replica"), ("route", "local_answer"),
+    ("route", "batch"), ("route", "idempotent_create"), ("route", "forward"),
+    ("response", "fhir_answers"), ("response", "response_filters"),
     ("finish", "response_headers"),
 )
 
@@ -87,12 +87,20 @@ class _Route:
         return self._answer
 
 
+class _Shape:
+    name = "fhir_answers"
+
+    async def apply(self, exchange, response):
+        return response
+
+
 def _chain(route_steps):
-    return RequestChain(Pipeline([_Allow()]), route_steps, [ResponseFiltersStep()], [ResponseHeadersStep()])
+    return RequestChain(Pipeline([_Allow()]), route_steps, [_Shape(), ResponseFiltersStep()],
+                        [ResponseHeadersStep()])
 
 
 def _routes(*, replica=None, forward=None, raises=None, seen=None):
-    return [_Route("async_claims", seen=seen), _Route("replica", replica, seen=seen),
+    return [_Route("capabilities", seen=seen), _Route("async_claims", seen=seen), _Route("replica", replica, seen=seen),
             _Route("local_answer", seen=seen), _Route("batch", seen=seen),
             _Route("idempotent_create", seen=seen), _Route("forward", forward, raises, seen=seen)]
 
@@ -103,7 +111,7 @@ def _exchange():
 
 def test_steps_must_be_the_declared_ones():
     with pytest.raises(RuntimeError, match="declared"):
-        RequestChain(Pipeline([_Allow()]), list(reversed(_routes())), [ResponseFiltersStep()],
+        RequestChain(Pipeline([_Allow()]), list(reversed(_routes())), [_Shape(), ResponseFiltersStep()],
                      [ResponseHeadersStep()])
 
 
@@ -112,12 +120,14 @@ async def test_the_first_route_step_that_answers_ends_the_route():
     exchange = _exchange()
     exchange.response_headers["RateLimit"] = '"c";r=9;t=1'
     response = await _chain(_routes(replica=web.Response(status=200, text="r"), seen=seen)).run(exchange)
-    assert seen == ["async_claims", "replica"] and response.status == 200 and exchange.answered_by == "replica"
+    assert seen == ["capabilities", "async_claims", "replica"] and response.status == 200
+    assert exchange.answered_by == "replica"
     assert response.headers["X-Request-ID"] == "rid-12345678" and response.headers["RateLimit"] == '"c";r=9;t=1'
 
     seen.clear()
     response = await _chain(_routes(forward=web.Response(status=201), seen=seen)).run(_exchange())
-    assert seen == ["async_claims", "replica", "local_answer", "batch", "idempotent_create", "forward"]
+    assert seen == ["capabilities", "async_claims", "replica", "local_answer", "batch", "idempotent_create",
+                    "forward"]
     assert response.status == 201
 
 
@@ -172,6 +182,6 @@ async def test_an_error_in_a_stage_is_the_same_decision():
             raise BodyReadTimeout()
 
     exchange = _exchange()
-    response = await RequestChain(Pipeline([Slow()]), _routes(), [ResponseFiltersStep()],
+    response = await RequestChain(Pipeline([Slow()]), _routes(), [_Shape(), ResponseFiltersStep()],
                                   [ResponseHeadersStep()]).run(exchange)
     assert response.status == 408 and exchange.decisions[-1][1].reason == "request.body_timeout"

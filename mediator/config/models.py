@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -240,11 +241,24 @@ class UpstreamConfig(Strict):
     """Absent: the defaults above (static, 16 concurrent, 64 queued). The bulkhead is always on."""
     circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig()
     """Absent: the defaults above. null: no breaker (every request tries openIMIS)."""
+    time_zone: str = "UTC"
+    """IANA zone openIMIS writes its local date-times in (its Django TIME_ZONE). openIMIS sends
+    dateTimes without an offset (`2020-01-01T18:50:00`, not valid FHIR); the mediator adds this zone's
+    offset to every such value in its answers (mediator.fhir_answers)."""
 
     @field_validator("base_url")
     @classmethod
     def _base(cls, value: str) -> str:
         return _check_base_url(value, "base_url")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class IdempotencyConfig(Strict):
@@ -308,6 +322,25 @@ class AsyncSubmissionConfig(Strict):
 PRIORITY_NAMES = {"interactive": 50, "bulk": 10}
 
 
+class FhirAnswersConfig(Strict):
+    """How a channel's answers follow FHIR's REST rules (README "HMS developers"). Absent: these defaults."""
+
+    searchset: Literal["bundle", "as_upstream"] = "bundle"
+    """bundle (default): every search is answered with a searchset Bundle; openIMIS's bare resource
+    (its answer to `?identifier=` / `?code=`) is wrapped, and its not-found answers become an empty
+    Bundle. as_upstream: openIMIS's shape is passed on (bare resource, its 404/500 when none)."""
+    create_return: Literal["representation", "minimal", "OperationOutcome", "upstream"] = "representation"
+    """Body of a 201 create when the client sends no `Prefer: return=`: representation (default: the
+    created resource, read back), minimal (no body), OperationOutcome, or upstream (openIMIS's own
+    answer, the ClaimResponse of a created Claim). `Prefer: return=` always wins."""
+    handling: Literal["lenient", "strict"] = "lenient"
+    """Search parameters the channel does not support, when the client sends no `Prefer: handling=`:
+    lenient (default) ignores them (never forwarded; the self link lists only the parameters used),
+    strict refuses the search (400 `search.unsupported_parameter`)."""
+    max_count: int = Field(200, ge=1, le=1000)
+    """A larger `_count` is reduced to this (the self link states the count used)."""
+
+
 class ChannelConfig(Strict):
     """An OpenHIM-style channel: which requests it matches, where they go and which policies apply."""
 
@@ -331,6 +364,8 @@ class ChannelConfig(Strict):
     """Absent: creates on this channel are forwarded as they come (a retried POST submits again)."""
     batch: BatchConfig | None = None
     """Absent: a POST to the FHIR base on this channel is refused (400 batch.not_enabled)."""
+    fhir_answers: FhirAnswersConfig = FhirAnswersConfig()
+    """Searchset wrapping, create answers and the search-parameter rule (FhirAnswersConfig)."""
     async_submission: AsyncSubmissionConfig | None = None
     """Absent: claims are submitted synchronously (Prefer: respond-async is ignored). README "Queued claims"."""
 

@@ -1,10 +1,11 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
 client_ip → channel → ip → [load_shed] → authentication → request (body read and parsed once) →
-authorization (always: absent policy denies) → write (the write firewall; always: absent profiles refuse
-every write) → [rate limit]; then the route, response and finishing steps of mediator.chain.
-tests/test_chain.py pins the whole order. load_shed is built only when the caller passes the runtime's
-upstream guards (the app; explain and policy tests describe the policy, not the load, and leave it out).
+search (parameters) → authorization (always: absent policy denies) → write (the write firewall; always:
+absent profiles refuse every write) → [rate limit]; then the route, response and finishing steps of
+mediator.chain. tests/test_chain.py pins the whole order. load_shed is built only when the caller passes the
+runtime's upstream guards (the app; explain and policy tests describe the policy, not the load, and leave it
+out).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mediator.identity import Identity
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
 from mediator.redis_store import RedisStore
+from mediator.search_parameters import SearchParameterStage
 from mediator.stages.authentication import AuthenticationStage, VouchedUsers
 from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
@@ -36,8 +38,8 @@ from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "request", "authorization", "write",
-         "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "request", "search", "authorization",
+         "write", "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -88,6 +90,7 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         *([LoadShedStage(shed_guards)] if shed_guards is not None else []),
         authentication or AuthenticationStage(identity or Identity.from_config(config), users),
         RequestBodyStage.from_config(config),
+        SearchParameterStage.from_config(config),
         authorization,
         # One facility directory per runtime: the firewall resolves references with authorization's.
         WriteFirewallStage.from_config(config, directory),
