@@ -6,7 +6,15 @@ mediator's reason code), the request id and when. The event is built from an all
 query string (insuree numbers), bodies, headers, tokens and passwords are never read, so never written.
 
 Sinks: a file rotated by size and by age (bounded count), optionally syslog; absent config → stderr.
-Thread-safety: `logging` handlers lock internally; one AuditLog per application, closed at cleanup.
+
+Off the request path: `record()` builds the event (a dict of allowlisted fields) and the access-log
+fields and hands them, as one `RequestRecord`, to a `RecordWriter` thread. The writer serialises each
+event once and writes a whole batch with one write() per sink; the access line goes to the
+`mediator.access` logger's handlers from the same thread. Memory is bounded (`max_pending` records
+waiting); the event loop never waits for a disk or a syslog socket; a record that does not fit is
+dropped and counted (`mediator_audit_records_dropped_total`, and a warning at most every 10 s).
+Thread-safety: `logging` handlers lock internally; one AuditLog per application, closed at cleanup
+(which writes every record still waiting).
 """
 
 from __future__ import annotations
@@ -16,13 +24,21 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mediator.config.operations import AuditConfig
+from mediator.logs import JsonEvent
 from mediator.pipeline import Exchange
+
+log = logging.getLogger("mediator.audit_writer")
+access_log = logging.getLogger("mediator.access")
 
 EXTENSION_BASE = "https://openimis-mediator.org/fhir/StructureDefinition/"
 # IHE Basic Audit Log Patterns: the X-Request-Id of a RESTful exchange is an entity of this type.
@@ -125,6 +141,30 @@ class SizeAndAgeRotatingFileHandler(logging.handlers.RotatingFileHandler):
         self._opened_at = time.time()
         self.prune()
 
+    def write_lines(self, lines: list[str]) -> None:
+        """A batch of lines with one write() (or one per file when the batch crosses a rotation): the
+        same size and age bounds as emit(), checked per line against a size counted here, not lseek'd."""
+        with self.lock:  # type: ignore[union-attr]  # logging creates it in Handler.__init__
+            if self.stream is None:
+                self.stream = self._open()
+            size = self.stream.tell()
+            if size > 0 and time.time() - self._opened_at >= self.rotate_after_s:
+                self.doRollover()
+                size = 0
+            chunk: list[str] = []
+            for line in lines:
+                text = line + "\n"
+                length = len(text.encode("utf-8"))
+                if size > 0 and size + length > self.maxBytes:
+                    self.stream.write("".join(chunk))
+                    chunk = []
+                    self.doRollover()
+                    size = 0
+                chunk.append(text)
+                size += length
+            self.stream.write("".join(chunk))
+            self.stream.flush()
+
     def rotated_files(self) -> list[Path]:
         base = Path(self.baseFilename)
         return sorted(p for p in base.parent.glob(base.name + ".*") if p.suffix[1:].isdigit())
@@ -144,10 +184,95 @@ class _Message(logging.Formatter):
         return record.getMessage()
 
 
-class AuditLog:
-    """Where audit events go. `record()` never raises into the request (logging reports its own errors)."""
+@dataclass(slots=True)
+class RequestRecord:
+    """What one answered request leaves behind: its audit event and its access-log fields (None when the
+    access log is off), built on the request path, serialised and written by the writer thread."""
 
-    def __init__(self, handlers: list[logging.Handler]) -> None:
+    event: dict[str, Any]
+    access: dict[str, Any] | None
+    request_id: str
+    created: float
+
+
+class RecordWriter:
+    """One thread writing batches handed over by the event loop: bounded, never blocking the caller.
+
+    `submit` only appends to a deque (atomic under the GIL) and wakes the thread when it is idle; when
+    `max_pending` records are already waiting the record is dropped and `on_drop` is called (a metric)."""
+
+    def __init__(self, write: Callable[[list[RequestRecord]], None], max_pending: int,
+                 on_drop: Callable[[], None] | None = None) -> None:
+        self._write = write
+        self._pending: deque[RequestRecord] = deque()
+        self._max_pending = max_pending
+        self._on_drop = on_drop
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closing = False
+        self.dropped = 0
+        self._last_drop_warning = 0.0
+        self._thread = threading.Thread(target=self._run, name="mediator-audit-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: RequestRecord) -> bool:
+        if len(self._pending) >= self._max_pending or self._closing:
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop()
+            now = time.monotonic()
+            if now - self._last_drop_warning > 10:
+                self._last_drop_warning = now
+                log.warning("audit writer: %d records waiting, record of request %s dropped (%d so far)",
+                            len(self._pending), record.request_id, self.dropped)
+            return False
+        self._pending.append(record)
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                self._idle.clear()
+                batch = []
+                while self._pending and len(batch) < 1000:
+                    batch.append(self._pending.popleft())
+                try:
+                    self._write(batch)
+                except Exception:  # a sink error must not stop the writer; logging reports it
+                    log.exception("audit writer: writing %d records failed", len(batch))
+            self._idle.set()
+            if self._closing and not self._pending:
+                return
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every submitted record is written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending or not self._idle.is_set():
+            if time.monotonic() > deadline:
+                return False
+            self._wake.set()
+            time.sleep(0.001)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+
+class AuditLog:
+    """Where audit events (and the access log lines) go. `record()` never raises into the request and
+    never waits for a sink (see RecordWriter)."""
+
+    DEFAULT_MAX_PENDING = 10_000
+
+    def __init__(self, handlers: list[logging.Handler], max_pending: int = DEFAULT_MAX_PENDING,
+                 on_drop: Callable[[], None] | None = None) -> None:
         # A private logger (not in logging's registry): no propagation into the application log, and
         # several applications in one process (tests, reload) do not share handlers.
         self.logger = logging.Logger("mediator.audit", logging.INFO)
@@ -155,11 +280,15 @@ class AuditLog:
         for handler in handlers:
             handler.setFormatter(_Message())
             self.logger.addHandler(handler)
+        self._files = [h for h in handlers if isinstance(h, SizeAndAgeRotatingFileHandler)]
+        self._others = [h for h in handlers if not isinstance(h, SizeAndAgeRotatingFileHandler)]
+        self.writer = RecordWriter(self._write, max_pending, on_drop)
 
     @classmethod
-    def from_config(cls, config: AuditConfig | None, root: Path) -> AuditLog:
+    def from_config(cls, config: AuditConfig | None, root: Path,
+                    on_drop: Callable[[], None] | None = None) -> AuditLog:
         if config is None:
-            return cls([logging.StreamHandler(sys.stderr)])
+            return cls([logging.StreamHandler(sys.stderr)], on_drop=on_drop)
         path = Path(config.file)
         if not path.is_absolute():
             path = root / path
@@ -172,16 +301,37 @@ class AuditLog:
                 facility=logging.handlers.SysLogHandler.facility_names[config.syslog.facility])
             syslog.ident = "openimis-mediator: "
             handlers.append(syslog)
-        return cls(handlers)
+        return cls(handlers, config.max_pending, on_drop)
 
-    def record(self, exchange: Exchange, status: int, reason: str) -> None:
-        event = audit_event(exchange, status, reason, time.time())
-        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-        # makeRecord + handle is Logger.info without findCaller's stack walk: the event names its own
-        # source, and the formatter writes the message only.
-        self.logger.handle(self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, text, None, None))
+    def record(self, exchange: Exchange, status: int, reason: str,
+               access: dict[str, Any] | None = None) -> None:
+        """Hand this request's audit event (and access-log fields) to the writer; returns at once."""
+        now = time.time()
+        self.writer.submit(RequestRecord(audit_event(exchange, status, reason, now), access,
+                                         exchange.request_id, now))
+
+    def _write(self, batch: list[RequestRecord]) -> None:
+        """Writer thread: each event serialised once; one write per file sink per batch."""
+        lines = [json.dumps(r.event, separators=(",", ":"), ensure_ascii=False) for r in batch]
+        for handler in self._files:
+            handler.write_lines(lines)
+        for handler in self._others:
+            for line in lines:
+                # makeRecord + handle is Logger.info without findCaller's stack walk.
+                handler.handle(self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, line, None, None))
+        for r in batch:
+            if r.access is not None:
+                entry = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, JsonEvent(r.access),
+                                              None, None)
+                entry.created, entry.msecs = r.created, (r.created % 1) * 1000
+                entry.request_id = r.request_id  # the writer thread has no request context
+                access_log.handle(entry)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        return self.writer.flush(timeout_s)
 
     def close(self) -> None:
+        self.writer.close()
         for handler in self.handlers:
             self.logger.removeHandler(handler)
             handler.close()
