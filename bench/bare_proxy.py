@@ -60,8 +60,13 @@ async def serve(port: int, upstream: str, tls: list[str] | None) -> None:
     await runner.cleanup()
 
 
-def worker(port: int, upstream: str, tls: list[str] | None) -> None:
-    asyncio.run(serve(port, upstream, tls))
+def worker(port: int, upstream: str, tls: list[str] | None, uvloop: bool) -> None:
+    if uvloop:
+        import uvloop as uv
+
+        uv.run(serve(port, upstream, tls))
+    else:
+        asyncio.run(serve(port, upstream, tls))
 
 
 def main() -> None:
@@ -70,8 +75,9 @@ def main() -> None:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"))
+    parser.add_argument("--uvloop", action="store_true", help="libuv's event loop (the mediator's --event-loop uvloop)")
     args = parser.parse_args()
-    processes = [multiprocessing.Process(target=worker, args=(args.port, args.upstream, args.tls))
+    processes = [multiprocessing.Process(target=worker, args=(args.port, args.upstream, args.tls, args.uvloop))
                  for _ in range(args.workers)]
     for process in processes:
         process.start()

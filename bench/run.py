@@ -289,8 +289,11 @@ def installed_policy_keys() -> set[str]:
     return set(POLICY_FILES) | {f"server.{name}" for name in ServerConfig.model_fields}
 
 
+RECONCILE_YAML = "reconcile:\n  interval_ms: 50\n  max_stale_s: 2\n"
+
+
 def write_mediator_config(root: Path, port: int, upstream_port: int, features: list[Feature],
-                          fill: dict[str, str], tls: Path | None = None) -> None:
+                          fill: dict[str, str], tls: Path | None = None, reconcile: bool = False) -> None:
     """`tls`: a folder with server.crt/key and ca.crt: the listener terminates TLS and requires a client
     certificate (production's mTLS setup); the bench client then authenticates by its certificate."""
     channel_extra = "".join(f.channel_yaml for f in features)
@@ -326,7 +329,10 @@ def write_mediator_config(root: Path, port: int, upstream_port: int, features: l
     (root / "channels.yaml").write_text(text)
     for feature in features:
         for name, policy in feature.policies.items():
-            (root / "policies" / name).write_text(textwrap.dedent(policy))
+            text = textwrap.dedent(policy)
+            if name == "rate_limits.yaml" and reconcile:
+                text += RECONCILE_YAML
+            (root / "policies" / name).write_text(text)
         if feature.prepare is not None:
             feature.prepare(root)
 
@@ -601,6 +607,13 @@ def open_loop(target: Target, rate: float, args: argparse.Namespace, tmp: Path) 
 
 # ---------------------------------------------------------------------------------------------------
 
+def bare_for(name: str, tls: bool, closed: dict[str, dict[str, float]]) -> str:
+    """The bare proxy a target is compared with: same TLS, same event loop."""
+    if tls:
+        return "bare-tls"
+    return "bare-uvloop" if "uvloop" in name and "bare-uvloop" in closed else "bare"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=8, help="seconds per measurement (max 60)")
@@ -618,7 +631,12 @@ def main() -> int:
     parser.add_argument("--baseline-src", type=Path,
                         help="a checkout of another mediator version (e.g. `git worktree add --detach /tmp/base "
                              "main`): measured as `before` in the same run, from the same venv")
-    parser.add_argument("--uvloop", action="store_true", help="also measure the mediator with --event-loop uvloop")
+    parser.add_argument("--rate-limits", choices=("reconciled", "per-request"), default="reconciled",
+                        help="the mediator's rate-limit mode: reconciled (policy `reconcile:`, decided locally) or "
+                             "per-request (one Redis round trip per request)")
+    parser.add_argument("--levers", action="store_true",
+                        help="also measure, in the same run, the mediator with per-request rate limits and with "
+                             "--event-loop uvloop (what each lever gives)")
     parser.add_argument("--fixed-rate", type=float,
                         help="open-loop rate in req/s (default: half the mediator's saturation, per variant)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -652,12 +670,13 @@ def main() -> int:
         subprocess.run([str(BIN / "openimis-mediator"), "certs", "--out", str(pki), "--client", "bench-hms"],
                        check=True, capture_output=True)
 
-        def start_mediator(name: str, tls: bool, extra: list[str], source: Path | None = None) -> tuple[
-                subprocess.Popen[bytes], int]:
+        def start_mediator(name: str, tls: bool, extra: list[str], source: Path | None,
+                           reconcile: bool) -> tuple[subprocess.Popen[bytes], int]:
             port = free_port()
             root = tmp / name
             write_mediator_config(root, port, upstream_port, features,
-                                  {"metrics_port": str(free_port()), "run_id": run_id}, pki if tls else None)
+                                  {"metrics_port": str(free_port()), "run_id": run_id}, pki if tls else None,
+                                  reconcile)
             argv = [sys.executable, "-m", "mediator", "--log-level", args.log_level, "serve", "--config",
                     str(root), "--workers", str(args.workers)] + extra
             if args.profile and name == "mediator":
@@ -668,22 +687,29 @@ def main() -> int:
             return processes.start(argv, tmp / f"{name}.log", env=menv), port
 
         mediators: dict[str, tuple[subprocess.Popen[bytes], int, bool]] = {}
-        plan: list[tuple[str, bool, list[str], Path | None]] = []
+        reconciled = args.rate_limits == "reconciled"
+        plan: list[tuple[str, bool, list[str], Path | None, bool]] = []
         for variant in ("plain", "mtls"):
             if variant not in variants:
                 continue
             tls = variant == "mtls"
             suffix = "-mtls" if tls else ""
-            if args.baseline_src is not None:
-                plan.append(("before" + suffix, tls, [], args.baseline_src))
-            plan.append(("mediator" + suffix, tls, [], None))
-            if args.uvloop:
-                plan.append(("mediator-uvloop" + suffix, tls, ["--event-loop", "uvloop"], None))
-        for name, tls, extra, source in plan:
-            process, port = start_mediator(name, tls, extra, source)
+            if args.baseline_src is not None and not tls:
+                plan.append(("before", tls, [], args.baseline_src, False))  # its policy schema has no reconcile
+            plan.append(("mediator" + suffix, tls, [], None, reconciled))
+            if args.levers and not tls:
+                if reconciled:
+                    plan.append(("mediator-rl-per-request", tls, [], None, False))
+                plan.append(("mediator-uvloop", tls, ["--event-loop", "uvloop"], None, reconciled))
+        for name, tls, extra, source, reconcile in plan:
+            process, port = start_mediator(name, tls, extra, source, reconcile)
             mediators[name] = (process, port, tls)
         bare = processes.start([sys.executable, str(HERE / "bare_proxy.py"), "--port", str(bare_port),
                                 "--upstream", upstream_base, "--workers", str(args.workers)], tmp / "bare.log")
+        bare_uv_port = free_port()
+        bare_uv = processes.start([sys.executable, str(HERE / "bare_proxy.py"), "--port", str(bare_uv_port),
+                                   "--upstream", upstream_base, "--workers", str(args.workers), "--uvloop"],
+                                  tmp / "bare-uvloop.log") if args.levers and "plain" in variants else None
         bare_tls_port = free_port()
         bare_tls = processes.start([sys.executable, str(HERE / "bare_proxy.py"), "--port", str(bare_tls_port),
                                     "--upstream", upstream_base, "--workers", str(args.workers), "--tls",
@@ -716,21 +742,16 @@ def main() -> int:
         wait_for_200(upstream_base + "Medication/", upstream, tmp / "upstream.log")
         wait_for_200(f"http://127.0.0.1:{nginx_port}{FHIR_PATH}", nginx, tmp / "nginx.log")
         wait_for_200(f"http://127.0.0.1:{bare_port}{FHIR_PATH}", bare, tmp / "bare.log")
-        plain_origin = None
         for name, (process, port, tls) in mediators.items():
             if tls:
                 assert front is not None
                 wait_for_200(f"http://127.0.0.1:{fronts[name]}/healthz", front, tmp / "front.log")
             else:
                 wait_for_200(f"http://127.0.0.1:{port}/healthz", process, tmp / f"{name}.log")
-                plain_origin = plain_origin or f"http://127.0.0.1:{port}"
 
         fresh_count = int(args.duration * 6000 / args.fresh_every) if args.fresh_every else 0
         started = time.perf_counter()
         mixes = {"plain": make_token_mix("", 0, 0, 0), "mtls": make_token_mix("", 0, 0, 0)}
-        access_token = None
-        if plain_origin is not None:
-            access_token = BENCH_IDENTITY.access_token(plain_origin)
         # Each mediator checks `aud` against its own public base URL: one token mix per mediator port.
         scripts: dict[str, Path] = {}
         open_headers: dict[str, dict[str, str]] = {}
@@ -738,7 +759,8 @@ def main() -> int:
             audience = f"{'https' if tls else 'http'}://127.0.0.1:{port}/fhir/"
             mix = make_token_mix(audience, args.repeated_users, args.fresh_every, fresh_count)
             mixes["mtls" if tls else "plain"] = mix
-            authorization = None if tls else f"Bearer {access_token}"
+            # The access token's issuer is the mediator's own origin: one per mediator.
+            authorization = None if tls else f"Bearer {BENCH_IDENTITY.access_token(f'http://127.0.0.1:{port}')}"
             scripts[name] = tmp / f"{name}.lua"
             scripts[name].write_text(wrk_script(mix, authorization, FHIR_PATH))
             open_headers[name] = {"X-User-Token": mix.repeated[0]}
@@ -749,7 +771,7 @@ def main() -> int:
         any_plain = next((n for n, (_, _, t) in mediators.items() if not t), None)
         any_tls = next((n for n, (_, _, t) in mediators.items() if t), None)
         for name, process, tls in (("upstream", upstream, False), ("nginx", nginx, False), ("bare", bare, False),
-                                   ("bare-tls", bare_tls, True)):
+                                   ("bare-uvloop", bare_uv, False), ("bare-tls", bare_tls, True)):
             source = any_tls if tls else any_plain
             if process is not None and source is not None:
                 scripts[name], open_headers[name] = tmp / f"{name}.lua", open_headers[source]
@@ -771,6 +793,10 @@ def main() -> int:
                                       open_headers["nginx"])
             targets["bare"] = Target("bare", f"http://127.0.0.1:{bare_port}{FHIR_PATH}", bare, scripts["bare"],
                                      open_headers["bare"])
+            if bare_uv is not None:
+                wait_for_200(f"http://127.0.0.1:{bare_uv_port}{FHIR_PATH}", bare_uv, tmp / "bare-uvloop.log")
+                targets["bare-uvloop"] = Target("bare-uvloop", f"http://127.0.0.1:{bare_uv_port}{FHIR_PATH}", bare_uv,
+                                                scripts["bare-uvloop"], open_headers["bare-uvloop"])
         for name, (process, port, tls) in mediators.items():
             if not tls:
                 targets[name] = Target(name, f"http://127.0.0.1:{port}{FHIR_PATH}", process, scripts[name],
@@ -814,7 +840,7 @@ def main() -> int:
               f"{'load':>5} | {'errors':>6} |")
         print("|" + "|".join("-" * (w + 2) for w in (22, 8, 7, 7, 10, 6, 12, 16, 9, 5, 6)) + "|")
         for name, r in closed.items():
-            base = closed.get("bare-tls" if targets[name].tls_front else "bare")
+            base = closed.get(bare_for(name, targets[name].tls_front, closed))
             ratio = r["cpu_us_per_request"] / base["cpu_us_per_request"] if base else float("nan")
             print(f"| {name:22} | {r['rps']:8.0f} | {r['p50_ms']:7.2f} | {r['p99_ms']:7.2f} | "
                   f"{r['cpu_us_per_request']:10.0f} | {ratio:6.2f} | {r['redis_cpu_us_per_request']:12.0f} | "
@@ -848,8 +874,8 @@ def main() -> int:
               "same TLS front)")
 
         targets_met: dict[str, dict[str, object]] = {}
-        for mediator_name, bare_name in (("mediator", "bare"), ("mediator-mtls", "bare-tls"),
-                                         ("mediator-uvloop", "bare"), ("mediator-uvloop-mtls", "bare-tls")):
+        for mediator_name, (_, _, tls) in mediators.items():
+            bare_name = bare_for(mediator_name, tls, closed)
             if mediator_name in closed and bare_name in closed:
                 ratio = closed[mediator_name]["cpu_us_per_request"] / closed[bare_name]["cpu_us_per_request"]
                 added = fixed[mediator_name]["p99_added_ms"]
@@ -860,6 +886,20 @@ def main() -> int:
             print(f"targets, {name}: CPU per request {t['cpu_ratio_to_bare']:.2f}× bare (<= 2: "
                   f"{'met' if t['cpu_met'] else 'NOT met'}); p99 added at half saturation {t['p99_added_ms']:.2f} ms "
                   f"(<= 2 ms: {'met' if t['p99_met'] else 'NOT met'})")
+        if args.levers or args.baseline_src:
+            print()
+            print("levers (same run): CPU µs per request of the mediator's processes, and the change")
+            steps = [("before", "main (baseline)"), ("mediator-rl-per-request", "+ audit/access background writer"),
+                     ("mediator", "+ rate limits reconciled (local decisions)"),
+                     ("mediator-uvloop", "+ uvloop")]
+            previous = None
+            for name, label in steps:
+                if name in closed:
+                    value = closed[name]["cpu_us_per_request"]
+                    change = f"{value - previous:+.0f}" if previous is not None else ""
+                    print(f"  {label:45} {name:25} {value:7.0f} µs/req {change:>7}  "
+                          f"{closed[name]['rps']:6.0f} req/s")
+                    previous = value
         saturated = [n for n, r in fixed.items() if r["generator_cpu_pct_of_core"] > 80] + \
                     [n for n, r in fixed.items() if r["achieved_rate"] < 0.95 * r["rate"]]
         if saturated:

@@ -62,7 +62,7 @@ class Reconcile(Strict):
     interval_ms: int = Field(50, ge=10, le=5000)
     """At most this long between two reconciliations of an instance that keeps admitting requests."""
     max_stale_s: float = Field(2.0, gt=0, le=60)
-    """When the last successful reconciliation is older than this (Redis unreachable), each limit's
+    """When reconciliations have been failing for longer than this (Redis unreachable), each limit's
     on_store_error applies: deny refuses with 503 rate_limit.store_unavailable, local keeps counting here."""
 
 

@@ -253,9 +253,20 @@ class ReconciledGcraStore:
         self._next_at = 0.0
         self.last_success = time.monotonic()
         """monotonic time of the last successful reconciliation (start counts as one)."""
+        self._failing_since: float | None = None
 
     def stale(self) -> bool:
-        return time.monotonic() - self.last_success > self._max_stale_s
+        """Reconciliations have been failing for longer than max_stale_s (an idle instance is not stale)."""
+        return self._failing_since is not None and time.monotonic() - self._failing_since > self._max_stale_s
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self._on_error(exc)
+
+    def _succeeded(self) -> None:
+        self.last_success = time.monotonic()
+        self._failing_since = None
 
     def apply(self, keys: Sequence[str], limits: Sequence[GcraLimit], cost: int) -> tuple[Decision, list[GcraResult]]:
         now = now_us()
@@ -294,9 +305,9 @@ class ReconciledGcraStore:
                 try:
                     await self._redis.client.ping()
                 except STORE_ERRORS as exc:
-                    self._on_error(exc)
+                    self._failed(exc)
                     return
-                self.last_success = time.monotonic()
+                self._succeeded()
             return
         if self._script is None:
             self._script = self._redis.client.register_script(REDIS_RECONCILE)
@@ -306,18 +317,19 @@ class ReconciledGcraStore:
                 chunk = keys[start:start + self.MAX_KEYS_PER_CALL]
                 sent = now_us()
                 reply = await self._script(keys=[self._redis.key("rl", k) for k in chunk],
-                                           args=[charged.pop(k) for k in chunk])
+                                           args=[charged[k] for k in chunk])
                 offset = int(reply[0]) - (sent + now_us()) // 2  # Redis clock minus ours (± half a round trip)
                 for key, shared in zip(chunk, reply[1:], strict=True):
+                    del charged[key]  # reported: not to be sent again if a later chunk fails
                     view = int(shared) - offset
                     if view > self._tats.get(key, 0):
                         self._tats[key] = view
         except STORE_ERRORS as exc:
             for key, amount in charged.items():
                 self._charged[key] = self._charged.get(key, 0) + amount
-            self._on_error(exc)
+            self._failed(exc)
             return
-        self.last_success = time.monotonic()
+        self._succeeded()
         if len(self._tats) > self._max_keys:
             now = now_us()
             self._tats = {k: v for k, v in self._tats.items() if v > now or k in self._charged}
