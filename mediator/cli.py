@@ -67,7 +67,8 @@ def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | 
 def _run(sites: list[Site], event_loop: str = "asyncio") -> int:
     """Serve until stopped; a listener that cannot bind is one line on stderr and exit 1 (no traceback)."""
     factory = _loop_factory(event_loop)
-    logging.getLogger("mediator.server").info("event loop: %s", event_loop)
+    if factory is not None:  # the default says nothing (a port in use stays a one-line error)
+        logging.getLogger("mediator.server").info("event loop: %s", event_loop)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(run_sites(sites))
