@@ -147,7 +147,8 @@ class SizeAndAgeRotatingFileHandler(logging.handlers.RotatingFileHandler):
         with self.lock:  # type: ignore[union-attr]  # logging creates it in Handler.__init__
             if self.stream is None:
                 self.stream = self._open()
-            size = self.stream.tell()
+            stream = self.stream
+            size = stream.tell()
             if size > 0 and time.time() - self._opened_at >= self.rotate_after_s:
                 self.doRollover()
                 size = 0
@@ -156,14 +157,16 @@ class SizeAndAgeRotatingFileHandler(logging.handlers.RotatingFileHandler):
                 text = line + "\n"
                 length = len(text.encode("utf-8"))
                 if size > 0 and size + length > self.maxBytes:
-                    self.stream.write("".join(chunk))
+                    stream.write("".join(chunk))
                     chunk = []
                     self.doRollover()
+                    stream = self.stream
+                    assert stream is not None  # doRollover reopens (delay is off)
                     size = 0
                 chunk.append(text)
                 size += length
-            self.stream.write("".join(chunk))
-            self.stream.flush()
+            stream.write("".join(chunk))
+            stream.flush()
 
     def rotated_files(self) -> list[Path]:
         base = Path(self.baseFilename)
@@ -270,7 +273,7 @@ class RecordWriter:
             self._wake.clear()
             while self._pending:
                 self._idle.clear()
-                batch = []
+                batch: list[RequestRecord] = []
                 while self._pending and len(batch) < 1000:
                     batch.append(self._pending.popleft())
                 try:
@@ -347,15 +350,15 @@ class AuditLog:
         lines = [json.dumps(r.event, separators=(",", ":"), ensure_ascii=False) for r in batch]
         for handler in self._files:
             handler.write_lines(lines)
-        for handler in self._others:
+        for other in self._others:
             for line in lines:
                 # makeRecord + handle is Logger.info without findCaller's stack walk.
-                handler.handle(self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, line, None, None))
+                other.handle(self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, line, (), None))
         entries = []
         for r in batch:
             if r.access is not None:
                 entry = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, JsonEvent(r.access),
-                                              None, None)
+                                              (), None)
                 entry.created, entry.msecs = r.created, (r.created % 1) * 1000
                 entry.request_id = r.request_id  # the writer thread has no request context
                 if access_log.filter(entry):

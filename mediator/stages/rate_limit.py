@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from redis.commands.core import AsyncScript
+
 from mediator.config import Config
 from mediator.config.rate_limits import RateLimit, RateLimitsPolicy, Reconcile
 from mediator.metrics import Metrics
@@ -192,7 +194,7 @@ class RedisGcraStore:
 
     def __init__(self, redis: RedisStore) -> None:
         self._redis = redis
-        self._script = None
+        self._script: AsyncScript | None = None
 
     async def apply(self, keys: Sequence[str], limits: Sequence[GcraLimit], cost: int,
                     now: int | None = None) -> tuple[Decision, list[GcraResult]]:
@@ -248,7 +250,7 @@ class ReconciledGcraStore:
         self._max_keys = max_keys
         self._tats: dict[str, int] = {}
         self._charged: dict[str, int] = {}
-        self._script = None
+        self._script: AsyncScript | None = None
         self._task: asyncio.Task[None] | None = None
         self._next_at = 0.0
         self.last_success = time.monotonic()
