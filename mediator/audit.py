@@ -198,11 +198,13 @@ def write_access_lines(entries: list[logging.LogRecord]) -> None:
             accepted = [e for e in entries if e.levelno >= handler.level and handler.filter(e)]
             if not accepted:
                 continue
-            if type(handler) is logging.StreamHandler or type(handler) is logging.FileHandler:
+            stream = getattr(handler, "stream", None) if type(handler) in (logging.StreamHandler,
+                                                                           logging.FileHandler) else None
+            if stream is not None:  # (a FileHandler opened with delay has none yet: handle() opens it)
                 with handler.lock:  # type: ignore[union-attr]
                     try:
-                        stream = handler.stream
-                        stream.write("".join(handler.format(e) + handler.terminator for e in accepted))
+                        terminator = getattr(handler, "terminator", "\n")
+                        stream.write("".join(handler.format(e) + terminator for e in accepted))
                         stream.flush()
                     except Exception:
                         handler.handleError(accepted[0])
