@@ -293,6 +293,8 @@ class ReconciledGcraStore:
     async def _reconcile_in_background(self) -> None:
         try:
             await self.reconcile()
+        except Exception:  # not a Redis error (those are handled inside): logged, the next call retries
+            log.exception("rate limit reconciliation failed")
         finally:
             self._task = None
             if self._charged:  # admitted while this call was in flight: report them next interval
