@@ -1,18 +1,20 @@
-"""Mediator overhead against nginx, in one run on one machine (README "Benchmarks").
+"""Mediator CPU and latency against a bare aiohttp proxy and nginx, in one run on one machine (README
+"Benchmarks").
 
-Starts, all on loopback and on free ports:
-  * a fast openIMIS imitation (bench/upstream.py: login + a fixed small Bundle),
-  * nginx as a pure reverse proxy in front of it (foreground, config and temp files in a temp dir),
-  * a bare aiohttp pass-through proxy (bench/bare_proxy.py): the framework's own ceiling,
-  * the mediator (`openimis-mediator serve`, with `--workers N` when the CLI has it) with every
-    pipeline stage the installed mediator has (see FEATURES),
-then drives each with the same closed-loop load (wrk), prints throughput and p50/p99 side by side
-with the mediator/nginx ratios, and finally measures p99 latency at half of the mediator's
-saturation throughput with a fixed-rate open-loop generator (bench/openloop.py) against the
-upstream directly, nginx and the mediator: "added latency" is the difference to the direct path.
+Starts, all on loopback and on free ports, each in its own session: a fast openIMIS imitation
+(bench/upstream.py), nginx as a pure reverse proxy, the bare aiohttp pass-through proxy
+(bench/bare_proxy.py; also on uvloop and with TLS + client certificates), and `openimis-mediator serve
+--workers N` with every pipeline stage the installed mediator has (FEATURES), plain and behind TLS with
+client certificates (an nginx TLS client in front, since wrk and h2load present none). Optionally the
+mediator of another checkout (`--baseline-src`) and the levers of issue 18 (`--levers`) in the same run.
 
-Usage: .venv/bin/python bench/run.py [--duration 10] [--connections 50] [--json out.json]
-Every run is bounded: at most 60 s per measurement and a fixed number of measurements.
+Requests carry a stated token mix (every N-th user token fresh, the others repeated). Closed loop: wrk at
+saturation, interleaved rounds; CPU µs per request of each target's processes from /proc. Open loop:
+staggered single-connection h2load processes at half the mediator's saturation; p99 added against the
+direct path. Load averages per measurement; `--json` for CI.
+
+Usage: .venv/bin/python bench/run.py [--duration 6] [--rounds 3] [--levers] [--baseline-src DIR] [--json F]
+Every run is bounded: at most 60 s per measurement and a fixed list of measurements.
 """
 
 from __future__ import annotations
