@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export OPENIMIS_USERNAME ?= Admin
 export OPENIMIS_PASSWORD ?= admin123
 
-.PHONY: run test install certs redis check lint bench clean
+.PHONY: run test install certs redis promtool check lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,10 @@ run: install certs check
 redis:
 	@bash deploy/dev/ensure-redis.sh
 
-test: install redis
+promtool:
+	@bash deploy/dev/ensure-promtool.sh
+
+test: install redis promtool
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from mediator.async_claims import AsyncClaims, make_status_handler
 from mediator.audit import AuditLog
 from mediator.bulkhead import UpstreamGuard, UpstreamRefused
 from mediator.config import Config
@@ -64,11 +65,16 @@ class Runtime:
     redis: RedisStore
     protection: LoadProtection
     replica: Replica | None = None
+    async_claims: AsyncClaims | None = None
+    """Queued claim submission (mediator/async_claims); None when no channel has async_submission."""
+    audit: AuditLog | None = None
+    """The app's audit trail, for events without a request (the queue's final outcomes); kept on reload."""
     in_flight: int = 0
     """Requests using this runtime now; a reload closes retired resources once it is 0."""
 
     @classmethod
-    def build(cls, config: Config, metrics: Metrics, previous: Runtime | None = None) -> Runtime:
+    def build(cls, config: Config, metrics: Metrics, previous: Runtime | None = None,
+              audit: AuditLog | None = None) -> Runtime:
         """Compile `config`. `previous` (on a reload): the running runtime, whose resources are reused
         where their settings are unchanged. Reuse is decided first, and the stages, load protection and
         replica are built with these final objects, so nothing here points at an unstarted one."""
@@ -100,8 +106,10 @@ class Runtime:
             else None)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
             else Replica.from_config(config, upstreams, metrics)
+        audit = audit if audit is not None else previous.audit if previous is not None else None
+        async_claims = AsyncClaims.from_config(config, redis, upstreams, protection, metrics, audit)
         return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
-                   redis, protection, replica)
+                   redis, protection, replica, async_claims=async_claims, audit=audit)
 
     async def start_new(self, previous: Runtime | None) -> None:
         """Start the resources this runtime did not take over from `previous` (None: all of them). If one
@@ -115,6 +123,8 @@ class Runtime:
             if self.replica is not None and (previous is None or previous.replica is not self.replica):
                 await self.replica.start()
                 self.replica.start_schedule()
+            if self.async_claims is not None and (previous is None or previous.async_claims is not self.async_claims):
+                self.async_claims.start()
         except BaseException:
             await self.close_retired(previous)
             raise
@@ -124,6 +134,9 @@ class Runtime:
         first lets the requests on this runtime finish (see mediator.reload). A close that fails is
         logged and the others still run."""
         closes: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        queue = self.async_claims
+        if queue is not None and (next_runtime is None or next_runtime.async_claims is not queue):
+            closes.append(("async claims", queue.close))  # first: its deliveries use an upstream
         if self.replica is not None and (next_runtime is None or next_runtime.replica is not self.replica):
             closes.append(("replica", self.replica.close))  # first: its sync task uses an upstream
         closes.append(("identity", lambda: self.identity.close_retired(
@@ -171,6 +184,9 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     request = exchange.request
     # The request stage parsed it; these are the bytes that document was parsed from.
     body = exchange.body.raw if exchange.body is not None else None
+    if runtime.async_claims is not None and runtime.async_claims.wants(exchange):
+        return await runtime.async_claims.accept(exchange, runtime.protection.idempotency,
+                                                 runtime.protection.entry_checks)
     if channel.config.serve_from == "replica" and runtime.replica is not None:
         answered = await runtime.replica.reader.answer(request, fhir)
         if answered is not None:  # None: not a replicated read/search, or the replica falls back upstream
@@ -298,9 +314,9 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     limits = config.channels.server.limits
     app = web.Application(client_max_size=limits.max_body_bytes)
     app[METRICS] = metrics
-    app[RUNTIME] = RuntimeHolder(Runtime.build(config, metrics))
     app[AUDIT] = AuditLog.from_config(config.channels.server.audit, config.root,
                                       on_drop=metrics.audit_records_dropped.inc)
+    app[RUNTIME] = RuntimeHolder(Runtime.build(config, metrics, audit=app[AUDIT]))
     app[READINESS] = Readiness()
     metrics.watch_upstreams(lambda: app[RUNTIME].current.upstreams)
 
@@ -323,6 +339,8 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.router.add_get("/.well-known/jwks.json", auth["jwks"])
     app.router.add_get("/.well-known/smart-configuration", auth["smart_configuration"])
     app.router.add_get(f"{prefix}.well-known/smart-configuration", auth["smart_configuration"])
+    app.router.add_get(f"{prefix}_async/{{job_id}}", make_status_handler(
+        lambda r: (r.app[RUNTIME].current.async_claims, r.app[RUNTIME].current.pipeline.stages)))
     app.router.add_route("*", "/{tail:.*}", handle_fhir)
     return app
 

@@ -347,6 +347,11 @@ class AuditLog:
         self.writer.submit(RequestRecord(audit_event(exchange, status, reason, now), access,
                                          exchange.request_id, now))
 
+    def record_event(self, event: dict[str, Any]) -> None:
+        """Hand over an AuditEvent built elsewhere (the claim queue's final outcomes, which have no
+        request and no access line); written like the others."""
+        self.writer.submit(RequestRecord(event, None, "-", time.time()))
+
     def _write(self, batch: list[RequestRecord]) -> None:
         """Writer thread: each event serialised once; one write per file sink per batch."""
         lines = [json.dumps(r.event, separators=(",", ":"), ensure_ascii=False) for r in batch]

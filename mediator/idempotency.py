@@ -40,7 +40,8 @@ log = logging.getLogger("mediator.idempotency")
 
 MAX_KEY_LENGTH = 255
 # Answer headers worth replaying; the rest (Date, Server, X-Request-ID) belong to the new exchange.
-REPLAYED_HEADERS = ("Content-Type", "Location", "ETag", "Last-Modified", "Content-Language")
+# Content-Location: a repeated queued submission (202) points at the same status URL (mediator/async_claims).
+REPLAYED_HEADERS = ("Content-Type", "Location", "Content-Location", "ETag", "Last-Modified", "Content-Language")
 
 
 class InvalidKey(ValueError):

@@ -219,7 +219,13 @@ class OpenImisUpstream:
     def _headers(self, request: web.Request, token: str | None, client_ip: str, request_id: str,
                  has_body: bool) -> dict[str, str]:
         headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS_TO_KEEP}
-        headers["Accept"] = PLAIN_JSON
+        headers.update(self.service_headers(token, client_ip, request_id, has_body))
+        return headers
+
+    def service_headers(self, token: str | None, client_ip: str, request_id: str,
+                        has_body: bool) -> dict[str, str]:
+        """What the mediator itself always sends (also for the queued deliveries, which have no request)."""
+        headers = {"Accept": PLAIN_JSON}
         if has_body:
             headers["Content-Type"] = PLAIN_JSON
         headers["X-Forwarded-For"] = client_ip
@@ -283,6 +289,10 @@ class OpenImisUpstream:
         return self.to_client(request, reply)
 
     def to_client(self, request: web.Request, reply: UpstreamReply) -> web.Response:
+        return self.answer(reply, wants_fhir_json(request))
+
+    def answer(self, reply: UpstreamReply, fhir_json: bool) -> web.Response:
+        """openIMIS's reply as the client gets it: JSON checked, Location and Bundle links rewritten."""
         headers = {k: v for k, v in reply.headers.items() if k.lower() in RESPONSE_HEADERS_TO_KEEP}
         location = reply.headers.get("Location")
         if location:
@@ -304,7 +314,7 @@ class OpenImisUpstream:
                 self.rewriter.rewrite_bundle(document):
             body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if is_json:
-            content_type = FHIR_JSON if wants_fhir_json(request) else PLAIN_JSON
+            content_type = FHIR_JSON if fhir_json else PLAIN_JSON
         else:
             content_type = reply.content_type or "application/octet-stream"
         return web.Response(status=reply.status, body=body, headers=headers, content_type=content_type,

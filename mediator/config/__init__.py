@@ -189,6 +189,27 @@ def _channel_references(config: Config, docs: dict[str, SourcedDocument]) -> lis
 CROSS_CHECKS.append(_channel_references)
 
 
+def _async_submission_needs(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
+    """A queued channel (mediator/async_claims) needs a Redis (the queue must outlive the process) and
+    authenticated callers (its status URL answers only the submitting client)."""
+    problems = []
+    for i, channel in config.indexed_channels():
+        if channel.async_submission is None:
+            continue
+        if config.channels.server.redis is None:
+            problems.append(docs["channels"].problem(
+                ("channels", i, "async_submission"), f"channel {channel.name!r}: async_submission needs "
+                "server.redis (the queue must outlive this process)"))
+        if channel.authentication != "required":
+            problems.append(docs["channels"].problem(
+                ("channels", i, "async_submission"), f"channel {channel.name!r}: async_submission needs "
+                "authentication: required (the status URL answers only the submitting client)"))
+    return problems
+
+
+CROSS_CHECKS.append(_async_submission_needs)
+
+
 def _channel_ip_sets_exist(config: Config, docs: dict[str, SourcedDocument]) -> list[ConfigProblem]:
     ip_policy = config.policies.get("ip_allowlist")
     if not isinstance(ip_policy, IpAllowlistPolicy):

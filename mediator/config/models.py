@@ -219,6 +219,34 @@ class BatchConfig(Strict):
     """Entries of one batch in flight at once (all still inside the upstream bulkhead)."""
 
 
+class AsyncSubmissionConfig(Strict):
+    """Store-and-forward submission (mediator/async_claims): a POST Claim or batch Bundle that the whole
+    pipeline admitted is stored in a Redis stream and answered 202 + Content-Location of a status URL;
+    every instance drains the queue toward openIMIS inside the upstream bulkhead. Needs server.redis."""
+
+    mode: Literal["on_request", "always"] = "on_request"
+    """on_request (default): only requests sending `Prefer: respond-async` are queued; the others stay
+    synchronous. always: every POST Claim / batch on this channel is queued."""
+    drain_concurrency: int = Field(2, ge=1, le=256)
+    """Entries this instance delivers at once (each still takes an upstream bulkhead slot)."""
+    priority: Literal["interactive", "bulk"] | Annotated[int, Field(ge=0, le=100)] = "bulk"
+    """Bulkhead queue order of deliveries: bulk (10, default) lets interactive requests go first."""
+    retry_initial_s: PositiveSeconds = 1
+    """First backoff after a transient failure; doubled per attempt, with full jitter."""
+    retry_max_s: PositiveSeconds = 30
+    """Backoff ceiling."""
+    give_up_after_s: int = Field(86400, ge=10, le=30 * 86400)
+    """An entry still undelivered this long after it was accepted: final outcome 503 async.delivery_failed."""
+    result_retention_s: int = Field(7 * 86400, ge=60, le=90 * 86400)
+    """How long a final outcome stays readable at the status URL (then 404)."""
+    reclaim_idle_s: PositiveSeconds = 60
+    """An entry a consumer holds without a heartbeat this long (its instance died) is taken over by another."""
+    poll_interval_s: PositiveSeconds = 0.5
+    """Idle drain: how often an instance looks for new entries (it also wakes up on its own accepts)."""
+    status_retry_after_s: int = Field(2, ge=1, le=3600)
+    """Retry-After on the status URL while the submission is queued or in progress."""
+
+
 PRIORITY_NAMES = {"interactive": 50, "bulk": 10}
 
 
@@ -245,6 +273,8 @@ class ChannelConfig(Strict):
     """Absent: creates on this channel are forwarded as they come (a retried POST submits again)."""
     batch: BatchConfig | None = None
     """Absent: a POST to the FHIR base on this channel is refused (400 batch.not_enabled)."""
+    async_submission: AsyncSubmissionConfig | None = None
+    """Absent: claims are submitted synchronously (Prefer: respond-async is ignored). README "Queued claims"."""
 
     @property
     def priority_value(self) -> int:

@@ -1,0 +1,90 @@
+"""`GET <base>_async/<id>`: the status URL of a queued submission.
+
+The same network and authentication stages as the submission's channel run first (client IP, ip
+allowlist, authentication). Then the submission is shown only to its submitting client, and only to a
+caller bound to every health facility the submitter was bound to (the submitting user's facility's
+users); anyone else, and an unknown or expired id, gets the same 404 async.not_found.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from mediator.async_claims.service import AsyncClaims, status_error
+from mediator.fhir import operation_outcome_response
+from mediator.logs import JsonEvent
+from mediator.pipeline import Decision, Exchange, Principal, Stage, request_id_for
+from mediator.redis_store import STORE_ERRORS
+from mediator.stages.channel_match import Channel
+
+log = logging.getLogger("mediator.access")
+
+GUARD_STAGES = ("client_ip", "ip", "authentication")
+
+
+def may_see(principal: Principal | None, job: Any) -> bool:
+    if principal is None or principal.client_id != job.client:
+        return False
+    if job.facilities:
+        return bool(job.facilities <= principal.health_facilities)
+    return not principal.health_facilities  # submitted facility-less: only facility-less callers
+
+
+def _not_found() -> web.Response:
+    return operation_outcome_response(404, "async.not_found", "no such submission")
+
+
+RuntimeParts = Callable[[web.Request], tuple[AsyncClaims | None, tuple[Stage, ...]]]
+
+
+def make_status_handler(parts: RuntimeParts) -> Callable[[web.Request], Any]:
+    async def handle_status(request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        service, stages = parts(request)
+        exchange = Exchange(request, request_id_for(request))
+        response = await _answer(request, exchange, service, stages)
+        response.headers["X-Request-ID"] = exchange.request_id
+        reason = exchange.decisions[-1][1].reason if exchange.decisions else "none"
+        if log.isEnabledFor(logging.INFO):
+            log.info(JsonEvent({"request_id": exchange.request_id, "client_ip": str(exchange.client_ip),
+                                "method": request.method, "channel": "async-status", "interaction": "async-status",
+                                "resource_type": None, "status": response.status, "reason": reason,
+                                "ms": round((time.perf_counter() - started) * 1000, 2)}))
+        return response
+
+    return handle_status
+
+
+async def _answer(request: web.Request, exchange: Exchange, service: AsyncClaims | None,
+                  stages: tuple[Stage, ...]) -> web.Response:
+    if service is None:
+        exchange.decisions.append(("async", Decision.denied("async.not_found", 404, "")))
+        return _not_found()
+    job_id = request.match_info.get("job_id", "")
+    try:
+        job = await service.job_for(job_id) if job_id.isalnum() and len(job_id) == 32 else None
+    except STORE_ERRORS as exc:
+        exchange.decisions.append(("async", Decision.denied("async.store_unavailable", 503, "")))
+        return status_error(exc)
+    config = service.status_channel(job.channel if job is not None else None)
+    exchange.channel = Channel(config, re.compile(config.path))
+    by_name = {s.name: s for s in stages}
+    for name in GUARD_STAGES:
+        stage = by_name.get(name)
+        if stage is None:
+            continue
+        decision = await stage.run(exchange)
+        exchange.decisions.append((name, decision))
+        if not decision.allow:
+            return operation_outcome_response(decision.status, decision.reason, decision.message, decision.headers)
+    if job is None or not may_see(exchange.principal, job):
+        exchange.decisions.append(("async", Decision.denied("async.not_found", 404, "")))
+        return _not_found()
+    exchange.decisions.append(("async", Decision.allowed(f"async.{job.state}")))
+    return service.status_response(request, job)
