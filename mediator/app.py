@@ -19,9 +19,11 @@ from aiohttp import web
 
 from mediator.async_claims import AsyncClaims, make_status_handler
 from mediator.audit import AuditLog
-from mediator.bulkhead import UpstreamGuard, UpstreamRefused
+from mediator.bulkhead import UpstreamRefused
+from mediator.capabilities import CapabilityStatement
 from mediator.config import Config
 from mediator.fhir import operation_outcome_response
+from mediator.fhir_answers import FhirAnswers
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.load_protection import LoadProtection
@@ -64,6 +66,10 @@ class Runtime:
     client_ip_policy: ClientIpPolicy
     redis: RedisStore
     protection: LoadProtection
+    answers: FhirAnswers
+    """Shapes openIMIS's answers for FHIR clients (mediator.fhir_answers)."""
+    capabilities: CapabilityStatement
+    """The mediator's own /metadata (mediator.capabilities)."""
     replica: Replica | None = None
     async_claims: AsyncClaims | None = None
     """Queued claim submission (mediator/async_claims); None when no channel has async_submission."""
@@ -92,16 +98,15 @@ class Runtime:
         identity = Identity.from_config(config, previous.identity if previous is not None else None)
         kept_guards = {} if previous is None else {
             name: guard for name, guard in previous.protection.guards.items()
-            if name in upstreams and upstreams[name] is previous.upstreams.get(name)}
+            if name in upstreams and upstreams[name] is previous.upstreams.get(name)
+            and (guard.bulkhead.budget is None or previous.redis is redis)}
         # One guard per upstream for everything sent to it: forwarded requests and the stages' own lookups.
-        kept_guards = {name: kept_guards.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker,
-                                                                          metrics)
-                       for name, u in config.channels.upstreams.items()}
+        guards = LoadProtection.build_guards(config, redis, metrics, kept_guards)
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
-                              guards=kept_guards)
+                              guards=guards)
         entry_checks = [s.check_batch_entry for s in stages if hasattr(s, "check_batch_entry")]
         protection = LoadProtection(
-            config, redis, metrics, entry_checks, kept_guards=kept_guards,
+            config, redis, metrics, entry_checks, guards=guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
             else None)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
@@ -109,7 +114,9 @@ class Runtime:
         audit = audit if audit is not None else previous.audit if previous is not None else None
         async_claims = AsyncClaims.from_config(config, redis, upstreams, protection, metrics, audit)
         return cls(config, Pipeline(stages, metrics), upstreams, identity, ClientIpPolicy.from_config(config),
-                   redis, protection, replica, async_claims=async_claims, audit=audit)
+                   redis, protection, FhirAnswers(server.public_base_url, upstreams),
+                   CapabilityStatement.from_config(config, identity.token_url), replica,
+                   async_claims=async_claims, audit=audit)
 
     async def start_new(self, previous: Runtime | None) -> None:
         """Start the resources this runtime did not take over from `previous` (None: all of them). If one
@@ -141,6 +148,8 @@ class Runtime:
             closes.append(("replica", self.replica.close))  # first: its sync task uses an upstream
         closes.append(("identity", lambda: self.identity.close_retired(
             next_runtime.identity if next_runtime is not None else None)))
+        closes.append(("load protection", lambda: self.protection.close_retired(
+            next_runtime.protection if next_runtime is not None else None)))
         if next_runtime is None or next_runtime.redis is not self.redis:
             closes.append(("redis", self.redis.close))
         closes += [(f"upstream {u.name}", u.close) for u in self.retired_upstreams(next_runtime)]
@@ -184,11 +193,15 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     request = exchange.request
     # The request stage parsed it; these are the bytes that document was parsed from.
     body = exchange.body.raw if exchange.body is not None else None
+    if fhir.interaction == "capabilities":  # the mediator's own statement; openIMIS 1.10 has none
+        exchange.decisions.append(("capabilities", Decision.allowed("capabilities.answered")))
+        return runtime.capabilities.response(request)
     if runtime.async_claims is not None and runtime.async_claims.wants(exchange):
         return await runtime.async_claims.accept(exchange, runtime.protection.idempotency,
                                                  runtime.protection.entry_checks)
     if channel.config.serve_from == "replica" and runtime.replica is not None:
-        answered = await runtime.replica.reader.answer(request, fhir)
+        answered = await runtime.replica.reader.answer(
+            request, fhir, exchange.search.query if exchange.search is not None else None)
         if answered is not None:  # None: not a replicated read/search, or the replica falls back upstream
             exchange.decisions.append(("replica", answered.decision))
             return answered.response
@@ -197,7 +210,8 @@ async def _forward(exchange: Exchange, runtime: Runtime, metrics: Metrics) -> we
     try:
         response = await runtime.protection.forward(exchange, upstream, body)
         exchange.decisions.append(("upstream", Decision.allowed("upstream.answered")))
-        return response
+        # Before the response filters: the facility filter always sees a searchset Bundle.
+        return await runtime.answers.shape(exchange, upstream, response)
     finally:
         metrics.upstream_seconds_children.labels(upstream.name).observe(time.perf_counter() - started)
 

@@ -1,9 +1,14 @@
-"""Keeping openIMIS responsive: a bulkhead (bounded concurrency + bounded priority queue) and a circuit
+"""Keeping openIMIS responsive: a bulkhead (a concurrency limit + a bounded priority queue) and a circuit
 breaker per upstream, combined in `UpstreamGuard.call` around every request sent to openIMIS.
 
-Both are per mediator instance (each instance protects its own share of openIMIS; the bulkhead caps
-what one instance sends). Nothing here retries: a refused request was never sent, and a request that
-failed is reported to the caller, never repeated (a repeated POST could submit a claim twice).
+The limit is static or adaptive (`mediator.concurrency_limit`) and is held per instance, or cluster-wide
+through Redis leases (`mediator.cluster_budget`, `scope: cluster`). The breaker is per instance.
+Nothing here retries: a refused request was never sent, and a request that failed is reported to the
+caller, never repeated (a repeated POST could submit a claim twice).
+
+Refusals are cheap on purpose (README "Load protection"): a refusal is one small exception raised
+`from None` and one counter increment (children resolved once here, not per request); nothing is
+logged per refusal, so a refused flood costs the mediator less than a forwarded one.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from mediator.cluster_budget import ClusterBudget
+from mediator.concurrency_limit import ConcurrencyLimit, build_limit
 from mediator.config.models import BulkheadConfig, CircuitBreakerConfig
 from mediator.metrics import Metrics
+from mediator.redis_store import STORE_ERRORS, RedisStore
 from mediator.upstream import UpstreamTimeout, UpstreamUnavailable
 
 
@@ -32,77 +41,262 @@ class UpstreamRefused(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(slots=True)
+class Slot:
+    """One request's place with openIMIS: its cluster lease (None: counted in this instance only)."""
+
+    lease: str | None = None
+
+
 @dataclass(order=True, slots=True)
 class _Waiter:
     rank: int                 # -priority: heapq pops the smallest, i.e. the highest priority
     seq: int                  # first come, first served within a priority
-    future: asyncio.Future[None] = field(compare=False)
+    future: asyncio.Future[Slot] = field(compare=False)
+
+
+REFUSAL_MESSAGES = {
+    "queue_full": ("upstream.overloaded", "openIMIS is busy; the mediator's queue is full"),
+    "evicted": ("upstream.overloaded", "openIMIS is busy; more urgent requests came"),
+    "queue_timeout": ("upstream.overloaded", "openIMIS is busy; waited too long for a slot"),
+    "store_unavailable": ("upstream.budget_unavailable",
+                          "the shared openIMIS budget cannot be reached; nothing was sent"),
+}
 
 
 class Bulkhead:
-    """At most `max_concurrent` calls at once; up to `max_queue` wait, highest priority first.
+    """At most `limit.current` calls at once (cluster-wide with a `budget`); up to `max_queue` wait,
+    highest priority first.
 
     A full queue refuses the newcomer, unless the newcomer outranks the lowest-priority waiter: then that
     waiter is refused instead (interactive users are not stuck behind a bulk pull). Used from one event
     loop; not thread-safe.
     """
 
-    def __init__(self, name: str, config: BulkheadConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, name: str, config: BulkheadConfig, metrics: Metrics | None = None,
+                 redis: RedisStore | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.config = config
+        self.limit: ConcurrencyLimit = build_limit(config, clock)
+        self.budget = ClusterBudget(name, config.cluster, redis) \
+            if config.scope == "cluster" and redis is not None and redis.configured else None
         self.in_flight = 0
         self.queued = 0
         self._queue: list[_Waiter] = []
         self._seq = itertools.count()
         self._metrics = metrics
+        self._pump: asyncio.Task[None] | None = None
+        self._clock = clock
+        self._not_before = 0.0
+        """A limit below 1 (a duty cycle): no request starts before this (clock time)."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._freed = asyncio.Event()
+        if metrics is not None:
+            self._in_flight_gauge = metrics.bulkhead_in_flight.labels(name)
+            self._queued_gauge = metrics.bulkhead_queued.labels(name)
+            self._limit_gauge = metrics.concurrency_limit.labels(name)
+            self._min_rtt_gauge: Any = None  # created at the first measurement: absent until then
+            self._rejection_counters = {why: metrics.bulkhead_rejections.labels(name, why)
+                                        for why in REFUSAL_MESSAGES}
+            self._store_errors = metrics.store_errors.labels("upstream_budget", config.cluster.on_store_error)
+            self._limit_gauge.set(self.limit.value)
 
     def _observe(self) -> None:
         if self._metrics is not None:
-            self._metrics.bulkhead_in_flight.labels(self.name).set(self.in_flight)
-            self._metrics.bulkhead_queued.labels(self.name).set(self.queued)
+            self._in_flight_gauge.set(self.in_flight)
+            self._queued_gauge.set(self.queued)
 
-    def _refuse(self, reason: str, message: str) -> UpstreamRefused:
+    def count_refusal(self, why: str) -> None:
         if self._metrics is not None:
-            self._metrics.bulkhead_rejections.labels(self.name, reason).inc()
-        return UpstreamRefused("upstream.overloaded", message, self.config.retry_after_s)
+            self._rejection_counters[why].inc()
 
-    async def acquire(self, priority: int) -> None:
-        if self.in_flight < self.config.max_concurrent and self.queued == 0:
+    def sheds(self, priority: int) -> bool:
+        """A request of `priority` arriving now would be refused for a full queue (no slot, the queue at
+        max_queue, and no waiter of lower priority to evict). For the early check (stages/load_shed.py)."""
+        if self.queued < self.config.max_queue or self._room():
+            return False
+        return not any(w.rank > -priority and not w.future.done() for w in self._queue)
+
+    def _refuse(self, why: str) -> UpstreamRefused:
+        self.count_refusal(why)
+        reason, message = REFUSAL_MESSAGES[why]
+        return UpstreamRefused(reason, message, self.config.retry_after_s)
+
+    def _room(self) -> bool:
+        return self.in_flight < self.limit.current and (self._not_before == 0.0 or self._clock() >= self._not_before)
+
+    def _dispatch(self) -> None:
+        """scope instance: let waiters in while there is room; if only the duty cycle keeps them out,
+        come back when it allows the next one."""
+        while self._room() and (waiter := self._next_waiter()) is not None:
+            heapq.heappop(self._queue)
             self.in_flight += 1
-            self._observe()
-            return
+            waiter.future.set_result(Slot())
+        if self._timer is None and self.in_flight < self.limit.current and self._next_waiter() is not None:
+            delay = max(0.0, self._not_before - self._clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._observe()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    async def acquire(self, priority: int) -> Slot:
+        if self.queued == 0 and self._room():
+            self.in_flight += 1
+            if self.in_flight >= self.limit.current:
+                self.limit.saturated()
+            if self.budget is None:
+                self._observe()
+                return Slot()
+            try:
+                slot = await self._take_lease(priority)
+            except BaseException:
+                self.in_flight -= 1
+                raise
+            if slot is not None:
+                self._observe()
+                return slot
+            self.in_flight -= 1  # another instance holds the budget: wait in line
+        else:
+            self.limit.saturated()
+        return await self._wait(priority)
+
+    async def _take_lease(self, priority: int, waiting: int = -1) -> Slot | None:
+        """With one local slot reserved: a cluster lease, None if the budget is full (or a more urgent
+        request waits elsewhere), or the fail mode."""
+        assert self.budget is not None
+        try:
+            lease = await self.budget.take(self.limit.current, priority, waiting)
+        except STORE_ERRORS:
+            if self._metrics is not None:
+                self._store_errors.inc()
+            if self.budget.config.on_store_error == "deny":
+                raise self._refuse("store_unavailable") from None
+            return Slot()  # local: counted by this instance only, as with scope instance
+        return Slot(lease) if lease is not None else None
+
+    async def _wait(self, priority: int) -> Slot:
         if self.queued >= self.config.max_queue:
             live = [w for w in self._queue if not w.future.done()]
             lowest = max(live, default=None)
             if lowest is None or lowest.rank <= -priority:
-                raise self._refuse("queue_full", "openIMIS is busy; the mediator's queue is full")
-            lowest.future.set_exception(self._refuse("evicted", "openIMIS is busy; more urgent requests came"))
+                raise self._refuse("queue_full")
+            lowest.future.set_exception(self._refuse("evicted"))
         waiter = _Waiter(-priority, next(self._seq), asyncio.get_running_loop().create_future())
         heapq.heappush(self._queue, waiter)
         self.queued += 1
         self._observe()
+        if self.budget is None:
+            self._dispatch()  # a slot may be free and only the duty cycle kept us out: arm its timer
+        elif self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._pump_cluster())
         try:
             async with asyncio.timeout(self.config.max_wait_s):
-                await waiter.future
+                return await waiter.future
         except TimeoutError:
-            raise self._refuse("queue_timeout", "openIMIS is busy; waited too long for a slot") from None
+            raise self._refuse("queue_timeout") from None
         except BaseException:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                self.release()  # the slot was handed over just as we were cancelled: give it back
+                await self.release(future.result())  # the slot was handed over as we were cancelled
             raise
         finally:
             self.queued -= 1
             self._observe()
 
-    def release(self) -> None:
+    def _next_waiter(self) -> _Waiter | None:
         while self._queue:
-            waiter = heapq.heappop(self._queue)
-            if not waiter.future.done():
-                waiter.future.set_result(None)  # the slot passes straight to the waiter
-                return
+            if not self._queue[0].future.done():
+                return self._queue[0]
+            heapq.heappop(self._queue)
+        return None
+
+    async def _pump_cluster(self) -> None:
+        """scope cluster: hand slots to waiters, highest priority first, as the shared budget allows.
+        A slot freed here wakes it at once; one freed by another instance is seen within poll_interval_s."""
+        assert self.budget is not None
+        poll = self.budget.config.poll_interval_s
+        while (head := self._next_waiter()) is not None:
+            if self._room():
+                self.in_flight += 1
+                try:
+                    slot = await self._take_lease(-head.rank, -head.rank)
+                except UpstreamRefused:  # store down, deny: the waiters are refused too (one refusal each)
+                    self.in_flight -= 1
+                    while self._next_waiter() is not None:
+                        heapq.heappop(self._queue).future.set_exception(self._refuse("store_unavailable"))
+                    return
+                except BaseException:
+                    self.in_flight -= 1
+                    raise
+                waiter = self._next_waiter()
+                if slot is not None and waiter is not None:
+                    heapq.heappop(self._queue)
+                    waiter.future.set_result(slot)
+                    self._observe()
+                    continue
+                self.in_flight -= 1
+                if slot is not None:  # the waiter left while we asked Redis
+                    await self._give_back(slot)
+                    continue
+            self._freed.clear()
+            try:
+                async with asyncio.timeout(poll):
+                    await self._freed.wait()
+            except TimeoutError:
+                pass
+
+    async def _give_back(self, slot: Slot) -> None:
+        if slot.lease is not None and self.budget is not None:
+            try:
+                await self.budget.give_back(slot.lease)
+            except STORE_ERRORS:
+                if self._metrics is not None:
+                    self._store_errors.inc()  # the lease expires after lease_ttl_s by itself
+
+    async def release(self, slot: Slot, busy_s: float = 0.0) -> None:
+        """`slot` is free again; `busy_s`: how long it was with openIMIS (paces a limit below 1)."""
+        if self.queued or self.in_flight >= self.limit.current:
+            self.limit.saturated()  # this window used the whole limit (growth is earned only then)
+        value = self.limit.value
+        if value < 1:
+            self._not_before = self._clock() + busy_s * (1 / value - 1)
+        elif self._not_before:
+            self._not_before = 0.0
         self.in_flight -= 1
-        self._observe()
+        if self.budget is not None:
+            self._observe()
+            await self._give_back(slot)
+            self._freed.set()
+            return
+        self._dispatch()
+
+    def record(self, rtt_s: float, kind: str = "") -> None:
+        """openIMIS answered a request of `kind` after `rtt_s`: feeds the adaptive limit; a raised limit
+        lets waiters in."""
+        before = self.limit.current
+        self.limit.record(rtt_s, kind)
+        current = self.limit.current
+        if self._metrics is not None:
+            self._limit_gauge.set(self.limit.value)
+            min_rtt = self.limit.min_rtt_s
+            if min_rtt is not None:
+                if self._min_rtt_gauge is None:
+                    self._min_rtt_gauge = self._metrics.upstream_min_rtt.labels(self.name)
+                self._min_rtt_gauge.set(min_rtt)
+        if current > before and self.budget is None:
+            self._dispatch()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+        if self.budget is not None:
+            await self.budget.close()
 
 
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -134,6 +328,13 @@ class CircuitBreaker:
             self._metrics.circuit_state.labels(self.name).set(STATE_VALUES[state])
             if changed:
                 self._metrics.circuit_transitions.labels(self.name, state).inc()
+
+    def open_for(self) -> int | None:
+        """Seconds the breaker stays open (it refuses every call now), or None. Changes no state."""
+        if self.state != "open":
+            return None
+        remaining = self.opened_at + self.config.open_s - self._clock()
+        return max(1, math.ceil(remaining)) if remaining > 0 else None
 
     def before_call(self) -> None:
         """Raise UpstreamRefused (upstream.circuit_open) if no call may go to openIMIS now."""
@@ -175,7 +376,8 @@ AnswerT = TypeVar("AnswerT", bound=_Answer)
 
 
 class UpstreamGuard:
-    """Breaker check, then a bulkhead slot, then the call; the outcome feeds the breaker."""
+    """Breaker check, then a bulkhead slot, then the call; the outcome feeds the breaker and the
+    answer time feeds the concurrency limit."""
 
     def __init__(self, name: str, bulkhead: Bulkhead, breaker: CircuitBreaker | None) -> None:
         self.name = name
@@ -184,24 +386,54 @@ class UpstreamGuard:
 
     @classmethod
     def build(cls, name: str, bulkhead: BulkheadConfig, breaker: CircuitBreakerConfig | None,
-              metrics: Metrics | None = None) -> UpstreamGuard:
-        return cls(name, Bulkhead(name, bulkhead, metrics),
+              metrics: Metrics | None = None, redis: RedisStore | None = None) -> UpstreamGuard:
+        return cls(name, Bulkhead(name, bulkhead, metrics, redis),
                    CircuitBreaker(name, breaker, metrics) if breaker is not None else None)
 
-    async def call(self, priority: int, send: Callable[[], Awaitable[AnswerT]]) -> AnswerT:
-        """`send` is any request to openIMIS: a forwarded request, an ownership lookup, a search window."""
+    @asynccontextmanager
+    async def slot(self, priority: int, kind: str = "") -> AsyncIterator[None]:
+        """`async with guard.slot(priority):` — one place with openIMIS, for callers that send by other
+        means than `call` (a queue drain). Raises UpstreamRefused (nothing may be sent). The time inside
+        feeds the adaptive limit; the breaker is asked before, but its outcome is the caller's to report
+        (`breaker.record_success/record_failure`), as only the caller knows what openIMIS answered."""
         breaker = self.breaker
         if breaker is not None:
             breaker.before_call()
         try:
-            await self.bulkhead.acquire(priority)
+            slot = await self.bulkhead.acquire(priority)
         except BaseException:
             if breaker is not None:
                 breaker.record_abandoned()
             raise
+        started = time.monotonic()
+        try:
+            yield
+            self.bulkhead.record(time.monotonic() - started, kind)
+        finally:
+            await self.bulkhead.release(slot, time.monotonic() - started)
+
+    async def call(self, priority: int, send: Callable[[], Awaitable[AnswerT]], kind: str = "") -> AnswerT:
+        """`send` is any request to openIMIS: a forwarded request, an ownership lookup, a search window.
+        `kind`: what sort of request (channel:interaction, or the lookup's name), so the adaptive limit
+        compares its answer time with the same kind's unloaded time."""
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.before_call()
+        try:
+            slot = await self.bulkhead.acquire(priority)
+        except BaseException:
+            if breaker is not None:
+                breaker.record_abandoned()
+            raise
+        started = time.monotonic()
         try:
             response = await send()
-        except (UpstreamTimeout, UpstreamUnavailable):
+        except UpstreamTimeout:
+            self.bulkhead.record(time.monotonic() - started, kind)  # the strongest sign of a queue at openIMIS
+            if breaker is not None:
+                breaker.record_failure()
+            raise
+        except UpstreamUnavailable:
             if breaker is not None:
                 breaker.record_failure()
             raise
@@ -210,7 +442,8 @@ class UpstreamGuard:
                 breaker.record_abandoned()
             raise
         finally:
-            self.bulkhead.release()
+            await self.bulkhead.release(slot, time.monotonic() - started)
+        self.bulkhead.record(time.monotonic() - started, kind)
         if breaker is not None:
             if response.status in breaker.config.failure_statuses:
                 breaker.record_failure()

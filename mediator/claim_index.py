@@ -170,7 +170,7 @@ class ClaimIndex:
             return reply
 
         try:
-            reply = await self.guard.call(priority, send)
+            reply = await self.guard.call(priority, send, "lookup:graphql")
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             raise LookupFailed(f"claim index: {type(exc).__name__}") from exc
         return parse_answer(reply.status, reply.body)

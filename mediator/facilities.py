@@ -191,7 +191,9 @@ async def fetch_json(upstream: OpenImisUpstream, relative_path: str, query: str,
         return reply
 
     try:
-        reply = await (guard.call(priority, send) if guard is not None else send())
+        # Kind for the adaptive limit's baselines: the resource type looked up (bounded), not the id.
+        kind = f"lookup:{relative_path.split('/', 1)[0]}"
+        reply = await (guard.call(priority, send, kind) if guard is not None else send())
     except (UpstreamUnavailable, UpstreamTimeout) as exc:
         raise LookupFailed(f"{relative_path}: {type(exc).__name__}") from exc
     try:

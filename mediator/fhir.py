@@ -142,6 +142,18 @@ def wants_fhir_json(request: web.Request) -> bool:
         request.headers.get("Content-Type", "").startswith(FHIR_JSON)
 
 
+def prefer_tokens(request: web.Request) -> dict[str, str]:
+    """The `Prefer` header's preferences (RFC 7240), lower-cased: {"return": "minimal", "handling": ...}.
+    The first occurrence of a preference wins; values without `=` map to ""."""
+    tokens: dict[str, str] = {}
+    for header in request.headers.getall("Prefer", []):
+        for part in header.replace(";", ",").split(","):
+            key, _, value = part.strip().partition("=")
+            if key:
+                tokens.setdefault(key.strip().lower(), value.strip().strip('"'))
+    return tokens
+
+
 def operation_outcome_response(status: int, reason: str, message: str,
                                headers: Mapping[str, str] | None = None) -> web.Response:
     body = json.dumps(operation_outcome(status, reason, message), separators=(",", ":"))

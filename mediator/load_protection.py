@@ -7,7 +7,8 @@ per-upstream guards (bulkhead + circuit breaker), idempotent creates and batch s
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from aiohttp import web
@@ -25,22 +26,52 @@ from mediator.upstream import OpenImisUpstream
 class LoadProtection:
     """One per runtime. Guards are per upstream and per instance; idempotency records are shared via Redis.
 
-    On a reload the Runtime hands over `kept_guards` (those of upstreams it reuses: their bulkhead and
-    breaker settings are part of the unchanged upstream configuration) and `kept_idempotency` (when the
-    Redis configuration is unchanged), so slots in use, an open breaker and in-process idempotency
-    records survive it.
+    The Runtime builds the `guards` (`build_guards`; on a reload reusing those of unchanged upstreams:
+    their bulkhead and breaker settings are part of the unchanged upstream configuration) and shares them
+    with the stages' own lookups; it hands over `kept_idempotency` when the Redis configuration is
+    unchanged, so slots in use, an open breaker and in-process idempotency records survive a reload.
     """
 
     def __init__(self, config: Config, redis: RedisStore, metrics: Metrics | None = None,
                  entry_checks: Sequence[EntryCheck] = (), *,
-                 kept_guards: Mapping[str, UpstreamGuard] | None = None,
+                 guards: Mapping[str, UpstreamGuard] | None = None,
                  kept_idempotency: Idempotency | None = None) -> None:
-        kept = kept_guards or {}
-        self.guards = {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics)
-                       for name, u in config.channels.upstreams.items()}
+        self.guards = dict(guards) if guards is not None else self.build_guards(config, redis, metrics)
         self.idempotency = kept_idempotency or Idempotency(redis, metrics)
         self.entry_checks = tuple(entry_checks)
         self._metrics = metrics
+
+    @staticmethod
+    def build_guards(config: Config, redis: RedisStore, metrics: Metrics | None = None,
+                     kept_guards: Mapping[str, UpstreamGuard] | None = None) -> dict[str, UpstreamGuard]:
+        """One guard per upstream; those in `kept_guards` (a reload's unchanged upstreams) are reused."""
+        kept = kept_guards or {}
+        return {name: kept.get(name) or UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker, metrics, redis)
+                for name, u in config.channels.upstreams.items()}
+
+    async def call_upstream(self, upstream: str, priority: int, send: Callable[[], Awaitable[web.Response]],
+                            kind: str = "") -> web.Response:
+        """Send one request to `upstream` inside its concurrency limit, at `priority` (higher first; the
+        channels' interactive = 50, bulk = 10): the API for senders outside the request path (a durable
+        queue draining toward openIMIS). Raises UpstreamRefused when the request may not be sent (queue
+        full, waited max_wait_s, breaker open, shared budget unreachable with on_store_error deny).
+        `kind` names the sort of request (e.g. "claims:create": the same kinds as the request path's
+        `<channel>:<interaction>` share their unloaded-time baseline)."""
+        return await self.guards[upstream].call(priority, send, kind)
+
+    def slot(self, upstream: str, priority: int, kind: str = "") -> AbstractAsyncContextManager[None]:
+        """`async with protection.slot("openimis", 50, "claims:create"):` one place with `upstream`
+        inside its limit, for senders that report the outcome to the breaker themselves (see
+        `UpstreamGuard.slot`). Raises UpstreamRefused on entry when nothing may be sent."""
+        return self.guards[upstream].slot(priority, kind)
+
+    async def close_retired(self, next_protection: LoadProtection | None) -> None:
+        """Stop the background work (cluster pump and lease renewal) of guards `next_protection` does
+        not keep (None: all, at shutdown)."""
+        kept = set(map(id, next_protection.guards.values())) if next_protection is not None else set()
+        for guard in self.guards.values():
+            if id(guard) not in kept:
+                await guard.bulkhead.close()
 
     async def forward(self, exchange: Exchange, upstream: OpenImisUpstream, body: bytes | None) -> web.Response:
         channel, fhir = exchange.channel, exchange.fhir
@@ -54,10 +85,14 @@ class LoadProtection:
             return await exchange.served_by.run(request, client_ip, exchange.request_id, config.priority_value,
                                                 config.timeout_s)
         path = exchange.upstream_path or fhir.path
+        # A search goes with only the parameters the search stage kept (mediator.search_parameters).
+        raw_query = exchange.search.upstream_query if exchange.search is not None else None
+        kind = f"{channel.name}:{fhir.interaction}"  # bounded: channels × FHIR interactions
 
         async def send_as_is() -> web.Response:
             return await guard.call(config.priority_value, lambda: upstream.forward(
-                request, path, body, client_ip, exchange.request_id, config.timeout_s))
+                request, path, body, client_ip, exchange.request_id, config.timeout_s, raw_query=raw_query),
+                kind)
 
         resource: dict[str, Any] | None = exchange.body.document if exchange.body is not None else None
         if fhir.interaction == "batch-or-transaction":
@@ -72,7 +107,7 @@ class LoadProtection:
                 async def send_entry() -> web.Response:
                     return await guard.call(config.priority_value, lambda: upstream.forward(
                         request, rtype, entry_body, client_ip, exchange.request_id, config.timeout_s,
-                        method="POST", raw_query=""))
+                        method="POST", raw_query=""), f"{channel.name}:create")
 
                 return await self.idempotency.create(exchange, config, rtype, entry.resource,
                                                      request.headers.get("Idempotency-Key"), send_entry,

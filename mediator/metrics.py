@@ -124,6 +124,12 @@ class Metrics:
         self.bulkhead_rejections = Counter(
             "mediator_bulkhead_rejections", "Requests refused by the bulkhead (503), by reason",
             ["upstream", "reason"], registry=self.registry)
+        self.concurrency_limit = Gauge(
+            "mediator_concurrency_limit", "Requests that may be in flight to the upstream now (adaptive or static)",
+            ["upstream"], registry=self.registry)
+        self.upstream_min_rtt = Gauge(
+            "mediator_upstream_min_rtt_seconds", "Unloaded answer time of the upstream, as last measured (adaptive)",
+            ["upstream"], registry=self.registry)
         self.circuit_state = Gauge(
             "mediator_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["upstream"],
             registry=self.registry)

@@ -20,6 +20,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from mediator.fhir import FhirRequest
+    from mediator.search_parameters import SearchRequest
     from mediator.stages.channel_match import Channel
     from mediator.write_profiles import WriteCheck
 
@@ -119,6 +120,8 @@ class Exchange:
     fhir: FhirRequest | None = None
     channel: Channel | None = None
     principal: Principal | None = None
+    search: SearchRequest | None = None
+    """A GET search as the search stage accepted it (parameters used and ignored); None otherwise."""
     decisions: list[tuple[str, Decision]] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
     _body: bytes | None = None

@@ -64,6 +64,23 @@ def upstream_error_text(status: int) -> tuple[str, str]:
     return "upstream.error", f"openIMIS could not process the request ({status} {phrase})"
 
 
+OPENIMIS_NOT_FOUND = web.ResponseKey("openimis_not_found", bool)
+"""Set on openIMIS's error answers: True when openIMIS said the resource does not exist."""
+_NOT_FOUND_TEXTS = ("failed to retrieve", "does not exist", "not found", "invalid page")
+
+
+def is_not_found(status: int, document: Any) -> bool:
+    """openIMIS's ways of saying "no such resource": a 404 OperationOutcome, or a 500 "failed to retrieve
+    ... matching query does not exist" (how its retrievers fail, README "openIMIS facts")."""
+    if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":
+        return False
+    if status == 404:
+        return True
+    texts = [f"{(issue.get('details') or {}).get('text', '')} {issue.get('diagnostics', '')}".lower()
+             for issue in document.get("issue") or () if isinstance(issue, dict)]
+    return status == 500 and any(marker in text for text in texts for marker in _NOT_FOUND_TEXTS)
+
+
 class UpstreamUnavailable(Exception):
     """openIMIS could not be reached or did not answer properly: 502."""
 
@@ -309,7 +326,11 @@ class OpenImisUpstream:
             except (ValueError, RecursionError) as exc:
                 raise UpstreamInvalidAnswer(f"answer {reply.status} is not valid JSON") from exc
         if reply.status >= 400:
-            return self._error_to_client(reply, headers)
+            response = self._error_to_client(reply, headers)
+            # Whether openIMIS said "no such resource" (its words are gone from the answer): what
+            # mediator.fhir_answers needs to answer a search that found nothing with an empty searchset.
+            response[OPENIMIS_NOT_FOUND] = is_not_found(reply.status, document)
+            return response
         if isinstance(document, dict) and self.rewriter.may_need_rewriting(body) and \
                 self.rewriter.rewrite_bundle(document):
             body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from mediator.app import METRICS, RUNTIME
-from mediator.bulkhead import Bulkhead, CircuitBreaker, UpstreamRefused
+from mediator.bulkhead import Bulkhead, CircuitBreaker, Slot, UpstreamRefused
 from mediator.config.models import BulkheadConfig, CircuitBreakerConfig
 from tests.conftest import channels_yaml
 from tests.fault_injection import Faults, faulty_sandbox_app
@@ -81,7 +81,7 @@ async def test_waiters_get_slots_by_priority_then_arrival():
         await asyncio.sleep(0)
     assert bulkhead.queued == 3
     for _ in range(3):
-        bulkhead.release()
+        await bulkhead.release(Slot())
         await asyncio.sleep(0)
     await asyncio.gather(*tasks)
     assert order == ["claim", "bulk-1", "bulk-2"]
@@ -100,7 +100,7 @@ async def test_a_full_queue_refuses_unless_the_newcomer_outranks_a_waiter():
     await asyncio.sleep(0)
     with pytest.raises(UpstreamRefused):
         await bulk
-    bulkhead.release()
+    await bulkhead.release(Slot())
     await claim
     assert bulkhead.in_flight == 1 and bulkhead.queued == 0
 

@@ -51,9 +51,10 @@ async def test_fhir_json_from_clients_is_plain_json_to_openimis(sandbox, mediato
         "Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
     assert response.status == 201
     assert response.content_type == "application/fhir+json"
-    created = await response.json()
-    assert created["resourceType"] == "ClaimResponse"
-    sent = _last(sandbox, "/Claim/")
+    created = await response.json()   # Prefer return=representation by default: the Claim, read back
+    assert created["resourceType"] == "Claim"
+    assert response.headers["Location"] == f"https://mediator.example.org/fhir/Claim/{created['id']}"
+    sent = next(r for r in sandbox.requests if r["method"] == "POST" and r["path"].endswith("/Claim/"))
     assert sent["method"] == "POST" and sent["path"] == "/api/api_fhir_r4/Claim/"
     assert sent["headers"]["Content-Type"] == "application/json"
     # ClaimResponse id equals the Claim id in openIMIS; the poll goes through the same channel.
@@ -68,10 +69,32 @@ async def test_bundle_links_point_at_the_mediator(mediator):
     assert all(e["fullUrl"].startswith("https://mediator.example.org/fhir/") for e in bundle["entry"])
 
 
-async def test_bare_resource_answers_pass_through(mediator):
+async def test_bare_resource_answers_are_wrapped_in_a_searchset(mediator):
     response = await mediator.get("/fhir/Patient?identifier=123456789")
     assert response.status == 200
-    assert (await response.json())["resourceType"] == "Patient"
+    bundle = await response.json()
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "searchset" and bundle["total"] == 1
+    patient = bundle["entry"][0]["resource"]
+    assert patient["resourceType"] == "Patient"
+    assert bundle["entry"][0]["fullUrl"] == f"https://mediator.example.org/fhir/Patient/{patient['id']}"
+    assert bundle["link"] == [{"relation": "self",
+                               "url": "https://mediator.example.org/fhir/Patient?identifier=123456789"}]
+
+
+async def test_bare_resource_answers_pass_through_when_the_channel_says_so(sandbox_server, make_mediator):
+    channels = """\
+      - name: eligibility
+        path: ^/fhir/Patient/?$
+        methods: [GET]
+        upstream: openimis
+        ip_allowlist: [local]
+        authentication: none
+        fhir_answers: {searchset: as_upstream}
+    """
+    client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=channels))
+    response = await client.get("/fhir/Patient?identifier=123456789")
+    assert response.status == 200 and (await response.json())["resourceType"] == "Patient"
+    assert (await client.get("/fhir/Patient?identifier=999999999")).status == 404
 
 
 async def test_relogs_once_when_openimis_forgets_the_token(sandbox, mediator):

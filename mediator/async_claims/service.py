@@ -54,7 +54,8 @@ def upstream_slot(protection: LoadProtection, upstream: str, priority: int) -> d
     guard = protection.guards[upstream]
 
     async def call(send: Callable[[], Awaitable[web.Response]]) -> web.Response:
-        return await guard.call(priority, send)
+        # Its own kind: the adaptive limit compares queued creates with their own unloaded answer time.
+        return await guard.call(priority, send, "async-queue:create")
     return call
 
 

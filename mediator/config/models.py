@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -145,16 +146,74 @@ class UpstreamLogin(Strict):
         return self
 
 
-class BulkheadConfig(Strict):
-    """At most `max_concurrent` requests in flight to this upstream; up to `max_queue` more wait, highest
-    channel priority first; beyond that (or after waiting `max_wait_s`): 503 upstream.overloaded."""
+class AdaptiveLimitConfig(Strict):
+    """The gradient controller of `mode: adaptive` (README "Load protection"): every `window_s` the
+    `percentile` of openIMIS's answer times is compared with its unloaded time (minimum RTT, measured in
+    probe windows at `min_concurrent`): within `tolerance` × minimum RTT the limit grows by one (if it
+    was used), beyond it the limit shrinks in proportion (never below half per window)."""
 
+    window_s: PositiveSeconds = 1.0
+    """Length of one sampling window."""
+    percentile: float = Field(0.5, gt=0, le=1)
+    """Which answer time of a window stands for the window (0.5: its median; higher percentiles react
+    to the noise of a shared host as if it were a queue)."""
+    tolerance: float = Field(1.25, ge=1, le=10)
+    """Answer times up to this × minimum RTT count as unloaded (no queue at openIMIS)."""
+    min_samples: int = Field(5, ge=1, le=10_000)
+    """A window with fewer answers is extended until it has them."""
+    probe_interval_s: PositiveSeconds = 60
+    """The minimum RTT is measured again this often (and after 5 windows in a row at the floor)."""
+    probe_samples: int = Field(10, ge=1, le=10_000)
+    """Answers, at `min_concurrent` in flight, that make one minimum-RTT measurement."""
+
+
+class ClusterBudgetConfig(Strict):
+    """`scope: cluster`: the in-flight budget is held in `server.redis` as leases, one per request."""
+
+    lease_ttl_s: PositiveSeconds = 10
+    """A lease not renewed for this long is dropped (its instance died). Live instances renew theirs every
+    third of it."""
+    poll_interval_s: PositiveSeconds = 0.02
+    """How often a waiting request looks again for a slot freed by another instance."""
+    on_store_error: Literal["local", "deny"] = "local"
+    """Redis unreachable: local (default: this instance keeps its own limit, so N instances may send up to
+    N × the budget) or deny (503 upstream.budget_unavailable: nothing goes to openIMIS)."""
+
+
+class BulkheadConfig(Strict):
+    """Requests in flight to this upstream are limited; up to `max_queue` more wait, highest channel
+    priority first; beyond that (or after waiting `max_wait_s`): 503 upstream.overloaded."""
+
+    mode: Literal["static", "adaptive"] = "static"
+    """static (default): the limit is `max_concurrent`. adaptive: a gradient controller moves the limit
+    between `min_concurrent` and `max_concurrent` to keep openIMIS's answer time near its unloaded time."""
     max_concurrent: int = Field(16, ge=1, le=1024)
+    """static: the limit. adaptive: its ceiling."""
+    min_concurrent: float = Field(1, ge=0.05, le=1024)
+    """adaptive: the floor (and the concurrency of minimum-RTT probes). Below 1 the limit is a duty
+    cycle: one request at a time, and after an answer that took t the next waits t × (1/limit − 1), so
+    openIMIS works on API requests that fraction of the time (0.5: busy half the time)."""
+    initial_concurrent: float | None = Field(None, ge=0.05, le=1024)
+    """adaptive: the limit at start. Absent: min_concurrent."""
+    adaptive: AdaptiveLimitConfig = AdaptiveLimitConfig()
+    scope: Literal["instance", "cluster"] = "instance"
+    """instance (default): each mediator process has its own budget. cluster: one budget shared by every
+    instance through server.redis (required)."""
+    cluster: ClusterBudgetConfig = ClusterBudgetConfig()
     max_queue: int = Field(64, ge=0, le=100_000)
     """0: no waiting; a request that finds every slot busy is refused at once."""
     max_wait_s: PositiveSeconds = 10
     retry_after_s: int = Field(2, ge=1, le=3600)
     """Retry-After sent with the 503."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> BulkheadConfig:
+        if self.min_concurrent > self.max_concurrent:
+            raise ValueError("min_concurrent must not exceed max_concurrent")
+        initial = self.initial_concurrent
+        if initial is not None and not self.min_concurrent <= initial <= self.max_concurrent:
+            raise ValueError("initial_concurrent must lie between min_concurrent and max_concurrent")
+        return self
 
 
 class CircuitBreakerConfig(Strict):
@@ -179,14 +238,27 @@ class UpstreamConfig(Strict):
     token_refresh_margin_s: PositiveSeconds = 300
     """Log in again this long before the openIMIS token expires."""
     bulkhead: BulkheadConfig = BulkheadConfig()
-    """Absent: the defaults above (16 concurrent, 64 queued). The bulkhead is always on."""
+    """Absent: the defaults above (static, 16 concurrent, 64 queued). The bulkhead is always on."""
     circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig()
     """Absent: the defaults above. null: no breaker (every request tries openIMIS)."""
+    time_zone: str = "UTC"
+    """IANA zone openIMIS writes its local date-times in (its Django TIME_ZONE). openIMIS sends
+    dateTimes without an offset (`2020-01-01T18:50:00`, not valid FHIR); the mediator adds this zone's
+    offset to every such value in its answers (mediator.fhir_answers)."""
 
     @field_validator("base_url")
     @classmethod
     def _base(cls, value: str) -> str:
         return _check_base_url(value, "base_url")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class IdempotencyConfig(Strict):
@@ -250,6 +322,25 @@ class AsyncSubmissionConfig(Strict):
 PRIORITY_NAMES = {"interactive": 50, "bulk": 10}
 
 
+class FhirAnswersConfig(Strict):
+    """How a channel's answers follow FHIR's REST rules (README "HMS developers"). Absent: these defaults."""
+
+    searchset: Literal["bundle", "as_upstream"] = "bundle"
+    """bundle (default): every search is answered with a searchset Bundle; openIMIS's bare resource
+    (its answer to `?identifier=` / `?code=`) is wrapped, and its not-found answers become an empty
+    Bundle. as_upstream: openIMIS's shape is passed on (bare resource, its 404/500 when none)."""
+    create_return: Literal["representation", "minimal", "OperationOutcome", "upstream"] = "representation"
+    """Body of a 201 create when the client sends no `Prefer: return=`: representation (default: the
+    created resource, read back), minimal (no body), OperationOutcome, or upstream (openIMIS's own
+    answer, the ClaimResponse of a created Claim). `Prefer: return=` always wins."""
+    handling: Literal["lenient", "strict"] = "lenient"
+    """Search parameters the channel does not support, when the client sends no `Prefer: handling=`:
+    lenient (default) ignores them (never forwarded; the self link lists only the parameters used),
+    strict refuses the search (400 `search.unsupported_parameter`)."""
+    max_count: int = Field(200, ge=1, le=1000)
+    """A larger `_count` is reduced to this (the self link states the count used)."""
+
+
 class ChannelConfig(Strict):
     """An OpenHIM-style channel: which requests it matches, where they go and which policies apply."""
 
@@ -273,6 +364,8 @@ class ChannelConfig(Strict):
     """Absent: creates on this channel are forwarded as they come (a retried POST submits again)."""
     batch: BatchConfig | None = None
     """Absent: a POST to the FHIR base on this channel is refused (400 batch.not_enabled)."""
+    fhir_answers: FhirAnswersConfig = FhirAnswersConfig()
+    """Searchset wrapping, create answers and the search-parameter rule (FhirAnswersConfig)."""
     async_submission: AsyncSubmissionConfig | None = None
     """Absent: claims are submitted synchronously (Prefer: respond-async is ignored). README "Queued claims"."""
 
@@ -291,6 +384,13 @@ class ChannelsFile(Strict):
     channels: tuple[ChannelConfig, ...]
     """Tried in order; the first whose path and method match wins. No match: 404, never forwarded.
     Names are unique and each upstream must exist (checked by the loader, at the channel's line)."""
+
+    @model_validator(mode="after")
+    def _cluster_needs_redis(self) -> ChannelsFile:
+        for name, upstream in self.upstreams.items():
+            if upstream.bulkhead.scope == "cluster" and self.server.redis is None:
+                raise ValueError(f"upstream {name!r}: bulkhead scope cluster needs server.redis")
+        return self
 
 
 class IpSet(Strict):

@@ -50,8 +50,9 @@ class ReplicaPolicy(Strict):
     overlap_s: float = Field(300, ge=0, le=86400)
     """The incremental cursor is the previous sync's start minus this, to cover clock skew between us and
     openIMIS and transactions committed while we pulled."""
-    upstream_time_zone: str = "UTC"
-    """IANA zone openIMIS interprets `_lastUpdated` in (it takes a naive `%Y-%m-%dT%H:%M:%S`)."""
+    upstream_time_zone: str | None = None
+    """IANA zone openIMIS interprets `_lastUpdated` in (it takes a naive `%Y-%m-%dT%H:%M:%S`). Absent: the
+    upstream's `time_zone` (channels.yaml), the zone openIMIS also writes its dateTimes in."""
     request_timeout_s: LongSeconds = 60
     """Per upstream page request."""
     max_resources_per_type: int = Field(500_000, ge=1)
@@ -64,9 +65,10 @@ class ReplicaPolicy(Strict):
     inactive: Literal["keep", "drop"] = "keep"
     """Resources whose validity ended (status inactive/retired/entered-in-error, active false, or
     period/effectivePeriod end in the past): keep (served, tagged `replica-inactive` in meta.tag) or drop."""
-    identifier_search: Literal["bare_resource", "bundle"] = "bare_resource"
-    """`?identifier=`/`?code=`: bare_resource answers the resource itself like openIMIS does (404 if
-    none), so HMS written against openIMIS keep working; bundle answers a searchset Bundle."""
+    identifier_search: Literal["bare_resource", "bundle"] = "bundle"
+    """`?identifier=`/`?code=`: bundle (default) answers a searchset Bundle (empty when none), as FHIR
+    clients expect; bare_resource answers the resource itself like openIMIS does (404 if none), for HMS
+    written against openIMIS's quirk."""
     default_page_size: int = Field(20, ge=1, le=1000)
     """Entries per page when the client gives no `_count`."""
     max_page_size: int = Field(200, ge=1, le=1000)
@@ -91,7 +93,9 @@ class ReplicaPolicy(Strict):
 
     @field_validator("upstream_time_zone")
     @classmethod
-    def _zone(cls, value: str) -> str:
+    def _zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):

@@ -18,6 +18,7 @@ from email.utils import formatdate
 from urllib.parse import urlencode
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, FhirRequest, operation_outcome_response, wants_fhir_json
 from mediator.metrics import Metrics
@@ -63,15 +64,17 @@ class ParsedSearch:
     """Filters as given, in a fixed order, for self/next links."""
 
 
-def _single(request: web.Request, key: str) -> str | None:
-    values = request.query.getall(key, [])
+def _single(query: MultiMapping[str], key: str) -> str | None:
+    values = query.getall(key, [])
     if len(values) > 1:
         raise InvalidSearch("replica.invalid_parameter", f"{key} may be given only once")
     return values[0] if values else None
 
 
-def parse_search(request: web.Request, policy: ReplicaPolicy) -> ParsedSearch:
-    unknown = sorted(set(request.query) - SEARCH_PARAMETERS)
+def parse_search(query: MultiMapping[str], policy: ReplicaPolicy) -> ParsedSearch:
+    """`query`: the parameters the search stage kept (mediator.search_parameters applies the unknown-
+    parameter rule first); anything else here is refused."""
+    unknown = sorted(set(query) - SEARCH_PARAMETERS)
     if unknown:
         # openIMIS silently ignores unknown parameters and answers everything; we say so instead.
         raise InvalidSearch("replica.unsupported_parameter",
@@ -79,28 +82,28 @@ def parse_search(request: web.Request, policy: ReplicaPolicy) -> ParsedSearch:
                             + ", ".join(sorted(SEARCH_PARAMETERS)))
     canonical: list[tuple[str, str]] = []
     try:
-        count = int(_single(request, "_count") or policy.default_page_size)
-        page = int(_single(request, "page-offset") or 1)
+        count = int(_single(query, "_count") or policy.default_page_size)
+        page = int(_single(query, "page-offset") or 1)
     except ValueError:
         raise InvalidSearch("replica.invalid_parameter", "_count and page-offset must be integers") from None
     if count < 0 or page < 1:
         raise InvalidSearch("replica.invalid_parameter", "_count must be >= 0 and page-offset >= 1")
     count = min(count, policy.max_page_size)
-    identifier, code = _single(request, "identifier"), _single(request, "code")
+    identifier, code = _single(query, "identifier"), _single(query, "code")
     if identifier is not None and code is not None:
         raise InvalidSearch("replica.invalid_parameter", "give identifier or code, not both")
     key = identifier if identifier is not None else code
     if key is not None:
         canonical.append(("identifier" if identifier is not None else "code", key))
         key = key.rsplit("|", 1)[-1].lower()  # system|value: openIMIS codes are unique without the system
-    names = [v for k in ("name", "name:contains") for v in request.query.getall(k, [])]
+    names = [v for k in ("name", "name:contains") for v in query.getall(k, [])]
     if len(names) > 1:
         raise InvalidSearch("replica.invalid_parameter", "name may be given only once")
     name = names[0].lower() if names else None
     if names:
         canonical.append(("name", names[0]))
     bounds: dict[str, tuple[float, bool]] = {}
-    for value in request.query.getall("_lastUpdated", []):
+    for value in query.getall("_lastUpdated", []):
         prefix, instant = value[:2], parse_instant(value[2:])
         if prefix not in ("ge", "gt", "le", "lt") or instant is None:
             raise InvalidSearch("replica.invalid_parameter",
@@ -141,8 +144,10 @@ class ReplicaReader:
     def serves(self, fhir: FhirRequest) -> bool:
         return fhir.interaction in ("read", "search-type") and fhir.resource_type in self.served_types
 
-    async def answer(self, request: web.Request, fhir: FhirRequest) -> Answer | None:
-        """The replica's response, or None when the channel's upstream should answer instead."""
+    async def answer(self, request: web.Request, fhir: FhirRequest,
+                     query: MultiMapping[str] | None = None) -> Answer | None:
+        """The replica's response, or None when the channel's upstream should answer instead.
+        `query`: the search parameters to use (default: the request's)."""
         if not self.serves(fhir):
             return None
         rtype = fhir.resource_type
@@ -155,7 +160,7 @@ class ReplicaReader:
             if fhir.interaction == "read":
                 assert fhir.resource_id is not None
                 return await self._read(request, state, rtype, fhir.resource_id)
-            return await self._search(request, state, rtype)
+            return await self._search(request, state, rtype, request.query if query is None else query)
         except ReplicaStoreError:
             return self._unavailable(rtype, "replica.store_error", "the master-data replica cannot be read")
 
@@ -178,9 +183,10 @@ class ReplicaReader:
             return self._refuse(rtype, "not_found", 404, "replica.not_found", f"{rtype}/{key} is not in the replica")
         return self._respond(request, state, rtype, record.body, f'W/"{record.digest}"', record.last_updated)
 
-    async def _search(self, request: web.Request, state: SyncState, rtype: str) -> Answer:
+    async def _search(self, request: web.Request, state: SyncState, rtype: str,
+                      query: MultiMapping[str]) -> Answer:
         try:
-            search = parse_search(request, self.policy)
+            search = parse_search(query, self.policy)
         except InvalidSearch as exc:
             return self._refuse(rtype, "invalid", 400, exc.reason, str(exc))
         page = await self.store.search(state.generation, rtype, search.query)

@@ -23,6 +23,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from mediator.fhir import PLAIN_JSON
+from mediator.fhir_answers import add_zones
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import StoredResource, SyncState, build_record, is_inactive, valid_upstream_resource
 from mediator.replica.store import ReplicaStore, ReplicaStoreError
@@ -77,6 +78,7 @@ class ReplicaSyncer:
         self.store = store
         self.upstream = upstream
         self.clock = clock
+        self._zone = ZoneInfo(upstream.config.time_zone)
 
     async def _get(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
         """GET from openIMIS as the mediator's service user; (status, JSON or None)."""
@@ -180,7 +182,8 @@ class ReplicaSyncer:
         inactive = is_inactive(resource, now)
         if inactive and self.policy.inactive == "drop":
             return None
-        return build_record(resource, now, previous, inactive)
+        # Served as stored: zone-less dateTimes get the upstream's time_zone here (mediator.fhir_answers).
+        return build_record(add_zones(resource, self._zone), now, previous, inactive)
 
     async def run(self, full: bool | None = None, progress: Progress | None = None) -> SyncReport:
         """One sync. full=None: full if the replica is empty or the last full one is older than full_every_s."""
@@ -228,7 +231,7 @@ class ReplicaSyncer:
                 rtype, rid = path.split("/")
                 before = await self.store.get(old.generation, rtype, rid) if old is not None else None
                 document = await self._document(path, progress)
-                record = build_record(document, started, before, False)
+                record = build_record(add_zones(document, self._zone), started, before, False)
                 await self.store.put(generation, [record])
                 report.counts[rtype] = report.counts.get(rtype, 0) + 1
             finished = self.clock()
@@ -244,7 +247,8 @@ class ReplicaSyncer:
     async def _incremental(self, state: SyncState, progress: Progress | None) -> SyncReport:
         started = self.clock()
         report = SyncReport("incremental")
-        since = {"_lastUpdated": "ge" + upstream_time(state.cursor, self.policy.upstream_time_zone)}
+        zone = self.policy.upstream_time_zone or self.upstream.config.time_zone
+        since = {"_lastUpdated": "ge" + upstream_time(state.cursor, zone)}
         upserts: list[StoredResource] = []
         removals: list[tuple[str, str]] = []
         expected: dict[str, int] = {}
@@ -275,7 +279,8 @@ class ReplicaSyncer:
         for path in self.policy.documents:
             rtype, rid = path.split("/")
             before = await self.store.get(state.generation, rtype, rid)
-            record = build_record(await self._document(path, progress), started, before, False)
+            record = build_record(add_zones(await self._document(path, progress), self._zone), started, before,
+                                  False)
             if before is None or before.digest != record.digest:
                 upserts.append(record)
         for rtype in self.policy.resource_types:

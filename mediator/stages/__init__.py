@@ -1,8 +1,10 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → authentication → request (body read and parsed once) → authorization
-(always: absent policy denies) → write (the write firewall; always: absent profiles refuse every write)
-→ [rate limit] → route (replica/upstream, in mediator.app). A test asserts this order.
+client_ip → channel → ip → [load_shed] → authentication → request (body read and parsed once) →
+search (parameters) → authorization (always: absent policy denies) → write (the write firewall; always:
+absent profiles refuse every write) → [rate limit] → route (replica/upstream, in mediator.app). A test
+asserts this order. load_shed is built only when the caller passes the runtime's upstream guards (the
+app; explain and policy tests describe the policy, not the load, and leave it out).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from mediator.identity import Identity
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
 from mediator.redis_store import RedisStore
+from mediator.search_parameters import SearchParameterStage
 from mediator.stages.authentication import AuthenticationStage, VouchedUsers
 from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpPolicy, ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage, IpSetTable
+from mediator.stages.load_shed import LoadShedStage
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
 from mediator.stages.request_body import RequestBodyStage
 from mediator.stages.write_firewall import WriteFirewallStage
@@ -32,8 +36,8 @@ from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "authentication", "request", "authorization", "write",
-         "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "request", "search", "authorization",
+         "write", "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -45,12 +49,14 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
     """`upstreams`: the runtime's upstream clients (stages that look things up in openIMIS share
     them); absent: unstarted clients are made, for listing and tests of order only. `identity`: the
     runtime's started Identity (JWKS caches, replay store); absent: a fresh one, for listing only.
-    `guards`: the runtime's per-upstream bulkhead + breaker, shared with forwarding (absent: fresh ones).
+    `guards`: the runtime's per-upstream bulkhead + breaker, shared with forwarding (absent: fresh ones for
+    the lookups, and no load_shed stage).
     `redis`: the app's shared Redis handle (stages needing shared state use it); `metrics`: the app's.
 
     Offline evaluation (`mediator.offline`: explain, policy tests) passes `authentication`, a stage that
     stands in for the authentication stage (no Identity is built: no signing key, no replay store), an
     unconfigured `redis` (in-memory counters), fresh `guards` and a `facility_directory` of assumed facts."""
+    shed_guards = guards  # only the caller's: fresh guards would never shed anything
     if upstreams is None:
         server = config.channels.server
         upstreams = {name: OpenImisUpstream(name, u, server.public_base_url)
@@ -77,8 +83,10 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
+        *([LoadShedStage(shed_guards)] if shed_guards is not None else []),
         authentication or AuthenticationStage(identity or Identity.from_config(config), users),
         RequestBodyStage.from_config(config),
+        SearchParameterStage.from_config(config),
         authorization,
         # One facility directory per runtime: the firewall resolves references with authorization's.
         WriteFirewallStage.from_config(config, directory),

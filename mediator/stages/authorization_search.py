@@ -295,7 +295,8 @@ class ScopedSearch:
     async def _get(self, request: web.Request, path: str, query: str, client_ip: str, request_id: str,
                    priority: int, timeout_s: float) -> dict[str, Any]:
         response = await self.guard.call(priority, lambda: self.upstream.forward(
-            request, path, None, client_ip, request_id, timeout_s, method="GET", raw_query=query))
+            request, path, None, client_ip, request_id, timeout_s, method="GET", raw_query=query),
+            f"search-read:{self.search.resource_type}")
         body = response.body if isinstance(response.body, bytes) else b""
         if response.status != 200:
             # SECURITY: openIMIS's error texts can name other facilities' claims ("malformed entry …/Claim/<uuid>").

@@ -96,7 +96,7 @@ WARNINGS = [
     "default_roles and no client accepts user tokens that could carry it",
     "policies/authorization.yaml:31:5: warning: rules[4].name: rule 'claim-status' can never match: no caller "
     "can carry any of its roles",
-    "policies/authorization.yaml:36:19: warning: rules[5].permissions[0]: system/Communication.cr can never "
+    "policies/authorization.yaml:40:19: warning: rules[6].permissions[0]: system/Communication.cr can never "
     "match: no channel routes POST /Communication or GET /Communication/<id>",
     "channels.yaml:67:5: warning: channels[5]: no client can reach channel 'nobody': its ip_allowlist admits "
     "no address",
@@ -124,7 +124,8 @@ def test_user_permissions_need_a_client_that_vouches_for_users(tmp_path, capsys)
     assert capsys.readouterr().err.splitlines() == [
         f"policies/authorization.yaml:{line}:5: warning: rules[{i}].name: rule '{name}' can never match: its "
         "user/ permissions need a user, and no client that carries its roles vouches for users"
-        for i, line, name in ((2, 23, "eligibility"), (3, 27, "claim-submit"), (4, 31, "claim-status"))]
+        for i, line, name in ((2, 23, "eligibility"), (3, 27, "claim-submit"), (4, 31, "claim-status"),
+                              (5, 35, "claim-read"))]
 
 
 def test_the_shipped_configuration_has_no_warnings(capsys):

@@ -50,7 +50,9 @@ async def test_master_data_download_pages_through_the_mediator(through_mediator)
 async def test_patient_by_insuree_number(through_mediator):
     response = await through_mediator.get("/fhir/Patient/?identifier=070707070")
     assert response.status == 200
-    patient = await response.json()
+    bundle = await response.json()   # openIMIS's bare Patient, wrapped in a searchset (mediator.fhir_answers)
+    assert bundle["resourceType"] == "Bundle" and bundle["total"] == 1
+    patient = bundle["entry"][0]["resource"]
     assert patient["resourceType"] == "Patient"
     assert any(i.get("value") == "070707070" for i in patient["identifier"])
 
@@ -72,11 +74,12 @@ async def test_claim_submission_and_status_poll(through_mediator):
     response = await through_mediator.post("/fhir/Claim", data=json.dumps(claim),
                                            headers={"Content-Type": "application/fhir+json"})
     assert response.status == 201, await response.text()
-    claim_response = await response.json()
-    assert claim_response["resourceType"] == "ClaimResponse"
-    poll = await through_mediator.get(f"/fhir/ClaimResponse/{claim_response['id']}")
+    created = await response.json()   # Prefer return=representation (the default): the Claim, read back
+    assert created["resourceType"] == "Claim"
+    assert response.headers["Location"].endswith(f"/fhir/Claim/{created['id']}")
+    poll = await through_mediator.get(f"/fhir/ClaimResponse/{created['id']}")
     assert poll.status == 200
-    assert (await poll.json())["id"] == claim_response["id"]
+    assert (await poll.json())["id"] == created["id"]
 
 
 async def test_invalid_claims(through_mediator):

@@ -30,7 +30,7 @@ async def test_master_data_download_with_a_system_token(vendors):
 async def test_eligibility_patient_by_insuree_number(vendors):
     ok = await vendors["vendor-jm"].request("GET", "/fhir/Patient/?identifier=070707070")
     assert ok.status == 200, await ok.text()
-    assert (await ok.json())["resourceType"] == "Patient"
+    assert [e["resource"]["resourceType"] for e in (await ok.json())["entry"]] == ["Patient"]
     # Listing every insuree is not a permission anyone has.
     listing = await vendors["vendor-jm"].request("GET", "/fhir/Patient/")
     assert listing.status == 403
@@ -43,9 +43,9 @@ async def test_claim_submission_status_and_cross_facility_refusals(vendors):
     jm, ra = vendors["vendor-jm"], vendors["vendor-ra"]
     submitted = await jm.request("POST", "/fhir/Claim", json=_claim_for("JMHOS001"))
     assert submitted.status == 201, await submitted.text()
-    claim_response = await submitted.json()
-    assert claim_response["resourceType"] == "ClaimResponse"
-    claim_id = claim_response["id"]
+    claim = await submitted.json()
+    assert claim["resourceType"] == "Claim"
+    claim_id = claim["id"]
 
     own = await jm.request("GET", f"/fhir/ClaimResponse/{claim_id}")
     assert own.status == 200 and (await own.json())["id"] == claim_id

@@ -27,6 +27,15 @@ BASE = f"{ORIGIN}/fhir/"
 VENDORS = {"vendor-jm": "JMHOS001", "vendor-ra": "RAHOS001"}
 CLAIM_ADMIN = {"JMHOS001": "JHOS0011", "RAHOS001": "RHOS0011"}
 
+CAPABILITIES_CHANNEL = """\
+- name: capabilities
+  path: ^/fhir/metadata/?$
+  methods: [GET]
+  upstream: openimis
+  ip_allowlist: [local]
+  authentication: none
+"""
+
 CHANNELS = """\
 - name: master-data
   path: ^/fhir/(ActivityDefinition|Medication|Location|Organization)(/[^/]+)?/?$
@@ -90,6 +99,9 @@ version: 1
 facility_directory: {upstream: openimis, ttl_s: 300}
 search_results: {foreign_entries: drop}
 rules:
+  - name: capabilities
+    roles: [hms, anonymous]
+    permissions: [system/CapabilityStatement.r]
   - name: master-data-read
     roles: [hms]
     permissions: [system/Medication.rs, system/ActivityDefinition.rs, system/Organization.rs, system/Location.rs]
@@ -118,13 +130,22 @@ limits:
 
 
 class Vendor:
-    def __init__(self, client, name: str, key: ECKey) -> None:
+    origin = ORIGIN   # defaults for subclasses with their own __init__ (tests/e2e/test_async_claims_faults.py)
+    base = BASE
+
+    def __init__(self, client, name: str, key: ECKey, origin: str = ORIGIN) -> None:
         self.client, self.name, self.key = client, name, key
         self.facility = VENDORS[name]
         self.access_token = ""
+        self.origin = origin
+        self.base = f"{origin}/fhir/"
+
+    def assertion(self) -> str:
+        """A fresh SMART client assertion for the token endpoint."""
+        return client_assertion(self.name, self.key, f"{self.origin}/auth/token")
 
     async def login(self) -> None:
-        assertion = client_assertion(self.name, self.key, f"{ORIGIN}/auth/token")
+        assertion = self.assertion()
         response = await self.client.post("/auth/token", data=token_form(
             assertion, "system/*.read system/Claim.write system/CoverageEligibilityRequest.write"))
         assert response.status == 200, await response.text()
@@ -132,7 +153,8 @@ class Vendor:
 
     def user_token(self, user: str | None = None, facility: str | None = None) -> str:
         now = int(time.time())
-        claims = {"iss": f"https://sso.{self.name}.example", "aud": BASE, "iat": now, "exp": now + 300,
+        claims = {"iss": f"https://sso.{self.name}.example", "aud": self.base, "iat": now,
+                  "exp": now + 300,
                   "preferred_username": user or CLAIM_ADMIN[self.facility], "roles": ["claim-admin"],
                   "hf": facility or self.facility, "jti": uuid.uuid4().hex}
         return jwt.encode({"alg": "ES256"}, claims, self.key)
@@ -166,6 +188,14 @@ def _claim_for(facility: str) -> dict:
 
 @pytest.fixture
 async def vendors(openimis, tmp_path: Path, make_mediator):
+    async for result in vendor_kit(openimis, tmp_path, make_mediator):
+        yield result
+
+
+async def vendor_kit(openimis, tmp_path: Path, make_mediator, *, origin: str = ORIGIN,  # type: ignore[no-untyped-def]
+                     channels: str = CHANNELS, **client_kwargs):
+    """The two vendors in front of a mediator whose public base is `origin`/fhir/ (the `vendors` fixture:
+    https://mediator.example.org). `client_kwargs` go to the test client (e.g. server_kwargs={"port": n})."""
     keys = {name: ECKey.generate_key("P-256") for name in VENDORS}
     root = tmp_path / "config"  # where make_mediator writes the configuration
     (root / "keys").mkdir(parents=True)
@@ -173,10 +203,13 @@ async def vendors(openimis, tmp_path: Path, make_mediator):
         (root / "keys" / f"{name}.pem").write_bytes(key.as_pem(private=False))
     prefix = f"e2e-{uuid.uuid4().hex[:8]}:"
     redis = f"redis:\n  url: redis://127.0.0.1:6379/0\n  key_prefix: \"{prefix}\"\n"
+    channels_text = e2e_channels(openimis["fhir_base_url"], channels=channels, extra_server=redis)
+    channels_text = channels_text.replace(f"public_base_url: {BASE}", f"public_base_url: {origin}/fhir/")
     client = await make_mediator(
-        e2e_channels(openimis["fhir_base_url"], channels=CHANNELS, extra_server=redis), DEFAULT_IP_POLICY,
-        {"clients.yaml": CLIENTS, "authorization.yaml": AUTHORIZATION, "rate_limits.yaml": RATE_LIMITS})
-    result = {name: Vendor(client, name, keys[name]) for name in VENDORS}
+        channels_text, DEFAULT_IP_POLICY,
+        {"clients.yaml": CLIENTS, "authorization.yaml": AUTHORIZATION, "rate_limits.yaml": RATE_LIMITS},
+        **client_kwargs)
+    result = {name: Vendor(client, name, keys[name], origin) for name in VENDORS}
     for vendor in result.values():
         await vendor.login()
     yield result

@@ -29,7 +29,7 @@ def test_a_minimal_policy_takes_the_documented_defaults(tmp_path):
                         extra_policies={"replica.yaml": "version: 1\nupstream: openimis\n"})
     policy = load_config(root).policy("replica", ReplicaPolicy)
     assert policy.store == "memory" and policy.schedule and policy.never_synced == "upstream"
-    assert policy.inactive == "keep" and policy.identifier_search == "bare_resource"
+    assert policy.inactive == "keep" and policy.identifier_search == "bundle"
     assert policy.resource_types == ("ActivityDefinition", "Medication", "Location", "Organization", "InsurancePlan",
                                      "Practitioner", "PractitionerRole")
     assert policy.served_types == frozenset(policy.resource_types) | {"CodeSystem"}

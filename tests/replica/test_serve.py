@@ -87,11 +87,23 @@ async def test_search_pages_with_links_to_the_public_base(sandbox, served):
     assert _medication_list_requests(sandbox) == []
 
 
-async def test_identifier_answers_the_bare_resource_like_openimis(served):
+async def test_identifier_answers_a_searchset_by_default(served):
     response = await served.get("/fhir/Medication?identifier=GEN000042")
     body = await response.json()
-    assert response.status == 200 and body["resourceType"] == "Medication"
-    assert (await served.get("/fhir/Medication?code=none")).status == 404
+    assert response.status == 200 and body["resourceType"] == "Bundle" and body["type"] == "searchset"
+    assert body["total"] == 1 and body["entry"][0]["resource"]["resourceType"] == "Medication"
+    assert body["entry"][0]["search"] == {"mode": "match"}
+    none = await served.get("/fhir/Medication?code=none")
+    assert none.status == 200 and (await none.json())["total"] == 0 and (await none.json())["entry"] == []
+
+
+async def test_identifier_search_can_answer_the_bare_resource_like_openimis(sandbox, sandbox_server, make_mediator):
+    client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=MASTER_DATA),
+                                 extra_policies=_replica_policy("identifier_search: bare_resource\n"))
+    await client.server.app[RUNTIME].current.replica.sync()
+    response = await client.get("/fhir/Practitioner?identifier=JMDP0011")
+    assert response.status == 200 and (await response.json())["resourceType"] == "Practitioner"
+    assert (await client.get("/fhir/Practitioner?code=none")).status == 404
 
 
 async def test_identifier_search_can_answer_a_bundle(sandbox, sandbox_server, make_mediator):
@@ -130,16 +142,17 @@ async def test_last_updated_filters_let_an_hms_sync_incrementally(sandbox, serve
 @pytest.mark.parametrize(
     ("query", "reason"),
     [
-        ("_sort=name", "replica.unsupported_parameter"),
-        ("_count=ten", "replica.invalid_parameter"),
-        ("page-offset=0", "replica.invalid_parameter"),
+        ("_sort=name", "search.unsupported_parameter"),
+        ("_count=ten", "search.invalid_parameter"),
+        ("page-offset=0", "search.invalid_parameter"),
         ("_lastUpdated=2024-01-01", "replica.invalid_parameter"),
         ("_lastUpdated=ge2024-13-01", "replica.invalid_parameter"),
         ("identifier=a&identifier=b", "replica.invalid_parameter"),
     ],
 )
 async def test_searches_the_replica_cannot_answer_are_400(served, query, reason):
-    response = await served.get(f"/fhir/Medication?{query}")
+    # Unknown names and malformed paging are the search stage's (strict here); the rest the replica's own.
+    response = await served.get(f"/fhir/Medication?{query}", headers={"Prefer": "handling=strict"})
     assert response.status == 400
     assert (await response.json())["issue"][0]["details"]["coding"][0]["code"] == reason
 
@@ -192,7 +205,8 @@ async def test_never_synced_can_be_503(sandbox, sandbox_server, make_mediator):
 
 async def test_what_the_replica_does_not_hold_goes_upstream(sandbox, served):
     response = await served.get("/fhir/Patient?identifier=123456789")
-    assert response.status == 200 and (await response.json())["resourceType"] == "Patient"
+    bundle = await response.json()
+    assert response.status == 200 and bundle["entry"][0]["resource"]["resourceType"] == "Patient"
     assert any("/Patient/" in r["path"] for r in sandbox.requests)
 
 

@@ -33,10 +33,13 @@ def replica_yaml(store: str = "memory", extra: str = "") -> str:
 async def make_replica(tmp_path: Path, sandbox_server, redis_prefix):
     made: list[tuple[Replica, OpenImisUpstream]] = []
 
-    async def factory(store: str = "memory", extra: str = "") -> Replica:
+    async def factory(store: str = "memory", extra: str = "", time_zone: str | None = None) -> Replica:
         server = f"redis:\n  url: \"{REDIS_URL}\"\n  key_prefix: \"{redis_prefix}\"\n"
-        root = write_config(tmp_path / f"config{len(made)}", channels_yaml(upstream_url(sandbox_server),
-                                                                         extra_server=server),
+        channels = channels_yaml(upstream_url(sandbox_server), extra_server=server)
+        if time_zone is not None:   # the upstream's time_zone (channels.yaml)
+            channels = channels.replace("    connect_timeout_s: 1\n",
+                                        f"    connect_timeout_s: 1\n    time_zone: {time_zone}\n")
+        root = write_config(tmp_path / f"config{len(made)}", channels,
                             extra_policies={"replica.yaml": replica_yaml(store, extra)})
         config = load_config(root)
         policy = config.policies["replica"]
@@ -124,6 +127,24 @@ async def test_the_cursor_is_the_previous_start_minus_the_overlap_in_openimis_fo
         await replica.sync()
         assert upstream_time(1_700_000_000.0 - 60, "Africa/Dar_es_Salaam") == "2023-11-15T01:12:20"
         assert any("_lastUpdated=ge2023-11-15T01:12:20" in r["query"] for r in sandbox.requests)
+    finally:
+        await replica.close()
+
+
+async def test_the_upstream_time_zone_is_the_default_for_the_cursor_and_the_stored_datetimes(sandbox, make_replica):
+    replica = await make_replica(extra="overlap_s: 60\n", time_zone="Africa/Dar_es_Salaam")
+    try:
+        now = [1_700_000_000.0]
+        replica.syncer.clock = lambda: now[0]
+        await replica.sync()
+        now[0] += 500
+        await replica.sync()
+        assert any("_lastUpdated=ge2023-11-15T01:12:20" in r["query"] for r in sandbox.requests)
+        state = await replica.store.state()
+        assert state is not None
+        page = await replica.store.search(state.generation, "ActivityDefinition", SearchQuery())
+        dates = [json.loads(r.body)["date"] for r in page.items if b'"date"' in r.body]
+        assert dates and all(d.endswith("+03:00") for d in dates)   # openIMIS's zone-less dates, zoned
     finally:
         await replica.close()
 

@@ -161,7 +161,9 @@ FOREIGN = FacilityFacts((("provider", "RAHOS001"),))
         (JM_CLERK, _access("Claim", "c"), FacilityFacts.failed("provider_unresolved", "x"),
          "authorization.provider_unresolved", "claim-submit"),
         (NO_FACILITY, _access("Claim", "c"), OWN, "authorization.no_facility", "claim-submit"),
-        (JM_CLERK, _access("Claim", "r", rid=JM_CLAIM), OWN, "authorization.no_matching_rule", None),
+        (JM_CLERK, _access("Claim", "r", rid=JM_CLAIM), OWN, "authorization.allowed", "claim-read"),
+        (JM_CLERK, _access("Claim", "r", rid=RA_CLAIM), FOREIGN, "authorization.provider_other_facility",
+         "claim-read"),
         (JM_CLERK, _access("Patient", "s", (("identifier", "070707070"),)), None, "authorization.allowed",
          "eligibility"),
         (JM_CLERK, _access("Patient", "s", (("name", "x"),)), None, "authorization.no_matching_rule", None),
@@ -657,15 +659,26 @@ async def test_identifier_search_finds_only_the_callers_claim(authz_mediator):
     assert answer["total"] == 0 and "entry" not in answer and [link["relation"] for link in answer["link"]] == ["self"]
 
 
-@pytest.mark.parametrize(("query", "reason"), [
-    ("?status=active", "authorization.search_param_unsupported"),
-    ("?_count=101", "authorization.search_param_invalid"),
-    ("?_count=1&_count=2", "authorization.search_param_unsupported"),
+@pytest.mark.parametrize(("prefer", "query", "reason"), [
+    ("handling=strict", "?status=active", "search.unsupported_parameter"),   # the search stage, first
+    ("handling=lenient", "?_count=1&_count=2", "authorization.search_param_unsupported"),
+    ("handling=strict", "?_count=1&_count=2", "authorization.search_param_unsupported"),
 ])
-async def test_search_parameters_openimis_would_ignore_are_refused(authz_mediator, query, reason):
+async def test_search_parameters_openimis_would_ignore_are_refused(authz_mediator, prefer, query, reason):
     client = await authz_mediator()
-    response = await _get(client, f"/fhir/ClaimResponse{query}")
+    headers = {**await credentials(client, "jm-clerk"), "Prefer": prefer}
+    response = await client.get(f"/fhir/ClaimResponse{query}", headers=headers)
     assert (response.status, _reason(await response.json())) == (400, reason)
+
+
+async def test_ignored_search_parameters_are_never_used_and_the_count_is_capped(authz_mediator):
+    # handling=lenient (the default): ?status is neither used nor forwarded, the self link says what was used.
+    client = await authz_mediator()
+    response = await _get(client, "/fhir/ClaimResponse?status=active&_count=101")
+    assert response.status == 200
+    bundle = await response.json()
+    assert {e["resource"]["id"] for e in bundle["entry"]} == {JM_CLAIM}
+    assert "status" not in bundle["link"][0]["url"] and "_count=100" in bundle["link"][0]["url"]
 
 
 async def test_a_search_whose_index_cannot_be_read_is_a_502(sandbox, authz_mediator):

@@ -441,7 +441,8 @@ async def test_explain_names_the_rule_and_the_element(tmp_path: Path, sandbox_se
     body = json.dumps({"resourceType": "Claim", "status": "active",
                        "contained": [{"resourceType": "Medication", "id": "0001"}]}).encode()
     result = await explain(load_config(root), "POST", "/fhir/Claim", None, body=body)
-    assert result.reasons[-3:] == [("request", "request.parsed"), ("authorization", "authorization.allowed"),
+    assert result.reasons[-4:] == [("request", "request.parsed"), ("search", "search.not_a_search"),
+                                   ("authorization", "authorization.allowed"),
                                    ("write", "write.contained_not_allowed")]
     write_line = next(line for line in result.lines() if line.startswith("write "))
     assert "rule=profiles.Claim.contained  element=Claim.contained[0]" in write_line

@@ -1,0 +1,468 @@
+"""Do API floods make the REAL openIMIS slow for its interactive users? One run, figures side by side.
+
+    .venv/bin/python bench/openimis_load.py [--duration 20] [--rate 200] [--probe-rate 4] [--only ...]
+
+Starts (or reuses) the real openIMIS of tests/openimis/harness.py (2 sync gunicorn workers). The
+interactive user is the openIMIS web app's insuree search (GraphQL `insurees`, as the admin UI sends it,
+with a GraphQL JWT), sent straight to openIMIS at `--probe-rate`/s on a fixed schedule (latency measured
+from each request's due time: no coordinated omission). It is measured idle, then under two floods at
+`--rate`/s (open loop, at most `--max-outstanding` requests open at once) by one HMS vendor with 50 users:
+
+  (a) eligibility: GET Patient/?identifier=<a demo insuree>
+  (b) claims: POST Claim (a fresh claim code each)
+
+each sent (1) straight to openIMIS, (2) through one `openimis-mediator serve` with the shipped
+channels.yaml and policies (ip_allowlist, rate_limits, replica, write_profiles) plus the e2e vendors' clients and
+authorization, and (3) through two such processes sharing one Redis (server.redis + bulkhead scope
+cluster, the flood split between them). Printed: interactive p50/p99, the API rate openIMIS served
+(answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
+request (measured alone, in a closed loop of one, before each flood) and per refused one (the rest of the
+flood's CPU divided by its refusals), the mediator's final concurrency limit and minimum RTT, and the
+load average. A benchmark script, not a test: it asserts nothing, it prints figures. Bounded in time:
+about (9 × duration + 10 × calibrate + 60) seconds. The claims flood creates real claims in the openIMIS
+database: run it against a disposable one (OPENIMIS_DB_NAME), then `harness.py up --fresh-db`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from joserfc import jwt  # noqa: E402
+from joserfc.jwk import ECKey  # noqa: E402
+
+from mediator.identity.client import client_assertion, token_form  # noqa: E402
+from tests.e2e.conftest import harness  # noqa: E402
+from tests.e2e.vendors import AUTHORIZATION, BASE, CLIENTS, ORIGIN, VENDORS, _claim_for  # noqa: E402
+
+INSUREES_QUERY = ("{ insurees(first: 10, orderBy: [\"chfId\"]) { totalCount edges { node { id uuid chfId "
+                  "lastName otherNames dob gender { code } family { uuid location { name } } } } } }")
+VENDOR = "vendor-jm"
+USERS = [f"bench-user-{i:02d}" for i in range(50)]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its children that are still alive (serve --workers forks)."""
+    total = 0.0
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                pids.append(int(entry))
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
+
+
+@dataclass
+class Tally:
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+    skipped: int = 0
+
+
+Request = tuple[str, str, dict[str, Any]]
+
+
+async def open_loop(session: aiohttp.ClientSession, rate: float, duration: float,
+                    next_request: Callable[[int], Request], max_outstanding: int,
+                    record_reason: bool = False) -> Tally:
+    """`rate` requests per second for `duration` s on a fixed schedule; a request whose slot comes while
+    `max_outstanding` are open is skipped (counted). Waits for the open ones at the end (bounded)."""
+    tally = Tally()
+    outstanding: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    total = int(rate * duration)
+
+    async def one(due: float, request: Request) -> None:
+        method, url, kwargs = request
+        try:
+            async with session.request(method, url, **kwargs) as response:
+                body = await response.read()
+                tally.statuses[response.status] += 1
+                if record_reason and response.status in (429, 503):
+                    try:
+                        tally.reasons[json.loads(body)["issue"][0]["details"]["coding"][0]["code"]] += 1
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        tally.reasons["?"] += 1
+        except (TimeoutError, aiohttp.ClientError):
+            tally.errors += 1
+            return
+        tally.latencies_ms.append((loop.time() - due) * 1000)
+
+    for i in range(total):
+        due = start + i / rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(outstanding) >= max_outstanding:
+            tally.skipped += 1
+            continue
+        task = asyncio.create_task(one(due, next_request(i)))
+        outstanding.add(task)
+        task.add_done_callback(outstanding.discard)
+    if outstanding:
+        await asyncio.wait(outstanding, timeout=60)
+    for task in list(outstanding):
+        task.cancel()
+    return tally
+
+
+async def closed_loop(session: aiohttp.ClientSession, duration: float, next_request: Callable[[int], Request]
+                      ) -> Tally:
+    """One request at a time for `duration` s."""
+    tally = Tally()
+    end = time.monotonic() + duration
+    i = 0
+    while time.monotonic() < end:
+        method, url, kwargs = next_request(i)
+        i += 1
+        async with session.request(method, url, **kwargs) as response:
+            await response.read()
+            tally.statuses[response.status] += 1
+    return tally
+
+
+class Vendor:
+    def __init__(self) -> None:
+        self.key = ECKey.generate_key("P-256")
+        self.access_token = ""
+
+    def user_headers(self, count: int) -> list[dict[str, str]]:
+        """Fresh single-use SSO user tokens, made before a phase (signing is not part of the load)."""
+        now = int(time.time())
+        out = []
+        for i in range(count):
+            claims = {"iss": f"https://sso.{VENDOR}.example", "aud": BASE, "iat": now, "exp": now + 600,
+                      "preferred_username": USERS[i % len(USERS)], "roles": ["claim-admin"],
+                      "hf": VENDORS[VENDOR], "jti": uuid.uuid4().hex}
+            out.append({"Authorization": f"Bearer {self.access_token}",
+                        "X-User-Token": jwt.encode({"alg": "ES256"}, claims, self.key)})
+        return out
+
+
+def _shipped_config(root: Path, direct_base: str, vendor: Vendor, port: int, metrics_port: int,
+                    redis_prefix: str | None, signing_key: bytes) -> None:
+    channels = yaml.safe_load((ROOT / "channels.yaml").read_text())
+    channels = copy.deepcopy(channels)
+    server = channels["server"]
+    server["listen"] = {"host": "127.0.0.1", "port": port}
+    server["public_base_url"] = BASE
+    server["metrics"] = {"host": "127.0.0.1", "port": metrics_port}
+    server["audit"] = {"file": "audit.log"}
+    upstream = channels["upstreams"]["openimis"]
+    upstream["base_url"] = direct_base
+    if redis_prefix is not None:  # what README "Load protection" says to add for several instances
+        server["redis"] = {"url": "redis://127.0.0.1:6379/0", "key_prefix": redis_prefix}
+        upstream.setdefault("bulkhead", {})["scope"] = "cluster"
+    (root / "policies").mkdir(parents=True, exist_ok=True)
+    (root / "keys").mkdir(exist_ok=True)
+    (root / "channels.yaml").write_text(yaml.safe_dump(channels, sort_keys=False))
+    for name in ("ip_allowlist.yaml", "rate_limits.yaml", "replica.yaml", "write_profiles.yaml"):
+        if (ROOT / "policies" / name).exists():
+            (root / "policies" / name).write_text((ROOT / "policies" / name).read_text())
+    # The e2e vendors' clients name the ip set `local`; the shipped ip_allowlist calls it hms-networks.
+    (root / "policies" / "clients.yaml").write_text(CLIENTS.replace("[local]", "[hms-networks]"))
+    (root / "keys" / "mediator-signing.key").write_bytes(signing_key)
+    (root / "policies" / "authorization.yaml").write_text(AUTHORIZATION)
+    for name in VENDORS:
+        (root / "keys" / f"{name}.pem").write_bytes(vendor.key.as_pem(private=False))
+
+
+class Mediators:
+    """`count` serve processes on the shipped configuration (their own config dirs, one Redis prefix)."""
+
+    def __init__(self, count: int, direct_base: str, vendor: Vendor, tmp: Path) -> None:
+        self.ports = [_free_port() for _ in range(count)]
+        self.metrics_ports = [_free_port() for _ in range(count)]
+        self.redis_prefix = f"bench-load-{uuid.uuid4().hex[:8]}:" if count > 1 else None
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        env = {**os.environ, "OPENIMIS_USERNAME": "Admin", "OPENIMIS_PASSWORD": "admin123"}
+        # One access-token signing key for every instance, as a deployment shares it.
+        signing_key = ECKey.generate_key("P-256").as_pem(private=True)
+        for i, (port, mport) in enumerate(zip(self.ports, self.metrics_ports, strict=True)):
+            root = tmp / f"mediator-{count}-{i}"
+            _shipped_config(root, direct_base, vendor, port, mport, self.redis_prefix, signing_key)
+            self.logs.append(root / "stderr.log")
+            log = (root / "stderr.log").open("wb")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "mediator", "--log-level", "WARNING", "serve", "--config", str(root)],
+                env=env, stdout=log, stderr=log))
+
+    def base(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i % len(self.ports)]}/fhir/"
+
+    async def ready(self, session: aiohttp.ClientSession, vendor: Vendor) -> None:
+        for proc, mport in zip(self.procs, self.metrics_ports, strict=True):
+            for _ in range(300):
+                if proc.poll() is not None:
+                    raise SystemExit(f"mediator exited: {Path(self.logs[self.procs.index(proc)]).read_text()}")
+                try:
+                    async with session.get(f"http://127.0.0.1:{mport}/metrics") as r:
+                        text = await r.text()
+                    if "mediator_replica_last_sync_timestamp_seconds" in text and \
+                            _metric(text, "mediator_replica_last_sync_timestamp_seconds") > 0:
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        async with session.post(f"http://127.0.0.1:{self.ports[0]}/auth/token", data=token_form(
+                client_assertion(VENDOR, vendor.key, f"{ORIGIN}/auth/token"),
+                "system/*.read system/Claim.write system/CoverageEligibilityRequest.write")) as r:
+            vendor.access_token = (await r.json())["access_token"]
+
+    def cpu(self) -> float:
+        return sum(_cpu_seconds(p.pid) for p in self.procs)
+
+    async def state(self, session: aiohttp.ClientSession) -> str:
+        out = []
+        for mport in self.metrics_ports:
+            async with session.get(f"http://127.0.0.1:{mport}/metrics") as r:
+                text = await r.text()
+            out.append(f"limit {_metric(text, 'mediator_concurrency_limit'):.2f}, "
+                       f"min RTT {_metric(text, 'mediator_upstream_min_rtt_seconds') * 1000:.0f} ms")
+        return "; ".join(out)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.redis_prefix is not None:
+            import redis
+            client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+            keys = list(client.scan_iter(match=self.redis_prefix + "*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+@dataclass
+class Row:
+    scenario: str
+    probe: Tally
+    flood: Tally | None = None
+    duration: float = 0
+    cpu_forwarded_ms: float | None = None
+    cpu_refused_ms: float | None = None
+    state: str = ""
+    load: str = ""
+
+    def served_per_s(self, direct: bool) -> float:
+        if self.flood is None:
+            return 0.0
+        mediator_refusals = self.refusals() if not direct else 0
+        answered = sum(self.flood.statuses.values()) - mediator_refusals
+        return answered / self.duration
+
+    def refusals(self) -> int:
+        if self.flood is None:
+            return 0
+        return sum(self.flood.reasons.values())
+
+
+async def run(args: argparse.Namespace) -> None:
+    info = harness.ensure_running()
+    direct_base = info["fhir_base_url"].rstrip("/") + "/"
+    graphql_url = info["graphql_url"]
+    fhir_token = harness.login(info["base_url"], "Admin", "admin123")
+    rows: list[Row] = []
+    async with aiohttp.ClientSession() as probe_session:
+        async with probe_session.post(graphql_url, json={
+                "query": "mutation($u:String!,$p:String!){tokenAuth(username:$u,password:$p){token}}",
+                "variables": {"u": "Admin", "p": "admin123"}}) as r:
+            gql_token = (await r.json())["data"]["tokenAuth"]["token"]
+        probe_request: Request = ("POST", graphql_url, {"json": {"query": INSUREES_QUERY},
+                                                         "headers": {"Authorization": f"Bearer {gql_token}"}})
+        async with probe_session.post(graphql_url, **probe_request[2]) as r:
+            insurees = [e["node"]["chfId"] for e in (await r.json())["data"]["insurees"]["edges"]]
+
+        def probe_phase(duration: float) -> asyncio.Task[Tally]:
+            return asyncio.create_task(open_loop(probe_session, args.probe_rate, duration,
+                                                 lambda i: probe_request, 50))
+
+        direct_headers = {"Authorization": f"Bearer {fhir_token}"}
+
+        def flood_requests(kind: str, base: Callable[[int], str],
+                           headers: Callable[[int], dict[str, str]]) -> Callable[[int], Request]:
+            if kind == "eligibility":
+                return lambda i: ("GET", base(i) + f"Patient/?identifier={random.choice(insurees)}",
+                                  {"headers": headers(i)})
+            return lambda i: ("POST", base(i) + "Claim/", {"headers": headers(i),
+                                                         "json": _claim_for(VENDORS[VENDOR])})
+
+        async def settle() -> None:
+            await asyncio.sleep(3)  # openIMIS finishes what the last phase left it
+
+        async def scenario(name: str, kind: str | None, make: Callable[[], Callable[[int], Request]] | None,
+                           mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None
+                           ) -> None:
+            row = Row(name, Tally(), duration=args.duration)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_outstanding),
+                                             timeout=aiohttp.ClientTimeout(total=70)) as flood_session:
+                if mediators is not None and calibrate is not None:
+                    before = mediators.cpu()
+                    alone = await closed_loop(flood_session, args.calibrate, calibrate)
+                    forwarded = sum(n for s, n in alone.statuses.items() if s not in (429, 503))
+                    row.cpu_forwarded_ms = (mediators.cpu() - before) * 1000 / max(1, forwarded)
+                    await settle()
+                probe = probe_phase(args.duration)
+                cpu_before = mediators.cpu() if mediators is not None else 0.0
+                if make is not None:
+                    row.flood = await open_loop(flood_session, args.rate, args.duration, make(),
+                                                args.max_outstanding, record_reason=mediators is not None)
+                row.probe = await probe
+                if mediators is not None and row.flood is not None:
+                    cpu = mediators.cpu() - cpu_before
+                    refused = row.refusals()
+                    forwarded = sum(row.flood.statuses.values()) - refused
+                    if refused and row.cpu_forwarded_ms is not None:
+                        row.cpu_refused_ms = max(0.0, cpu * 1000 - forwarded * row.cpu_forwarded_ms) / refused
+                    row.state = await mediators.state(flood_session)
+            row.load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+            rows.append(row)
+            print(f"  done: {name} (load {row.load})", file=sys.stderr, flush=True)
+            await settle()
+
+        kinds = [k for k in ("eligibility", "claims") if args.only in (None, k)]
+        await scenario("idle", None, None)
+
+        def direct_flood(kind: str) -> Callable[[], Callable[[int], Request]]:
+            return lambda: flood_requests(kind, lambda i: direct_base, lambda i: direct_headers)
+
+        def indexed(headers: list[dict[str, str]]) -> Callable[[int], dict[str, str]]:
+            return lambda i: headers[i]
+
+        def mediator_flood(kind: str, m: Mediators, headers: list[dict[str, str]]
+                           ) -> Callable[[], Callable[[int], Request]]:
+            return lambda: flood_requests(kind, m.base, indexed(headers))
+
+        for kind in kinds:
+            await scenario(f"{kind}: straight to openIMIS", kind, direct_flood(kind))
+        vendor = Vendor()
+        with tempfile.TemporaryDirectory() as tmp:
+            for count in (1, 2):
+                mediators = Mediators(count, direct_base, vendor, Path(tmp))
+                try:
+                    await mediators.ready(probe_session, vendor)
+                    await settle()
+                    for kind in kinds:
+                        n = int(args.rate * args.duration) + 10
+                        calib_headers = vendor.user_headers(int(args.calibrate * 100))
+                        flood_headers = vendor.user_headers(n)
+                        await scenario(f"{kind}: mediator x{count}", kind,
+                                       mediator_flood(kind, mediators, flood_headers), mediators,
+                                       flood_requests(kind, mediators.base, indexed(calib_headers)))
+                finally:
+                    mediators.stop()
+    idle = rows[0].probe
+    idle_p99 = _pct(idle.latencies_ms, 0.99)
+    print(f"\nReal openIMIS ({info['versions'].get('openimis-be-api_fhir_r4', '?')}, 2 sync gunicorn workers); "
+          f"interactive = GraphQL insurees at {args.probe_rate}/s; floods at {args.rate}/s for {args.duration:.0f} s "
+          f"(at most {args.max_outstanding} open); shared 2-core box, load average after each phase.")
+    print(f"{'scenario':34} {'p50 ms':>7} {'p99 ms':>7} {'p99/idle':>8} {'served/s':>9} {'refused':>8} "
+          f"{'cpu fwd':>8} {'cpu ref':>8} {'ref/fwd':>7}  {'goal':7} load / mediator state")
+    for row in rows:
+        p50, p99 = _pct(row.probe.latencies_ms, 0.5), _pct(row.probe.latencies_ms, 0.99)
+        ratio = p99 / idle_p99 if idle_p99 else float("nan")
+        direct = "mediator" not in row.scenario
+        served = f"{row.served_per_s(direct):9.1f}" if row.flood is not None else f"{'':9}"
+        refused = f"{row.refusals():8d}" if row.flood is not None and not direct else f"{'':8}"
+        fwd = f"{row.cpu_forwarded_ms:8.2f}" if row.cpu_forwarded_ms is not None else f"{'':8}"
+        ref = f"{row.cpu_refused_ms:8.2f}" if row.cpu_refused_ms is not None else f"{'':8}"
+        rel = f"{row.cpu_refused_ms / row.cpu_forwarded_ms:7.2f}" \
+            if row.cpu_refused_ms is not None and row.cpu_forwarded_ms else f"{'':7}"
+        goal = ""
+        if not direct and row.flood is not None:
+            met_latency = ratio <= 1.5
+            met_cpu = row.cpu_refused_ms is None or (row.cpu_forwarded_ms is not None
+                                                     and row.cpu_refused_ms <= row.cpu_forwarded_ms / 2)
+            goal = "met" if met_latency and met_cpu else "NOT MET"
+        print(f"{row.scenario:34} {p50:7.0f} {p99:7.0f} {ratio:8.2f} {served} {refused} {fwd} {ref} {rel}  "
+              f"{goal:7} {row.load}{' / ' + row.state if row.state else ''}")
+        if row.flood is not None:
+            extra = dict(sorted(row.flood.statuses.items()))
+            print(f"{'':34} statuses {extra} reasons {dict(row.flood.reasons)} errors {row.flood.errors} "
+                  f"skipped {row.flood.skipped}; probe errors {row.probe.errors}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{
+            "scenario": r.scenario, "p50_ms": _pct(r.probe.latencies_ms, 0.5),
+            "p99_ms": _pct(r.probe.latencies_ms, 0.99),
+            "served_per_s": r.served_per_s("mediator" not in r.scenario), "refused": r.refusals(),
+            "cpu_forwarded_ms": r.cpu_forwarded_ms, "cpu_refused_ms": r.cpu_refused_ms, "load": r.load,
+            "state": r.state} for r in rows], indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=20, help="seconds per flood (and idle) phase")
+    parser.add_argument("--calibrate", type=float, default=5, help="seconds of the forwarded-only CPU measurement")
+    parser.add_argument("--rate", type=float, default=200, help="flood requests per second")
+    parser.add_argument("--probe-rate", type=float, default=4, help="interactive requests per second")
+    parser.add_argument("--max-outstanding", type=int, default=128, help="flood requests open at once, at most")
+    parser.add_argument("--only", choices=["eligibility", "claims"], help="one flood only (quicker)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""How many requests may be with openIMIS at once: a fixed number, or one that follows openIMIS's latency.
+
+`GradientLimit` is the `mode: adaptive` controller (README "Adaptive concurrency"). It is Envoy's
+adaptive-concurrency gradient controller in its overall shape — a minimum RTT measured in probe windows
+at the floor concurrency, and every sampling window a percentile of the answer times compared with it —
+with the update rule of Netflix concurrency-limits' Gradient2: the gradient is clamped to [0.5, 1] (it
+only ever shrinks the limit, at most by half per window) and growth is additive, by one, and only when
+the window actually used the whole limit (an idle upstream does not earn a larger limit).
+
+Why not Envoy's update (limit × gradient + √limit): in front of openIMIS's few sync workers the limit
+lives between 1 and a handful, where √limit of headroom is a whole extra worker's worth of queue.
+Why not Gradient2's long-term average RTT as the baseline: under a sustained flood that average drifts
+up with the queue it should detect; the periodic minimum-RTT probe does not.
+
+Pure and single-threaded: `clock` is injectable, nothing here does I/O, so tests drive it step by step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from mediator.config.models import BulkheadConfig
+
+FLOOR_WINDOWS_BEFORE_PROBE = 5
+"""Windows in a row at the floor after which the minimum RTT is measured again (Envoy does the same):
+the unloaded time may have grown for good (a bigger database), and a stale low minimum would pin the
+limit to the floor for ever."""
+
+
+class ConcurrencyLimit(Protocol):
+    @property
+    def value(self) -> float:
+        """The limit: average requests in flight; below 1 a duty cycle (see BulkheadConfig.min_concurrent)."""
+        ...
+
+    @property
+    def current(self) -> int:
+        """Requests that may be in flight at once now: the limit rounded down, at least 1."""
+        ...
+
+    @property
+    def min_rtt_s(self) -> float | None:
+        """The unloaded answer time in use (None: not measured, or not measuring)."""
+        ...
+
+    def saturated(self) -> None:
+        """A request found every slot taken (the window used the whole limit)."""
+
+    def record(self, rtt_s: float, kind: str = "") -> None:
+        """openIMIS answered (or timed out) a request of `kind` after `rtt_s` of being sent, not counting
+        the queue."""
+
+
+class StaticLimit:
+    """`mode: static`: `max_concurrent`, always."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    @property
+    def value(self) -> float:
+        return float(self._limit)
+
+    @property
+    def current(self) -> int:
+        return self._limit
+
+    @property
+    def min_rtt_s(self) -> float | None:
+        return None
+
+    def saturated(self) -> None:
+        pass
+
+    def record(self, rtt_s: float, kind: str = "") -> None:
+        pass
+
+
+def _percentile(samples: list[float], fraction: float) -> float:
+    """Nearest rank: the smallest sample with at least `fraction` of the samples at or below it."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+class GradientLimit:
+    """`mode: adaptive`. Starts with a probe (no minimum RTT is known yet)."""
+
+    def __init__(self, config: BulkheadConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.floor = float(config.min_concurrent)
+        self.ceiling = float(config.max_concurrent)
+        self.params = config.adaptive
+        self.limit = float(config.initial_concurrent or config.min_concurrent)
+        self.min_rtt: float | None = None
+        self.probing = True
+        self.probes = 0
+        """Minimum-RTT measurements completed (a counter for tests and metrics)."""
+        self.baselines: dict[str, float] = {}
+        """Unloaded answer time per kind of request (channel:interaction), from the last probes: a claim
+        POST and a Patient search differ by several times, so each sample is compared with its own kind's
+        (a flood of claims after one of lookups is not mistaken for a queue)."""
+        self._clock = clock
+        self._samples: list[float] = []
+        self._probe_samples: dict[str, list[float]] = {}
+        self._ratios: list[float] = []
+        self._unknown_kinds = 0
+        self._window_started = clock()
+        self._used_whole_limit = False
+        self._next_probe = 0.0
+        self._floor_windows = 0
+
+    @property
+    def value(self) -> float:
+        return self.floor if self.probing else self.limit
+
+    @property
+    def current(self) -> int:
+        return max(1, int(self.value))
+
+    @property
+    def min_rtt_s(self) -> float | None:
+        return self.min_rtt
+
+    def saturated(self) -> None:
+        self._used_whole_limit = True
+
+    def record(self, rtt_s: float, kind: str = "") -> None:
+        now = self._clock()
+        if self.probing:
+            self._samples.append(rtt_s)
+            self._probe_samples.setdefault(kind, []).append(rtt_s)
+            if len(self._samples) >= self.params.probe_samples:
+                self.min_rtt = _percentile(self._samples, self.params.percentile)
+                for measured, samples in self._probe_samples.items():
+                    self.baselines[measured] = _percentile(samples, self.params.percentile)
+                self.probing = False
+                self.probes += 1
+                self._next_probe = now + self.params.probe_interval_s
+                self._start_window(now)
+            return
+        baseline = self.baselines.get(kind)
+        if baseline is None:
+            # A kind no probe has measured: no verdict from it; enough of them call for a probe.
+            self._unknown_kinds += 1
+        elif baseline > 0:
+            self._ratios.append(rtt_s / baseline)
+        if now - self._window_started >= self.params.window_s and \
+                (len(self._ratios) >= self.params.min_samples or self._unknown_kinds >= self.params.min_samples):
+            self._close_window(now)
+
+    def _start_window(self, now: float) -> None:
+        self._samples.clear()
+        self._probe_samples.clear()
+        self._ratios.clear()
+        self._unknown_kinds = 0
+        self._window_started = now
+        self._used_whole_limit = False
+
+    def _start_probe(self, now: float) -> None:
+        self._floor_windows = 0
+        self.probing = True
+        self._start_window(now)
+
+    def _close_window(self, now: float) -> None:
+        if len(self._ratios) < self.params.min_samples:
+            self._start_probe(now)  # mostly kinds without a baseline: measure them
+            return
+        # The window's answer times, each relative to its kind's unloaded time (1.0: unloaded).
+        ratio = _percentile(self._ratios, self.params.percentile)
+        gradient = max(0.5, min(1.0, self.params.tolerance / ratio)) if ratio > 0 else 1.0
+        if gradient >= 1.0:
+            # +1 per window; below 1 (a duty cycle) doubling, so a fractional floor is left as fast
+            growth = min(1.0, self.limit) if self._used_whole_limit else 0.0
+            new_limit = self.limit + growth
+        else:
+            new_limit = self.limit * gradient
+        self.limit = max(float(self.floor), min(float(self.ceiling), new_limit))
+        near_floor = self.limit <= self.floor + 0.5 * min(1.0, self.floor)
+        self._floor_windows = self._floor_windows + 1 if near_floor else 0
+        if now >= self._next_probe or self._floor_windows >= FLOOR_WINDOWS_BEFORE_PROBE:
+            self._start_probe(now)
+        else:
+            self._start_window(now)
+
+
+def build_limit(config: BulkheadConfig, clock: Callable[[], float] = time.monotonic) -> ConcurrencyLimit:
+    return GradientLimit(config, clock) if config.mode == "adaptive" else StaticLimit(config.max_concurrent)

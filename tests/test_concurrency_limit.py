@@ -1,0 +1,294 @@
+"""The adaptive (gradient) concurrency limit, step by step on an injected clock, and inside the bulkhead."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from mediator.bulkhead import Bulkhead, Slot, UpstreamGuard, UpstreamRefused
+from mediator.concurrency_limit import FLOOR_WINDOWS_BEFORE_PROBE, GradientLimit, StaticLimit, build_limit
+from mediator.config.models import AdaptiveLimitConfig, BulkheadConfig
+from mediator.metrics import Metrics
+from tests.conftest import channels_yaml, config_problems, write_config
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def adaptive(**overrides: object) -> BulkheadConfig:
+    params = AdaptiveLimitConfig(window_s=1, percentile=0.9, tolerance=1.25, min_samples=3,
+                                 probe_interval_s=60, probe_samples=4)
+    return BulkheadConfig(**{"mode": "adaptive", "min_concurrent": 1, "max_concurrent": 8,
+                             "adaptive": params, **overrides})  # type: ignore[arg-type]
+
+
+def window(limit: GradientLimit, clock: Clock, rtt_s: float, count: int = 3, saturated: bool = True) -> None:
+    """One sampling window: `count` answers of `rtt_s`, the last one after window_s."""
+    for i in range(count):
+        if saturated:
+            limit.saturated()
+        if i == count - 1:
+            clock.now += 1.0
+        limit.record(rtt_s)
+
+
+def probe(limit: GradientLimit, rtt_s: float) -> None:
+    assert limit.probing and limit.current == limit.floor
+    for _ in range(limit.params.probe_samples):
+        limit.record(rtt_s)
+    assert not limit.probing
+
+
+def test_starts_by_measuring_the_unloaded_time_at_the_floor():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=4), clock)
+    assert limit.probing and limit.current == 1 and limit.min_rtt_s is None
+    for rtt in (0.050, 0.040, 0.060, 0.045):
+        limit.record(rtt)
+    assert not limit.probing and limit.current == 4
+    assert limit.min_rtt_s == 0.060  # p90 of the probe by nearest rank: the highest of four
+
+
+def test_grows_by_one_per_window_while_answers_stay_near_the_unloaded_time():
+    clock = Clock()
+    limit = GradientLimit(adaptive(), clock)
+    probe(limit, 0.050)
+    seen = []
+    for _ in range(4):
+        window(limit, clock, 0.055)  # within tolerance 1.25 × 50 ms
+        seen.append(limit.current)
+    assert seen == [2, 3, 4, 5]
+
+
+def test_does_not_grow_when_the_limit_was_not_used():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=3), clock)
+    probe(limit, 0.050)
+    window(limit, clock, 0.050, saturated=False)
+    assert limit.current == 3
+
+
+def test_shrinks_in_proportion_to_the_queue_and_never_below_half_or_the_floor():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=8), clock)
+    probe(limit, 0.100)
+    window(limit, clock, 0.156)  # gradient 1.25 × 100 / 156 = 0.8 → 6.4
+    assert limit.current == 6
+    window(limit, clock, 10.0)  # far beyond: at most halved
+    assert limit.current == 3
+    for _ in range(3):
+        window(limit, clock, 10.0)
+    assert limit.current == 1  # the floor
+
+
+def test_the_ceiling_holds():
+    clock = Clock()
+    limit = GradientLimit(adaptive(max_concurrent=3, initial_concurrent=3), clock)
+    probe(limit, 0.050)
+    for _ in range(5):
+        window(limit, clock, 0.050)
+    assert limit.current == 3
+
+
+def test_a_window_waits_for_enough_answers():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=4), clock)
+    probe(limit, 0.100)
+    clock.now += 5
+    limit.record(1.0)
+    limit.record(1.0)  # two answers, min_samples is 3: no verdict yet, however long it took
+    assert limit.current == 4
+    limit.record(1.0)
+    assert limit.current == 2
+
+
+def test_measures_again_after_the_probe_interval_and_takes_the_new_unloaded_time():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=2), clock)
+    probe(limit, 0.050)
+    clock.now += 61
+    window(limit, clock, 0.055)
+    assert limit.probing and limit.current == 1
+    probe(limit, 0.200)  # openIMIS got slower for good: the baseline follows
+    assert limit.min_rtt_s == 0.200 and limit.probes == 2
+    window(limit, clock, 0.210)
+    assert limit.current == 4  # 3 before the probe (grew in the window that started it), now 4
+
+
+def test_measures_again_after_windows_in_a_row_at_the_floor():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=1), clock)
+    probe(limit, 0.010)
+    for _ in range(FLOOR_WINDOWS_BEFORE_PROBE):
+        assert not limit.probing
+        window(limit, clock, 0.100)
+    assert limit.probing
+
+
+def test_static_mode_is_max_concurrent():
+    static = build_limit(BulkheadConfig(max_concurrent=7))
+    assert isinstance(static, StaticLimit) and static.current == 7
+    static.record(99.0)
+    assert static.current == 7 and static.min_rtt_s is None
+
+
+@pytest.mark.parametrize("bulkhead, problem", [
+    ({"mode": "adaptive", "min_concurrent": 5, "max_concurrent": 4}, "min_concurrent must not exceed"),
+    ({"mode": "adaptive", "initial_concurrent": 20, "max_concurrent": 4}, "initial_concurrent must lie"),
+    ({"mode": "gradient"}, "mode"),
+    ({"scope": "region"}, "scope"),
+    ({"adaptive": {"tolerance": 0.5}}, "tolerance"),
+    ({"cluster": {"on_store_error": "ignore"}}, "on_store_error"),
+    ({"adaptive": {"window": 1}}, "window"),
+])
+def test_schema_refuses(tmp_path, bulkhead, problem):
+    assert any(problem in line and "channels.yaml:" in line for line in _problems(tmp_path, bulkhead))
+
+
+def test_cluster_scope_needs_redis(tmp_path):
+    assert any("scope cluster needs server.redis" in line for line in _problems(tmp_path, {"scope": "cluster"}))
+
+
+def _problems(root, bulkhead: dict[str, object]) -> list[str]:
+    channels = channels_yaml("http://127.0.0.1:9/api/api_fhir_r4/").replace(
+        "    connect_timeout_s: 1\n", f"    connect_timeout_s: 1\n    bulkhead: {json.dumps(bulkhead)}\n")
+    write_config(root, channels)
+    return config_problems(root)
+
+
+async def test_the_bulkhead_follows_the_limit_down_and_up():
+    clock = Clock()
+    metrics = Metrics()
+    bulkhead = Bulkhead("openimis", adaptive(initial_concurrent=3, max_queue=10), metrics, clock=clock)
+    limit = bulkhead.limit
+    assert isinstance(limit, GradientLimit)
+    for _ in range(4):
+        bulkhead.record(0.050)  # the probe
+    assert limit.current == 3
+    slots = [await bulkhead.acquire(50) for _ in range(3)]
+    waiters = [asyncio.create_task(bulkhead.acquire(50)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert bulkhead.queued == 2
+    for _ in range(2):
+        bulkhead.record(0.500)
+    clock.now += 1
+    bulkhead.record(0.500)  # a slow window: 3 × max(0.5, 1.25 × 50/500) = 1.5
+    assert limit.current == 1
+    await bulkhead.release(slots.pop())
+    await bulkhead.release(slots.pop())
+    await asyncio.sleep(0)
+    assert bulkhead.in_flight == 1 and bulkhead.queued == 2  # above the new limit: nobody let in
+    for _ in range(2):
+        bulkhead.record(0.050)
+    clock.now += 1
+    bulkhead.record(0.050)  # fast again, and the limit was used: 2
+    await asyncio.sleep(0)
+    assert limit.current == 2 and bulkhead.in_flight == 2 and bulkhead.queued == 1
+    assert metrics.registry.get_sample_value("mediator_concurrency_limit", {"upstream": "openimis"}) == 2.5
+    assert metrics.registry.get_sample_value("mediator_upstream_min_rtt_seconds", {"upstream": "openimis"}) == 0.05
+    await bulkhead.release(slots.pop())
+    await asyncio.sleep(0)
+    assert bulkhead.queued == 0
+    for task in waiters:
+        await bulkhead.release(await task)
+    assert bulkhead.in_flight == 0 and isinstance(Slot(), Slot)
+
+
+async def test_below_one_the_limit_is_a_duty_cycle():
+    bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, initial_concurrent=0.5))
+    assert bulkhead.limit.value == 0.5 and bulkhead.limit.current == 1
+    first = await bulkhead.acquire(50)
+    second = asyncio.create_task(bulkhead.acquire(50))
+    await asyncio.sleep(0)
+    await bulkhead.release(first, busy_s=0.3)  # busy 0.3 s at 0.5: the next starts 0.3 s later
+    await asyncio.sleep(0.15)
+    assert not second.done() and bulkhead.in_flight == 0
+    slot = await asyncio.wait_for(second, 1)
+    assert bulkhead.in_flight == 1
+    await bulkhead.release(slot, busy_s=0.3)
+    await bulkhead.close()
+    with pytest.raises(UpstreamRefused):  # paced, and no queue: refused at once, never let in early
+        await _paced_without_queue()
+
+
+async def _paced_without_queue() -> None:
+    bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, max_queue=0))
+    await bulkhead.release(await bulkhead.acquire(50), busy_s=5)
+    try:
+        await bulkhead.acquire(50)
+    finally:
+        await bulkhead.close()
+
+
+async def test_the_slot_api_for_other_senders_shares_the_limit_and_feeds_it():
+    guard = UpstreamGuard.build("openimis", BulkheadConfig(max_concurrent=1, max_queue=0), None)
+    async with guard.slot(50):
+        assert guard.bulkhead.in_flight == 1
+        with pytest.raises(UpstreamRefused) as refused:  # the request path finds the slot taken
+            await guard.call(50, lambda: asyncio.sleep(0))  # type: ignore[arg-type, return-value]
+        assert refused.value.reason == "upstream.overloaded"
+    assert guard.bulkhead.in_flight == 0
+    adaptive_guard = UpstreamGuard.build("openimis", adaptive(), None)
+    for _ in range(4):
+        async with adaptive_guard.slot(10):
+            await asyncio.sleep(0.001)
+    assert isinstance(adaptive_guard.bulkhead.limit, GradientLimit)
+    assert adaptive_guard.bulkhead.limit.min_rtt_s is not None  # the probe was fed by the slots
+
+
+def test_each_kind_of_request_is_compared_with_its_own_unloaded_time():
+    clock = Clock()
+    limit = GradientLimit(adaptive(initial_concurrent=2), clock)
+    for _ in range(4):
+        limit.record(0.050, "eligibility:search-type")
+    assert limit.baselines == {"eligibility:search-type": 0.050}
+    for i in range(3):  # a flood of claims begins: a kind no probe measured gives no verdict ...
+        limit.saturated()
+        if i == 2:
+            clock.now += 1
+        limit.record(0.400, "claims:create")
+    assert limit.probing and limit.current == 1  # ... but calls for a probe, instead of a cut
+    for _ in range(4):
+        limit.record(0.200, "claims:create")
+    assert limit.baselines["claims:create"] == 0.200 and limit.value == 2
+    for i, (rtt, kind) in enumerate([(0.055, "eligibility:search-type"), (0.210, "claims:create"),
+                                     (0.230, "claims:create")]):
+        limit.saturated()
+        if i == 2:
+            clock.now += 1
+        limit.record(rtt, kind)
+    assert limit.value == 3  # 1.1, 1.05 and 1.15 times their own unloaded times: no queue, grows
+    window(limit, clock, 0.400)  # 400 ms Patient searches (kind "") are unknown: another probe
+    assert limit.probing
+
+
+def test_the_minimum_rtt_metric_is_absent_until_measured():
+    metrics = Metrics()
+    bulkhead = Bulkhead("openimis", adaptive(), metrics)
+    labels = {"upstream": "openimis"}
+    assert metrics.registry.get_sample_value("mediator_upstream_min_rtt_seconds", labels) is None
+    assert metrics.registry.get_sample_value("mediator_concurrency_limit", labels) == 1
+    for _ in range(4):
+        bulkhead.record(0.040)
+    assert metrics.registry.get_sample_value("mediator_upstream_min_rtt_seconds", labels) == 0.040
+
+
+async def test_load_protection_offers_the_same_slots_by_upstream_name(tmp_path):
+    from mediator.load_protection import LoadProtection
+    from mediator.redis_store import RedisStore
+    channels = channels_yaml("http://127.0.0.1:9/api/api_fhir_r4/").replace(
+        "    connect_timeout_s: 1\n", "    connect_timeout_s: 1\n    bulkhead: {max_concurrent: 1, max_queue: 0}\n")
+    write_config(tmp_path, channels)
+    from mediator.config import load_config
+    protection = LoadProtection(load_config(tmp_path), RedisStore(None))
+    async with protection.slot("openimis", 50, "claims:create"):
+        with pytest.raises(UpstreamRefused):
+            await protection.call_upstream("openimis", 50, lambda: asyncio.sleep(0))  # type: ignore[arg-type]
+    assert protection.guards["openimis"].bulkhead.in_flight == 0
