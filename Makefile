@@ -53,6 +53,7 @@ clean:
 # Mediator vs nginx vs bare aiohttp on loopback (README "Benchmarks"); installs nginx and wrk from Debian if missing.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 bench: install
-	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
-		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q nginx wrk; }
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q nginx wrk nghttp2-client; }
+	$(BIN)/pip install -q -e '.[speed]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -5,6 +5,7 @@ The mediator is built on the same two aiohttp halves; the gap between this and n
 framework costs, the gap between this and the mediator is what the mediator's own work costs.
 
 Usage: python bench/bare_proxy.py --port 18100 --upstream http://127.0.0.1:18000/api/api_fhir_r4/ --workers 2
+       [--tls CERT KEY CA]   TLS that requires a client certificate chained to CA (the mediator's mTLS setup)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import multiprocessing
 import signal
+import ssl
 
 import aiohttp
 from aiohttp import web
@@ -38,10 +40,18 @@ def build(upstream: str) -> web.Application:
     return app
 
 
-async def serve(port: int, upstream: str) -> None:
+def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+    context.load_cert_chain(cert, key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def serve(port: int, upstream: str, tls: list[str] | None) -> None:
     runner = web.AppRunner(build(upstream), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
+    context = tls_context(*tls) if tls else None
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, ssl_context=context).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,8 +60,13 @@ async def serve(port: int, upstream: str) -> None:
     await runner.cleanup()
 
 
-def worker(port: int, upstream: str) -> None:
-    asyncio.run(serve(port, upstream))
+def worker(port: int, upstream: str, tls: list[str] | None, uvloop: bool) -> None:
+    if uvloop:
+        import uvloop as uv
+
+        uv.run(serve(port, upstream, tls))
+    else:
+        asyncio.run(serve(port, upstream, tls))
 
 
 def main() -> None:
@@ -59,8 +74,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"))
+    parser.add_argument("--uvloop", action="store_true", help="libuv's event loop (the mediator's --event-loop uvloop)")
     args = parser.parse_args()
-    processes = [multiprocessing.Process(target=worker, args=(args.port, args.upstream))
+    processes = [multiprocessing.Process(target=worker, args=(args.port, args.upstream, args.tls, args.uvloop))
                  for _ in range(args.workers)]
     for process in processes:
         process.start()

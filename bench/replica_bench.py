@@ -64,7 +64,9 @@ def write_config(root: Path, sandbox_port: int, mediator_port: int, serve_from: 
         "    pool_size: 64\n"
         "    login: {username_env: OPENIMIS_USERNAME, password_env: OPENIMIS_PASSWORD}\n"
         "channels:\n  - name: master-data\n    path: ^/fhir/Medication(/[^/]+)?/?$\n    methods: [GET]\n"
-        f"    upstream: openimis\n    serve_from: {serve_from}\n    ip_allowlist: [local]\n")
+        f"    upstream: openimis\n    serve_from: {serve_from}\n    ip_allowlist: [local]\n"
+        # Master data without a client: the bench measures the replica, not authentication.
+        "    authentication: none\n")
     (root / "policies" / "ip_allowlist.yaml").write_text(IP_POLICY)
     (root / "policies" / "authorization.yaml").write_text(AUTHORIZATION)  # absent: every request is 403
     (root / "policies" / "replica.yaml").write_text(
@@ -233,6 +235,10 @@ def main() -> int:
             print(f"{'replica (cached)':24}{cached:>12,.0f}{cached_errors:>10}")
             print(f"{'proxied to stand-in':24}{proxied:>12,.0f}{proxied_errors:>10}")
             print(f"{'ratio cached/proxied':24}{cached / proxied:>12.2f}")
+            print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+            if cached_errors or proxied_errors:
+                print("ERRORS: answers other than 200, the figures are not valid", file=sys.stderr)
+                return 1
         finally:
             for process in processes:
                 process.terminate()

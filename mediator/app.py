@@ -27,7 +27,7 @@ from mediator.fhir_answers import FhirAnswers
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.load_protection import LoadProtection
-from mediator.logs import JsonEvent, bind_request_id, unbind_request_id
+from mediator.logs import bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange, Pipeline, request_id_for
 from mediator.readiness import Readiness
@@ -207,15 +207,18 @@ async def _handle_fhir(request: web.Request, runtime: Runtime) -> web.StreamResp
     elapsed = time.perf_counter() - started
     metrics.request_children.labels(channel, str(response.status), reason).inc()
     metrics.request_seconds_children.labels(channel).observe(elapsed)
-    _log_access(exchange, channel, response.status, reason, elapsed)
-    request.app[AUDIT].record(exchange, response.status, reason)
+    # One record per request (audit event + access line), written by the audit writer thread.
+    request.app[AUDIT].record(exchange, response.status, reason,
+                              _access_fields(exchange, channel, response.status, reason, elapsed))
     unbind_request_id(log_context)
     return response
 
 
-def _log_access(exchange: Exchange, channel: str, status: int, reason: str, elapsed: float) -> None:
+def _access_fields(exchange: Exchange, channel: str, status: int, reason: str,
+                   elapsed: float) -> dict[str, Any] | None:
+    """The access line's fields (logger `mediator.access`), or None when that logger is off."""
     if not access_log.isEnabledFor(logging.INFO):
-        return
+        return None
     fhir = exchange.fhir
     record: dict[str, Any] = {
         "request_id": exchange.request_id, "client_ip": str(exchange.client_ip),
@@ -225,7 +228,7 @@ def _log_access(exchange: Exchange, channel: str, status: int, reason: str, elap
         "status": status, "reason": reason, "ms": round(elapsed * 1000, 2),
     }
     # Query strings and bodies carry personal data (insuree numbers); they are never logged.
-    access_log.info(JsonEvent(record))
+    return record
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -249,7 +252,8 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     limits = config.channels.server.limits
     app = web.Application(client_max_size=limits.max_body_bytes)
     app[METRICS] = metrics
-    app[AUDIT] = AuditLog.from_config(config.channels.server.audit, config.root)
+    app[AUDIT] = AuditLog.from_config(config.channels.server.audit, config.root,
+                                      on_drop=metrics.audit_records_dropped.inc)
     app[RUNTIME] = RuntimeHolder(Runtime.build(config, metrics, audit=app[AUDIT]))
     app[READINESS] = Readiness()
     metrics.watch_upstreams(lambda: app[RUNTIME].current.upstreams)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,14 +46,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
             argv += ["--host", args.host]
         if args.port is not None:
             argv += ["--port", str(args.port)]
+        argv += ["--event-loop", args.event_loop]
         return supervise(worker_command(argv), args.workers)
-    return _run(mediator_sites(config, args.host, args.port, args.worker_index))
+    return _run(mediator_sites(config, args.host, args.port, args.worker_index), args.event_loop)
 
 
-def _run(sites: list[Site]) -> int:
-    """Serve until stopped; a listener that cannot bind is one line on stderr and exit 1 (no traceback)."""
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when asked for (an optional dependency: `pip install 'openimis-mediator[speed]'`)."""
+    if event_loop == "asyncio":
+        return None
     try:
-        asyncio.run(run_sites(sites))
+        import uvloop
+    except ImportError:
+        raise SystemExit("openimis-mediator: --event-loop uvloop needs uvloop "
+                         "(pip install 'openimis-mediator[speed]')") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _run(sites: list[Site], event_loop: str = "asyncio") -> int:
+    """Serve until stopped; a listener that cannot bind is one line on stderr and exit 1 (no traceback)."""
+    factory = _loop_factory(event_loop)
+    if factory is not None:  # the default says nothing (a port in use stays a one-line error)
+        logging.getLogger("mediator.server").info("event loop: %s", event_loop)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run_sites(sites))
     except ListenError as exc:
         print(f"openimis-mediator: {exc}", file=sys.stderr)
         return 1
@@ -204,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the port (SO_REUSEPORT), supervised by this process")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                       help="uvloop: libuv's event loop (optional dependency; README \"Benchmarks\")")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate the configuration; errors as file:line:col, exit 2; "
                            "warnings too, exit 0 (2 with --strict)")

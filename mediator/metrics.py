@@ -148,6 +148,9 @@ class Metrics:
         self.batch_entries = Counter(
             "mediator_batch_entries", "Batch Bundle entries, by channel and entry status code",
             ["channel", "status"], registry=self.registry)
+        self.audit_records_dropped = Counter(
+            "mediator_audit_records_dropped", "Request records (audit event + access line) dropped because "
+            "server.audit.max_pending were already waiting for the writer", registry=self.registry)
         # Master-data replica (mediator/replica). `type` is a replicated resource type (bounded by the policy).
         self.replica_items = Gauge(
             "mediator_replica_items", "Resources in the master-data replica, per type",

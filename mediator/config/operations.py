@@ -80,6 +80,9 @@ class AuditConfig(_Strict):
     """A file is rotated once it is a day old; rotated files older than this are deleted."""
     syslog: SyslogConfig | None = None
     """Absent: no syslog shipping."""
+    max_pending: int = Field(10_000, ge=100, le=1_000_000)
+    """Records (audit event + access line) waiting for the writer thread at most; beyond, a record is
+    dropped and counted in mediator_audit_records_dropped_total (the request is never held up)."""
 
 
 class ReloadConfig(_Strict):

@@ -55,9 +55,23 @@ class RateLimit(Strict):
         return self.burst if self.burst is not None else self.rate
 
 
+class Reconcile(Strict):
+    """Decide every request in this instance's memory and reconcile with Redis in the background (README
+    "Rate limits": the declared bound on over-admission across instances)."""
+
+    interval_ms: int = Field(50, ge=10, le=5000)
+    """At most this long between two reconciliations of an instance that keeps admitting requests."""
+    max_stale_s: float = Field(2.0, gt=0, le=60)
+    """When reconciliations have been failing for longer than this (Redis unreachable), each limit's
+    on_store_error applies: deny refuses with 503 rate_limit.store_unavailable, local keeps counting here."""
+
+
 class RateLimitsPolicy(Strict):
     version: Literal[1]
     limits: tuple[RateLimit, ...] = ()
+    reconcile: Reconcile | None = None
+    """Absent: every decision is one Redis round trip (exact across instances). Present (and
+    server.redis configured): decided locally, reconciled with Redis every interval_ms, off the request path."""
     """Every limit whose channels include the request's channel applies; all must admit the request.
     Empty: no limits."""
 

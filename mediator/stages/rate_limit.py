@@ -9,21 +9,30 @@ microseconds so that Python and Lua compute exactly the same thing.
 `gcra` and `decide` are the arithmetic, pure (no clock, no I/O). The stores apply them atomically:
 `LocalGcraStore` in process memory (no Redis configured, or `on_store_error: local`), `RedisGcraStore`
 with one Lua script call per request (the same arithmetic, all of a request's limits at once: either
-every limit admits the request and all are charged, or none is).
+every limit admits the request and all are charged, or none is), and `ReconciledGcraStore`
+(`reconcile:` in the policy): decided in this process's memory, the charges sent to Redis and the
+shared state taken back by one background script call per interval (no request waits for Redis).
+
+Bound of the reconciled mode, per key: an instance's view misses what the other instances admitted since
+they last reported it (at most one interval of their admissions, plus a full burst for an instance that
+had not seen the key or whose view is older than its last reconciliation). So N instances together
+admit at most what one exact limiter admits over the same time plus (N-1) x (burst + rate x interval +
+the largest request cost); tests/stages/test_rate_limit.py measures it with two and three instances.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from redis.commands.core import AsyncScript
 
 from mediator.config import Config
-from mediator.config.rate_limits import RateLimitsPolicy
-from mediator.gcra import GcraLimit, GcraResult, LocalGcraStore, decide
+from mediator.config.rate_limits import RateLimitsPolicy, Reconcile
+from mediator.gcra import GcraLimit, GcraResult, LocalGcraStore, decide, now_us
 from mediator.metrics import Metrics
 from mediator.pipeline import Decision, Exchange
 from mediator.redis_store import STORE_ERRORS, RedisStore
@@ -93,12 +102,140 @@ class RedisGcraStore:
         return decision, results
 
 
+# KEYS: the keys to reconcile; ARGV[i]: microseconds of emission this instance charged to KEYS[i] since
+# its last report (0: only read). Each key's TAT becomes max(TAT, now) + charged (Redis's clock); returns
+# {now, TAT per key}. Exact-mode instances read and write the same keys with the same meaning.
+REDIS_RECONCILE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local result = {now}
+for i, key in ipairs(KEYS) do
+  local charged = tonumber(ARGV[i])
+  local stored = tonumber(redis.call('GET', key) or '0')
+  local tat = now
+  if stored > now then tat = stored end
+  tat = tat + charged
+  if charged > 0 then
+    redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  end
+  result[1 + i] = tat
+end
+return result
+"""
+
+
+class ReconciledGcraStore:
+    """Local GCRA decisions; one background EVALSHA per `interval_ms` reports this instance's charges
+    on the keys requested since the last one and takes back every instance's (the shared TAT, converted to
+    this instance's clock). An instance that gets no requests makes no calls."""
+
+    MAX_KEYS_PER_CALL = 500
+
+    def __init__(self, redis: RedisStore, settings: Reconcile, on_error: Callable[[BaseException], None],
+                 max_keys: int = 100_000) -> None:
+        self._redis = redis
+        self._interval_s = settings.interval_ms / 1000
+        self._max_stale_s = settings.max_stale_s
+        self._on_error = on_error
+        self._max_keys = max_keys
+        self._tats: dict[str, int] = {}
+        self._charged: dict[str, int] = {}
+        self._script: AsyncScript | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._next_at = 0.0
+        self.last_success = time.monotonic()
+        """monotonic time of the last successful reconciliation (start counts as one)."""
+        self._failing_since: float | None = None
+
+    def stale(self) -> bool:
+        """Reconciliations have been failing for longer than max_stale_s (an idle instance is not stale)."""
+        return self._failing_since is not None and time.monotonic() - self._failing_since > self._max_stale_s
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self._on_error(exc)
+
+    def _succeeded(self) -> None:
+        self.last_success = time.monotonic()
+        self._failing_since = None
+
+    def apply(self, keys: Sequence[str], limits: Sequence[GcraLimit], cost: int) -> tuple[Decision, list[GcraResult]]:
+        now = now_us()
+        decision, new_states, results = decide([self._tats.get(k) for k in keys], limits, now, cost)
+        if decision.allow:
+            for key, state, limit in zip(keys, new_states, limits, strict=True):
+                assert state is not None
+                self._tats[key] = state
+                self._charged[key] = self._charged.get(key, 0) + limit.emission_us * cost
+        else:  # refused: charge nothing, but read the key's shared state at the next reconciliation
+            for key in keys:
+                self._charged.setdefault(key, 0)
+        self.schedule()
+        return decision, results
+
+    def schedule(self) -> None:
+        """Start a background reconciliation if none is running and the interval has passed."""
+        if self._task is None and time.monotonic() >= self._next_at:
+            self._next_at = time.monotonic() + self._interval_s
+            self._task = asyncio.get_running_loop().create_task(self._reconcile_in_background())
+
+    async def _reconcile_in_background(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception:  # not a Redis error (those are handled inside): logged, the next call retries
+            log.exception("rate limit reconciliation failed")
+        finally:
+            self._task = None
+            if self._charged:  # admitted while this call was in flight: report them next interval
+                self._next_at = max(self._next_at, time.monotonic())
+
+    async def reconcile(self) -> None:
+        """Report the charges since the last call and adopt the shared state; on a Redis error the charges
+        are kept for the next call (nothing is lost, the view just gets older)."""
+        charged, self._charged = self._charged, {}
+        if not charged:
+            if self.stale():  # nothing to report, but a stale view must find out when Redis is back
+                try:
+                    await self._redis.client.ping()
+                except STORE_ERRORS as exc:
+                    self._failed(exc)
+                    return
+                self._succeeded()
+            return
+        if self._script is None:
+            self._script = self._redis.client.register_script(REDIS_RECONCILE)
+        keys = list(charged)
+        try:
+            for start in range(0, len(keys), self.MAX_KEYS_PER_CALL):
+                chunk = keys[start:start + self.MAX_KEYS_PER_CALL]
+                sent = now_us()
+                reply = await self._script(keys=[self._redis.key("rl", k) for k in chunk],
+                                           args=[charged[k] for k in chunk])
+                offset = int(reply[0]) - (sent + now_us()) // 2  # Redis clock minus ours (± half a round trip)
+                for key, shared in zip(chunk, reply[1:], strict=True):
+                    del charged[key]  # reported: not to be sent again if a later chunk fails
+                    view = int(shared) - offset
+                    if view > self._tats.get(key, 0):
+                        self._tats[key] = view
+        except STORE_ERRORS as exc:
+            for key, amount in charged.items():
+                self._charged[key] = self._charged.get(key, 0) + amount
+            self._failed(exc)
+            return
+        self._succeeded()
+        if len(self._tats) > self._max_keys:
+            now = now_us()
+            self._tats = {k: v for k, v in self._tats.items() if v > now or k in self._charged}
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitTable:
     """The compiled policy: for each channel, the limits that apply (with the policy's key parts)."""
 
     by_channel: Mapping[str, tuple[tuple[GcraLimit, tuple[str, ...]], ...]]
     max_body_bytes: int
+    reconcile: Reconcile | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> RateLimitTable | None:
@@ -111,7 +248,7 @@ class RateLimitTable:
             by_channel[channel.name] = tuple(
                 (GcraLimit.from_policy(limit), limit.per) for limit in policy.limits
                 if limit.channels is None or channel.name in limit.channels)
-        return cls(by_channel, config.channels.server.limits.max_body_bytes)
+        return cls(by_channel, config.channels.server.limits.max_body_bytes, policy.reconcile)
 
 
 def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
@@ -164,7 +301,9 @@ class RateLimitStage:
     def __init__(self, table: RateLimitTable, redis: RedisStore, metrics: Metrics | None = None) -> None:
         self.table = table
         self.local = LocalGcraStore()
-        self.shared = RedisGcraStore(redis) if redis.configured else None
+        self.shared = RedisGcraStore(redis) if redis.configured and table.reconcile is None else None
+        self.reconciled = ReconciledGcraStore(redis, table.reconcile, self._reconcile_failed) \
+            if redis.configured and table.reconcile is not None else None
         self._metrics = metrics
         self._last_store_warning = 0.0
 
@@ -176,7 +315,13 @@ class RateLimitStage:
         limits = [limit for limit, _ in applicable]
         keys = [f"rl:{limit.name}:" + "|".join(key_for(per, exchange)) for limit, per in applicable]
         cost = request_cost(exchange)
-        if self.shared is None:
+        if self.reconciled is not None:
+            if self.reconciled.stale():
+                self.reconciled.schedule()  # a probe: the view is fresh again once Redis answers
+                decision, results = self._store_failed(None, keys, limits, cost)
+            else:
+                decision, results = self.reconciled.apply(keys, limits, cost)
+        elif self.shared is None:
             decision, results = self.local.apply(keys, limits, cost)
         else:
             try:
@@ -191,18 +336,32 @@ class RateLimitStage:
                     self._metrics.rate_limit_rejections.labels(limit.name, channel).inc()
         return decision
 
-    def _store_failed(self, exc: BaseException, keys: list[str], limits: list[GcraLimit],
+    def _reconcile_failed(self, exc: BaseException) -> None:
+        """A background reconciliation failed: counted and logged; requests keep being decided locally
+        until the view is older than max_stale_s (then `_store_failed` applies on_store_error)."""
+        if self._metrics is not None:
+            self._metrics.store_errors.labels("rate_limit", "reconcile").inc()
+        self._warn(f"rate limit reconciliation with Redis failed: {type(exc).__name__}; deciding locally")
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_store_warning > 10:  # one line per 10 s, not one per request
+            self._last_store_warning = now
+            log.warning("%s", message)
+
+    def _store_failed(self, exc: BaseException | None, keys: list[str], limits: list[GcraLimit],
                       cost: int) -> tuple[Decision, list[GcraResult]]:
+        """Redis failed (exc), or the reconciled view is older than max_stale_s (None): on_store_error."""
         strict = [limit.name for limit in limits if limit.on_store_error == "deny"]
         mode = "deny" if strict else "local"
         if self._metrics is not None:
             self._metrics.store_errors.labels("rate_limit", mode).inc()
-        now = time.monotonic()
-        if now - self._last_store_warning > 10:  # one line per 10 s, not one per request
-            self._last_store_warning = now
-            log.warning("rate limit store (Redis) failed: %s; applying on_store_error=%s", type(exc).__name__, mode)
+        cause = type(exc).__name__ if exc is not None else "no reconciliation within max_stale_s"
+        self._warn(f"rate limit store (Redis) failed: {cause}; applying on_store_error={mode}")
         if strict:
             return Decision.denied("rate_limit.store_unavailable", 503,
                                    f"rate limit store unavailable (limit {strict[0]} denies then)",
                                    {"Retry-After": "1"}), []
+        if self.reconciled is not None:  # its own memory is this instance's count; reconciliation retries
+            return self.reconciled.apply(keys, limits, cost)
         return self.local.apply(keys, limits, cost)

@@ -27,8 +27,8 @@ version: 1
 limits:
   - name: status-polls-per-user
     per: [user]
-    rate: 100000
-    period_s: 36000
+    rate: 1
+    period_s: 86400
     burst: 100000
     channels: [claim-status, claims]
     on_store_error: deny

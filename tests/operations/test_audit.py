@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
 import os
 import socket
+import threading
 import time
 
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 
-from mediator.audit import AuditLog, SizeAndAgeRotatingFileHandler, audit_event
+from mediator.audit import AuditLog, RecordWriter, RequestRecord, SizeAndAgeRotatingFileHandler, audit_event
 from mediator.config.operations import AuditConfig, SyslogConfig
 from mediator.fhir import parse_fhir_path
+from mediator.logs import JsonFormatter
+from mediator.metrics import Metrics
 from mediator.pipeline import Exchange, Principal
 from tests.conftest import channels_yaml, config_problems, upstream_url, write_config
 
@@ -175,3 +179,108 @@ def test_without_audit_config_events_go_to_stderr_as_json(tmp_path, capsys):
 def test_operations_schema_errors_name_file_line_and_message(tmp_path, audit, expected):
     root = write_config(tmp_path, channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/", extra_server=audit))
     assert config_problems(root) == [expected]
+
+
+def test_records_are_written_off_the_request_path_with_the_access_line(tmp_path):
+    access = logging.getLogger("mediator.access")
+    lines: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record)
+
+    keep = Keep()
+    access.addHandler(keep)
+    access.setLevel(logging.INFO)
+    log = AuditLog.from_config(AuditConfig(file=str(tmp_path / "audit.log")), tmp_path)
+    try:
+        log.record(_exchange("GET", "Claim/abc"), 200, "upstream.answered", {"status": 200, "channel": "claims"})
+        assert log.flush()
+        events = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+        assert [e["outcomeDesc"] for e in events] == ["200 upstream.answered"]
+        assert len(lines) == 1 and lines[0].request_id == "req-0123456789"  # type: ignore[attr-defined]
+        assert lines[0].threadName == "mediator-audit-writer"
+        assert lines[0].msg.fields == {"status": 200, "channel": "claims"}  # type: ignore[union-attr]
+    finally:
+        log.close()
+        access.removeHandler(keep)
+        access.setLevel(logging.NOTSET)
+
+
+def test_a_full_writer_drops_and_counts_instead_of_blocking(tmp_path):
+    release = threading.Event()
+    written: list[int] = []
+    drops: list[int] = []
+
+    def slow_sink(batch):
+        release.wait(10)  # a stuck disk
+        written.extend(range(len(batch)))
+
+    writer = RecordWriter(slow_sink, max_pending=100, on_drop=lambda: drops.append(1))
+    record = RequestRecord({"resourceType": "AuditEvent"}, None, "req-1", time.time())
+    started = time.perf_counter()
+    accepted = sum(writer.submit(record) for _ in range(1000))
+    elapsed = time.perf_counter() - started
+    waiting = len(writer._pending)
+    release.set()
+    assert writer.flush(10)
+    writer.close()
+    # At most max_pending wait (plus what the writer took into the stuck sink before it blocked).
+    assert waiting <= 100 and 100 <= accepted < 1000
+    assert writer.dropped == len(drops) == 1000 - accepted
+    assert len(written) == accepted
+    assert elapsed < 0.5  # never waited for the sink
+
+
+def test_batched_writes_keep_the_rotation_bounds(tmp_path):
+    handler = SizeAndAgeRotatingFileHandler(str(tmp_path / "a.log"), max_bytes=2000, backups=3, max_age_s=86400)
+    log = AuditLog([handler])
+    for i in range(200):
+        log.writer.submit(RequestRecord({"n": i, "pad": "x" * 80}, None, f"r{i}", time.time()))
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["a.log", "a.log.1", "a.log.2", "a.log.3"]
+    assert all((tmp_path / f).stat().st_size <= 2000 for f in files)
+    assert (tmp_path / "a.log").read_text().splitlines()[-1] == '{"n":199,"pad":"' + "x" * 80 + '"}'
+
+
+def test_the_dropped_records_metric_counts_drops(tmp_path):
+    metrics = Metrics()
+    log = AuditLog([logging.NullHandler()], max_pending=100, on_drop=metrics.audit_records_dropped.inc)
+    log.writer._closing = True  # a closed writer accepts nothing: every record is a counted drop
+    log.record(_exchange("GET", "Claim/abc"), 200, "upstream.answered")
+    log.writer._closing = False
+    log.close()
+    assert metrics.registry.get_sample_value("mediator_audit_records_dropped_total") == 1
+
+
+def test_access_lines_reach_stream_handlers_in_one_write_with_their_request_ids(tmp_path):
+    class CountingStream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            CountingStream.writes += 1
+            return super().write(text)
+
+    stream = CountingStream()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("mediator.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    log = AuditLog([logging.NullHandler()])
+    try:
+        for i in range(3):
+            exchange = _exchange("GET", "Claim/abc")
+            exchange.request_id = f"req-{i:012d}"
+            log.record(exchange, 200, "upstream.answered", {"status": 200, "n": i})
+        assert log.flush()
+    finally:
+        log.close()
+        access.removeHandler(handler)
+        access.setLevel(logging.NOTSET)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["request_id"], line["event"]["n"]) for line in lines] == [(f"req-{i:012d}", i) for i in range(3)]
+    # One write per batch: the three records are submitted within microseconds of each other, so they are
+    # one batch, or two if the writer's 20 ms tick falls between them; never one write per line.
+    assert CountingStream.writes <= 2

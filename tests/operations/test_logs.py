@@ -6,6 +6,7 @@ import io
 import json
 import logging
 
+from mediator.app import AUDIT
 from mediator.logs import JsonEvent, JsonFormatter, RequestIdFilter, configure_logging
 
 
@@ -25,6 +26,7 @@ async def test_lines_logged_during_a_request_carry_its_id_which_openimis_also_re
         logging.getLogger("mediator.test").info("before any request")
         response = await mediator.get("/fhir/Medication/", headers={"X-Request-ID": "trace-abc-0001"})
         assert response.status == 200
+        assert mediator.server.app[AUDIT].flush()  # the access line is written by the audit writer thread
     finally:
         logging.getLogger("mediator").removeHandler(handler)
         logging.getLogger("mediator").setLevel(logging.NOTSET)

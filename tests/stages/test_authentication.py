@@ -542,7 +542,7 @@ async def test_a_client_outside_its_networks_is_403(identity):
 
 # --- mTLS over real TLS ---------------------------------------------------------------------------
 
-async def test_mtls_clients_over_real_tls(tmp_path, sandbox_server, unused_tcp_port):
+def _mtls_config(tmp_path: Path, sandbox_server) -> tuple[Path, Path]:
     root = tmp_path / "config"
     certs = root / "certs"
     make_dev_pki(certs, ("vendor-a", "vendor-b", "vendor-c"))
@@ -551,41 +551,62 @@ async def test_mtls_clients_over_real_tls(tmp_path, sandbox_server, unused_tcp_p
     write_config(root, channels_yaml(upstream_url(sandbox_server), extra_server=TLS_BLOCK, channels=AUTH_CHANNELS),
                  extra_policies={"clients.yaml": clients_yaml()})
     write_keys(root, KEYS)
-    config = load_config(root)
-    runner = web.AppRunner(build_app(config))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", unused_tcp_port,
-                       ssl_context=server_context(config.channels.server.listen.tls, root))
-    await site.start()
-    url = f"https://localhost:{unused_tcp_port}/fhir/Medication/"
+    return root, certs
 
+
+async def _mtls_answers(url: str, certs: Path, other_ca: Path) -> None:
     def context(folder: Path | None, name: str | None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
         if folder is not None and name is not None:
             ctx.load_cert_chain(folder / f"{name}.crt", folder / f"{name}.key")
         return ctx
 
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, ssl=context(certs, "vendor-a")) as response:
+            assert response.status == 200
+        # Vouched users are checked against the claim administrators openIMIS (here the stand-in) has.
+        vendor_b = context(certs, "vendor-b")
+        async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "RHOS0011"}) as response:
+            assert response.status == 200
+        async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "NOBODY"}) as response:
+            assert response.status == 403
+            assert reason_of(await response.json()) == "authentication.unknown_user"
+        async with session.get(url, ssl=context(certs, "vendor-c")) as response:  # our CA, not registered
+            assert response.status == 401
+            assert reason_of(await response.json()) == "authentication.unknown_client_certificate"
+        async with session.get(url, ssl=context(None, None)) as response:
+            assert reason_of(await response.json()) == "authentication.missing_credentials"
+        with pytest.raises(aiohttp.ClientError):  # a certificate from another CA fails the handshake
+            async with session.get(url, ssl=context(other_ca, "vendor-a")) as response:
+                await response.read()
+
+
+async def test_mtls_clients_over_real_tls(tmp_path, sandbox_server, unused_tcp_port):
+    root, certs = _mtls_config(tmp_path, sandbox_server)
+    config = load_config(root)
+    runner = web.AppRunner(build_app(config))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", unused_tcp_port,
+                       ssl_context=server_context(config.channels.server.listen.tls, root))
+    await site.start()
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(url, ssl=context(certs, "vendor-a")) as response:
-                assert response.status == 200
-            # Vouched users are checked against the claim administrators openIMIS (here the stand-in) has.
-            vendor_b = context(certs, "vendor-b")
-            async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "RHOS0011"}) as response:
-                assert response.status == 200
-            async with session.get(url, ssl=vendor_b, headers={"X-User-Name": "NOBODY"}) as response:
-                assert response.status == 403
-                assert reason_of(await response.json()) == "authentication.unknown_user"
-            async with session.get(url, ssl=context(certs, "vendor-c")) as response:  # our CA, not registered
-                assert response.status == 401
-                assert reason_of(await response.json()) == "authentication.unknown_client_certificate"
-            async with session.get(url, ssl=context(None, None)) as response:
-                assert reason_of(await response.json()) == "authentication.missing_credentials"
-            with pytest.raises(aiohttp.ClientError):  # a certificate from another CA fails the handshake
-                async with session.get(url, ssl=context(tmp_path / "other-ca", "vendor-a")) as response:
-                    await response.read()
+        await _mtls_answers(f"https://localhost:{unused_tcp_port}/fhir/Medication/", certs, tmp_path / "other-ca")
     finally:
         await runner.cleanup()
+
+
+async def test_mtls_clients_over_real_tls_with_uvloop(tmp_path, sandbox_server, unused_tcp_port):
+    """`serve --event-loop uvloop` has its own TLS transport: the same certificates give the same answers."""
+    pytest.importorskip("uvloop")
+    from tests.operations.support import eventually, mediator_process, port_open
+
+    root, certs = _mtls_config(tmp_path, sandbox_server)
+    with mediator_process(root, "--port", str(unused_tcp_port), "--event-loop", "uvloop",
+                          log_file=tmp_path / "serve.log") as process:
+        await eventually(lambda: port_open(unused_tcp_port) or process.poll() is not None, 20, "the listener")
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()
+        await _mtls_answers(f"https://localhost:{unused_tcp_port}/fhir/Medication/", certs, tmp_path / "other-ca")
+    assert "event loop: uvloop" in (tmp_path / "serve.log").read_text()
 
 
 # --- configuration --------------------------------------------------------------------------------

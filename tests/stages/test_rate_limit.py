@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
+import time
 from pathlib import Path
 
 import aiohttp
@@ -13,10 +15,11 @@ import pytest
 from mediator.app import METRICS
 from mediator.config import load_config
 from mediator.config.models import RedisConfig
-from mediator.gcra import GcraLimit, LocalGcraStore, decide, gcra
+from mediator.config.rate_limits import RateLimit, Reconcile
+from mediator.gcra import GcraLimit, LocalGcraStore, decide, gcra, now_us
 from mediator.pipeline import Exchange, Principal
 from mediator.redis_store import RedisStore
-from mediator.stages.rate_limit import RedisGcraStore, key_for
+from mediator.stages.rate_limit import ReconciledGcraStore, RedisGcraStore, key_for
 from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, config_problems, upstream_url, write_config
 from tests.load_helpers import (
     SHARED_REDIS,
@@ -319,3 +322,92 @@ async def test_redis_dying_applies_each_limits_declared_fail_mode(sandbox_server
                                                  {"feature": "rate_limit", "on_store_error": "deny"}) == 1
         assert metrics.registry.get_sample_value("mediator_store_errors_total",
                                                  {"feature": "rate_limit", "on_store_error": "local"}) == 3
+
+
+# --- reconciled mode: local decisions, Redis in the background ------------------------------------------
+
+RECONCILE = Reconcile(interval_ms=50, max_stale_s=5)
+FIVE_BURST = GcraLimit.from_policy(RateLimit(name="l", per=("client",), rate=20, period_s=1, burst=5,
+                                             on_store_error="deny"))
+
+
+async def test_reconciled_instances_learn_each_others_charges(redis_prefix):
+    redis = RedisStore(RedisConfig(url=SHARED_REDIS, key_prefix=redis_prefix))
+    errors: list[BaseException] = []
+    a, b = (ReconciledGcraStore(redis, RECONCILE, errors.append) for _ in range(2))
+    limit = GcraLimit.from_policy(RateLimit(name="l", per=("client",), rate=10, period_s=1, burst=5,
+                                            on_store_error="deny"))  # one request per 100 ms
+    try:
+        started = time.monotonic()
+        # Neither has heard of the other yet: each admits a full burst (the bound's burst term).
+        assert [a.apply(["k"], [limit], 1)[0].allow for _ in range(6)] == [True] * 5 + [False]
+        assert [b.apply(["k"], [limit], 1)[0].allow for _ in range(6)] == [True] * 5 + [False]
+        await asyncio.sleep(0.06)  # both report in the background; the first to report did not see the other
+        assert not a.apply(["k"], [limit], 1)[0].allow and not b.apply(["k"], [limit], 1)[0].allow
+        await a.reconcile()
+        await b.reconcile()
+        shared = int(await redis.client.get(redis.key("rl", "k")))
+        assert shared - now_us() > 8 * limit.emission_us  # 10 charged
+        # At +0.3 s each instance's own 5 would admit again (+0.1 s); the shared 10 do not (+0.6 s).
+        await asyncio.sleep(max(0.0, 0.3 - (time.monotonic() - started)))
+        assert not a.apply(["k"], [limit], 1)[0].allow
+        assert not b.apply(["k"], [limit], 1)[0].allow
+        assert not errors
+    finally:
+        await redis.close()
+
+
+@pytest.mark.parametrize("instances", [2, 3])
+async def test_reconciled_over_admission_stays_within_the_declared_bound(redis_prefix, instances):
+    redis = RedisStore(RedisConfig(url=SHARED_REDIS, key_prefix=redis_prefix))
+    errors: list[BaseException] = []
+    stores = [ReconciledGcraStore(redis, RECONCILE, errors.append) for _ in range(instances)]
+    admitted = 0
+    started = time.monotonic()
+    last_sync = [s.last_success for s in stores]
+    longest_gap = RECONCILE.interval_ms / 1000  # a starved event loop reconciles later: the bound follows
+    try:
+        while time.monotonic() - started < 1.5:
+            for i, store in enumerate(stores):
+                admitted += store.apply(["k"], [FIVE_BURST], 1)[0].allow
+                if store.last_success != last_sync[i]:
+                    longest_gap = max(longest_gap, store.last_success - last_sync[i])
+                    last_sync[i] = store.last_success
+            await asyncio.sleep(0.002)
+        elapsed = time.monotonic() - started
+        exact = FIVE_BURST.burst + math.floor(FIVE_BURST.quota * elapsed / FIVE_BURST.window_s)
+        bound = exact + (instances - 1) * (FIVE_BURST.burst + math.ceil(FIVE_BURST.quota * longest_gap) + 1)
+        assert admitted <= bound, (admitted, exact, bound, longest_gap)
+        # Nor does it starve: at most one interval's worth per instance below what one exact limiter admits.
+        assert admitted >= exact - instances * (math.ceil(FIVE_BURST.quota * longest_gap) + 1), (admitted, exact)
+        assert not errors
+    finally:
+        await redis.close()
+
+
+async def test_reconciled_mode_applies_on_store_error_once_its_view_is_stale(sandbox_server, tmp_path,
+                                                                             aiohttp_client):
+    from mediator.app import build_app
+    policy = _policy(_limit("strict", ["client"], 100, 60, "deny", ["master-data"]),
+                     _limit("lenient", ["client"], 100, 60, "local", ["claims"])) \
+        + "reconcile:\n  interval_ms: 10\n  max_stale_s: 1\n"
+    with private_redis() as (url, redis_process):
+        root = _shared_config(tmp_path, upstream_url(sandbox_server), url, "t:", policy)
+        client = await aiohttp_client(build_app(load_config(root)))
+        assert (await client.get("/fhir/Medication/")).status == 200
+        assert (await client.get("/fhir/Claim/")).status == 200
+        await asyncio.sleep(0.1)  # reconciled
+        redis_process.kill()
+        redis_process.wait(timeout=10)
+        # Within max_stale_s the decision is still local (no request waits for Redis).
+        assert (await client.get("/fhir/Medication/")).status == 200
+        await asyncio.sleep(1.3)
+        strict = await client.get("/fhir/Medication/")
+        assert strict.status == 503
+        assert (await strict.json())["issue"][0]["details"]["coding"][0]["code"] == "rate_limit.store_unavailable"
+        assert (await client.get("/fhir/Claim/")).status == 200  # local: counted here
+        metrics = client.server.app[METRICS]
+        assert metrics.registry.get_sample_value("mediator_store_errors_total",
+                                                 {"feature": "rate_limit", "on_store_error": "reconcile"}) >= 1
+        assert metrics.registry.get_sample_value("mediator_store_errors_total",
+                                                 {"feature": "rate_limit", "on_store_error": "deny"}) == 1
