@@ -399,21 +399,26 @@ class UpstreamGuard:
         return cls(name, Bulkhead(name, bulkhead, metrics, redis),
                    CircuitBreaker(name, breaker, metrics) if breaker is not None else None)
 
+    async def _admit(self, priority: int) -> Slot:
+        """Ask the breaker, then wait for a bulkhead place; a wait that ends without one (refused,
+        cancelled) is reported to the breaker as abandoned, so a half-open trial is not held."""
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.before_call()
+        try:
+            return await self.bulkhead.acquire(priority)
+        except BaseException:
+            if breaker is not None:
+                breaker.record_abandoned()
+            raise
+
     @asynccontextmanager
     async def slot(self, priority: int, kind: str = "") -> AsyncIterator[None]:
         """`async with guard.slot(priority):` — one place with openIMIS, for callers that send by other
         means than `call` (a queue drain). Raises UpstreamRefused (nothing may be sent). The time inside
         feeds the adaptive limit; the breaker is asked before, but its outcome is the caller's to report
         (`breaker.record_success/record_failure`), as only the caller knows what openIMIS answered."""
-        breaker = self.breaker
-        if breaker is not None:
-            breaker.before_call()
-        try:
-            slot = await self.bulkhead.acquire(priority)
-        except BaseException:
-            if breaker is not None:
-                breaker.record_abandoned()
-            raise
+        slot = await self._admit(priority)
         started = time.monotonic()
         try:
             yield
@@ -426,14 +431,7 @@ class UpstreamGuard:
         `kind`: what sort of request (channel:interaction, or the lookup's name), so the adaptive limit
         compares its answer time with the same kind's unloaded time."""
         breaker = self.breaker
-        if breaker is not None:
-            breaker.before_call()
-        try:
-            slot = await self.bulkhead.acquire(priority)
-        except BaseException:
-            if breaker is not None:
-                breaker.record_abandoned()
-            raise
+        slot = await self._admit(priority)
         started = time.monotonic()
         try:
             response = await send()

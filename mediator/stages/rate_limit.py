@@ -1,10 +1,7 @@
 """Stage 6: rate limits (policies/rate_limits.yaml), GCRA shared by every instance through Redis.
 
-GCRA (the generic cell rate algorithm) keeps one number per key: the theoretical arrival time (TAT) of
-the next request. A limit of `rate` per `period_s` with `burst` has an emission interval
-T = period/rate and a tolerance tau = T * burst; a request of cost c is admitted when
-max(TAT, now) + c*T - tau <= now, and then TAT becomes max(TAT, now) + c*T. All times are integer
-microseconds so that Python and Lua compute exactly the same thing.
+The arithmetic (GCRA: one theoretical arrival time per key, integer microseconds so that Python and
+Lua compute the same thing) is mediator/gcra.py's.
 
 `gcra` and `decide` are the arithmetic, pure (no clock, no I/O). The stores apply them atomically:
 `LocalGcraStore` in process memory (no Redis configured, or `on_store_error: local`), `RedisGcraStore`
