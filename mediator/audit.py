@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import math
 import os
 import sys
 import threading
@@ -64,6 +65,28 @@ def outcome_code(status: int) -> str:
     return "4" if status < 500 else "8"
 
 
+class _RecordedTime:
+    """`datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")`, with the date and time of day
+    formatted once per second rather than once per request (~7 µs per event, bench issue 18)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, recorded: float) -> str:
+        second = math.floor(recorded)
+        micros = round((recorded - second) * 1e6)   # datetime rounds to the microsecond, then truncates
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).isoformat()[:-6]   # without "+00:00"
+            self._second = second
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"
+
+
+recorded_time = _RecordedTime()
+
+
 def audit_event(exchange: Exchange, status: int, reason: str, recorded: float) -> dict[str, Any]:
     """The AuditEvent for one answered request. Pure: reads only the allowlisted fields below."""
     fhir = exchange.fhir
@@ -102,7 +125,7 @@ def audit_event(exchange: Exchange, status: int, reason: str, recorded: float) -
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
                  "display": "RESTful Operation"},
         "action": ACTION_BY_INTERACTION.get(fhir.interaction, "E") if fhir is not None else "E",
-        "recorded": datetime.fromtimestamp(recorded, UTC).isoformat(timespec="milliseconds"),
+        "recorded": recorded_time(recorded),
         "outcome": outcome_code(status),
         "outcomeDesc": f"{status} {reason}",
         "agent": [agent],
