@@ -958,8 +958,9 @@ def main() -> int:
                 value = closed[name]["cpu_us_per_request"]
                 change = f"{value - previous:+.0f}" if previous is not None else ""
                 ratio = value / closed["bare"]["cpu_us_per_request"]
-                print(f"  {name:25} {value:7.0f} µs/req {change:>7}  {ratio:5.2f}× bare  "
-                      f"{closed[name]['rps']:6.0f} req/s ({closed[name]['rps'] / closed['bare']['rps']:.2f}× bare)  p99 added at half saturation "
+                rps = closed[name]["rps"]
+                print(f"  {name:25} {value:7.0f} µs/req {change:>7}  {ratio:5.2f}× bare  {rps:6.0f} req/s "
+                      f"({rps / closed['bare']['rps']:.2f}× bare)  p99 added at half saturation "
                       f"{fixed[name]['p99_added_ms']:.2f} ms")
                 previous = value
         if args.levers or args.baseline_src:
