@@ -19,7 +19,6 @@ Thread-safety: `logging` handlers lock internally; one AuditLog per application,
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import math
@@ -34,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mediator import json_codec
 from mediator.config.operations import AuditConfig
 from mediator.logs import JsonEvent
 from mediator.pipeline import Exchange
@@ -377,7 +377,7 @@ class AuditLog:
 
     def _write(self, batch: list[RequestRecord]) -> None:
         """Writer thread: each event serialised once; one write per file sink per batch."""
-        lines = [json.dumps(r.event, separators=(",", ":"), ensure_ascii=False) for r in batch]
+        lines = [json_codec.dumps_text(r.event) for r in batch]
         for handler in self._files:
             handler.write_lines(lines)
         for other in self._others:

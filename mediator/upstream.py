@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from mediator import json_codec
 from mediator.config.models import UpstreamConfig
 from mediator.errors import MediatorError
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, operation_outcome_response, wants_fhir_json
@@ -453,7 +454,7 @@ class OpenImisUpstream:
             return response
         if isinstance(document, dict) and self.rewriter.may_need_rewriting(body) and \
                 self.rewriter.rewrite_bundle(document):
-            body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+            body = json_codec.dumps(document)
         if is_json:
             content_type = FHIR_JSON if fhir_json else PLAIN_JSON
         else:
