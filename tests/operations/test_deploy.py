@@ -4,7 +4,8 @@ systemd-analyze verify. Docker has no engine here, so the Dockerfile is checked 
 
 Several replicas: every feature whose state the replicas must share is backed by the one Redis, the
 manifests' wiring (Service name and port, NetworkPolicy, Secrets, env, ConfigMap items) matches the
-configuration, and the Redis command lines of the manifests are run by a real redis-server."""
+configuration, the Redis command lines of the manifests are run by a real redis-server, and two
+instances of deploy/config (its cluster-only hosts and paths moved here) share their state through it."""
 
 from __future__ import annotations
 
@@ -26,15 +27,19 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 import yaml
+from joserfc.jwk import ECKey
 from prometheus_client.parser import text_string_to_metric_families
 
+from mediator.certs import make_dev_pki
 from mediator.config import POLICY_FILES, load_config
 from mediator.config.clients import ClientsPolicy
 from mediator.config.lint import named_environment_variables
 from mediator.config.rate_limits import RateLimitsPolicy
+from mediator.identity.client import client_assertion
 from mediator.replica.policy import ReplicaPolicy
 from mediator.server import mediator_sites
 from tests.conftest import channels_yaml, upstream_url, write_config
+from tests.identity.kit import form
 from tests.load_helpers import free_port
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -300,6 +305,9 @@ def test_compose_wires_the_mediator_to_its_durable_redis(deploy_config):
         assert variable in mediator["environment"], variable
     assert mediator["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD")
     assert _argument(store["command"], "--requirepass").startswith("${REDIS_PASSWORD")
+    # the same Redis as Kubernetes runs (README: "with the arguments of k8s/redis.yaml")
+    same = [re.sub(r"^\$\{REDIS_PASSWORD[^}]*\}$", "$(REDIS_PASSWORD)", a) for a in store["command"][1:]]
+    assert same == _container(REDIS)["args"]
     assert mediator["depends_on"]["redis"] == {"condition": "service_healthy"}
     assert any(v.endswith(":/data") for v in store["volumes"]) and store["user"].split(":")[0] != "0"
     # the one configuration directory: the image's CMD, the compose mount and the Deployment's args
@@ -392,6 +400,78 @@ def _redis_probe(manifest: str) -> str:
         command = ["sh", "-c", command[1]]
     assert command[:2] == ["sh", "-c"]
     return str(command[2])
+
+
+def _local_copy_of_deploy_config(root: Path, upstream: str, redis_port: int, certs: Path) -> Path:
+    """deploy/config with what only a cluster has moved to this machine: the sandbox as openIMIS, a
+    local redis-server, files under tmp, loopback in the hospital networks, vendor-a's keys from its dev
+    certificate. Each replaced text must be there, so the copy cannot silently drift from deploy/config."""
+    replacements = {
+        "channels.yaml": {"/etc/openimis-mediator/tls/tls.crt": str(certs / "server.crt"),
+                          "/etc/openimis-mediator/tls/tls.key": str(certs / "server.key"),
+                          "/etc/openimis-mediator/tls/ca.crt": str(certs / "ca.crt"),
+                          "/var/log/openimis-mediator/audit.log": str(root / "audit.log"),
+                          "http://backend:8000/api/api_fhir_r4/": upstream,
+                          "redis://openimis-mediator-redis:6379/0": f"redis://127.0.0.1:{redis_port}/0"},
+        "policies/clients.yaml": {"/etc/openimis-mediator/signing/": str(root / "signing") + "/",
+                                  "jwks_url: https://hms.vendor-a.example/.well-known/jwks.json":
+                                      f"public_key_file: {certs / 'vendor-a.crt'}"},
+        "policies/ip_allowlist.yaml": {'allow: ["10.0.0.0/8",': 'allow: ["127.0.0.0/8", "10.0.0.0/8",'},
+    }
+    for path, text in _deploy_config_files().items():
+        for old, new in replacements.get(path, {}).items():
+            assert text.count(old) == 1, (path, old)
+            text = text.replace(old, new)
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    return root
+
+
+def _remaining(header: str, limit: str) -> int:
+    found = re.search(rf'"{limit}";r=(\d+)', header)
+    assert found is not None, header
+    return int(found.group(1))
+
+
+async def test_two_replicas_of_the_deploy_config_share_state_through_the_manifests_redis(
+        tmp_path, sandbox_server, aiohttp_client, monkeypatch, redis_binary):
+    """Two instances of deploy/config on one redis-server run with k8s/redis.yaml's arguments, with the
+    variables built as the Deployment builds them: both are ready (Redis and the replay store answer,
+    so the password reaches both), an assertion used at one is refused at the other, and requests at
+    one are counted in the rate limit the other answers with."""
+    password = secrets.token_hex(16)
+    certs = tmp_path / "certs"
+    make_dev_pki(certs)
+    with _run_redis(redis_binary, _container(REDIS)["args"], password) as port:
+        root = _local_copy_of_deploy_config(tmp_path / "config", upstream_url(sandbox_server), port, certs)
+        template = next(e["value"] for e in _container(MEDIATOR)["env"] if e["name"] == "MEDIATOR_REDIS_URL")
+        monkeypatch.setenv("REDIS_PASSWORD", password)
+        monkeypatch.setenv("MEDIATOR_REDIS_URL", template.replace("$(REDIS_PASSWORD)", password)
+                           .replace("@openimis-mediator-redis:6379/", f"@127.0.0.1:{port}/"))
+        config = load_config(root)
+        replicas = []
+        for _ in range(2):
+            fhir_site, ops_site = mediator_sites(config)
+            replicas.append((await aiohttp_client(fhir_site.app), await aiohttp_client(ops_site.app)))
+        for _, ops in replicas:
+            ready = await ops.get("/readyz")
+            body = await ready.json()
+            assert ready.status == 200 and body["redis"] == "up" and body["replay_store"] == "up", body
+        (first, _), (second, _) = replicas
+        vendor_a = ECKey.import_key((certs / "vendor-a.key").read_bytes())
+        assertion = client_assertion("vendor-a", vendor_a, "https://mediator.example.org/auth/token")
+        assert (await first.post("/auth/token", data=form(assertion))).status == 200
+        assert (await second.post("/auth/token", data=form(assertion))).status == 401   # replayed elsewhere
+        # per-user (2/s, burst 120; without a principal keyed by the client IP): 20 at one replica are
+        # counted at the other, which alone would answer r=119 (slack: 5 s of refill on a slow machine)
+        for _ in range(20):
+            assert (await first.get("/fhir/metadata")).status == 200
+        answer = await second.get("/fhir/metadata")
+        assert answer.status == 200
+        assert _remaining(answer.headers["RateLimit"], "per-user") <= 119 - 10
+        store = redis.Redis(port=port, password=password)
+        assert store.keys("openimis-mediator:rl:*") and store.keys("openimis-mediator:jti:*")
+        store.close()
 
 
 def test_secrets_hold_placeholders_only():
