@@ -24,7 +24,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 DECLARED = (
     ("stage", "client_ip"), ("stage", "channel"), ("stage", "ip"), ("stage", "load_shed"),
     ("stage", "authentication"), ("stage", "over_limit"), ("stage", "request"), ("stage", "search"),
-    ("stage", "charge_before_lookup"), ("stage", "authorization"),
+    ("stage", "lookup_charge"), ("stage", "authorization"),
     ("stage", "write"), ("stage", "rate_limit"),
     ("route", "capabilities"), ("route", "async_claims"), ("route", "replica"), ("route", "local_answer"),
     ("route", "batch"), ("route", "idempotent_create"), ("route", "forward"),
@@ -45,7 +45,7 @@ def test_the_runtime_builds_the_declared_chain(tmp_path):
     # in the declared order.
     assert list(chain.order) == [step for step in DECLARED if step in chain.order]
     assert [s for s in DECLARED if s not in chain.order] == \
-        [("stage", "over_limit"), ("stage", "charge_before_lookup"), ("stage", "rate_limit")]
+        [("stage", "over_limit"), ("stage", "lookup_charge"), ("stage", "rate_limit")]
 
 
 def _readme_steps() -> list[tuple[str, str]]:

@@ -1,12 +1,12 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
 client_ip → channel → ip → [load_shed] → authentication → [over_limit] → request (body read and parsed
-once) → search (parameters) → [charge_before_lookup] → authorization (always: absent policy denies) → write
+once) → search (parameters) → [lookup_charge] → authorization (always: absent policy denies) → write
 (the write firewall; always: absent profiles refuse every write) → [rate limit]; then the route, response
 and finishing steps of mediator.chain. tests/test_chain.py pins the whole order. load_shed is built only when
 the caller passes the runtime's upstream guards (the app; explain and policy tests describe the policy, not
-the load, and leave it out); over_limit and charge_before_lookup only with the rate limits (the latter also
-needs the authorization policy).
+the load, and leave it out); over_limit likewise (a shortcut of the rate limit's refusals, built with
+the rate limits) and lookup_charge only with the rate limits and the authorization policy.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from mediator.stages.authentication import AuthenticationStage, VouchedUsers
 from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
-from mediator.stages.charge_before_lookup import ChargeBeforeLookupStage
 from mediator.stages.client_ip import ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage
 from mediator.stages.load_shed import LoadShedStage
+from mediator.stages.lookup_charge import LookupChargeStage
 from mediator.stages.over_limit import OverLimitStage
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
 from mediator.stages.request_body import RequestBodyStage
@@ -43,7 +43,7 @@ from mediator.upstream import OpenImisUpstream
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
 ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "over_limit", "request", "search",
-         "charge_before_lookup", "authorization", "write", "rate_limit")
+         "lookup_charge", "authorization", "write", "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -95,10 +95,11 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         IpAllowlistStage(IpSetTable.from_config(config)),
         *([LoadShedStage(shed_guards)] if shed_guards is not None else []),
         authentication or AuthenticationStage(identity or Identity.from_config(config), users),
-        *([OverLimitStage(rate_limit.table, rate_limit.refusals, metrics)] if rate_limit is not None else []),
+        *([OverLimitStage(rate_limit.table, rate_limit.refusals, metrics)]
+          if rate_limit is not None and shed_guards is not None else []),
         RequestBodyStage.from_config(config),
         SearchParameterStage.from_config(config),
-        *([ChargeBeforeLookupStage(rate_limit, config.policy("authorization", AuthorizationPolicy).rules)]
+        *([LookupChargeStage(rate_limit, config.policy("authorization", AuthorizationPolicy).rules)]
           if rate_limit is not None and "authorization" in config.policies else []),
         authorization,
         # One facility directory per runtime: the firewall resolves references with authorization's.

@@ -371,7 +371,7 @@ class RateLimitStage:
         return await self.charge(exchange)
 
     async def charge(self, exchange: Exchange) -> Decision:
-        """Charge the request to every limit of its channel (the charge_before_lookup stage calls this
+        """Charge the request to every limit of its channel (the lookup_charge stage calls this
         for requests whose authorization sends lookups to openIMIS; this stage for all others)."""
         channel = exchange.channel.name if exchange.channel is not None else ""
         applicable = self.table.by_channel.get(channel, ())

@@ -21,11 +21,11 @@ from mediator.pipeline import Decision, Exchange
 from mediator.stages.authorization_policy import FACILITY_BOUND_COST, access_of, looks_up_owner
 from mediator.stages.rate_limit import RateLimitStage
 
-LATER = Decision.allowed("charge_before_lookup.charged_later")
+LATER = Decision.allowed("lookup_charge.charged_later")
 
 
-class ChargeBeforeLookupStage:
-    name = "charge_before_lookup"
+class LookupChargeStage:
+    name = "lookup_charge"
 
     def __init__(self, rate_limit: RateLimitStage, rules: tuple[AuthorizationRule, ...]) -> None:
         self.rate_limit = rate_limit

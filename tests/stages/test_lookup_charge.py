@@ -1,4 +1,4 @@
-"""charge_before_lookup: which requests are charged before authorization (pure, by the rules), and over
+"""lookup_charge: which requests are charged before authorization (pure, by the rules), and over
 sockets that they are charged whatever authorization decides while the rest are charged last.
 The same property against the real openIMIS (no lookup once over the limit):
 tests/e2e/test_facility_searches.py::test_reads_of_unknown_claims_are_charged_before_their_lookup."""
@@ -69,17 +69,17 @@ async def test_lookup_reads_are_charged_before_authorization_whatever_it_decides
     client = await limited_mediator(burst=5)
     missing = await _get(client, f"/fhir/ClaimResponse/{uuid.uuid4()}")      # 404 at authorization: charged 2
     assert missing.status == 404
-    assert _count(client, "charge_before_lookup", "allow", "rate_limit.allowed") == 1
+    assert _count(client, "lookup_charge", "allow", "rate_limit.allowed") == 1
     assert int(missing.headers["RateLimit"].split(";r=")[1].split(";")[0]) == 3
     assert (await _post_claim(client, _claim())).status == 201                # charged last: 1
     assert _count(client, "rate_limit", "allow", "rate_limit.allowed") == 1
-    assert _count(client, "charge_before_lookup", "allow", "charge_before_lookup.charged_later") == 1
+    assert _count(client, "lookup_charge", "allow", "lookup_charge.charged_later") == 1
     own = await _get(client, f"/fhir/ClaimResponse/{JM_CLAIM}")               # 2 more: the budget is spent
     assert own.status == 200
     assert _count(client, "rate_limit", "allow", "rate_limit.charged_before_lookup") == 1
     lookups = len(sandbox.requests)
     refused = await _get(client, f"/fhir/ClaimResponse/{uuid.uuid4()}")
     assert refused.status == 429
-    assert _count(client, "charge_before_lookup", "deny", "rate_limit.exceeded") == 1
+    assert _count(client, "lookup_charge", "deny", "rate_limit.exceeded") == 1
     assert len(sandbox.requests) == lookups   # refused before the owner lookup
     assert len(_claims_posted(sandbox)) == 1
