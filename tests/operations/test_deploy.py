@@ -352,6 +352,8 @@ def _run_redis(binary: str, args: list[str], password: str) -> Iterator[int]:
                 if process.poll() is not None:
                     pytest.fail(f"redis-server refused the arguments {args}")
                 time.sleep(0.05)
+        else:
+            pytest.fail("redis-server did not answer within 5 s")
         client.close()
         yield port
     finally:
