@@ -559,3 +559,11 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path):
     result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
     problems = [line for line in result.stderr.splitlines() if str(path) in line]
     assert result.returncode == 0 and problems == [], result.stderr
+
+
+@pytest.mark.parametrize("policy", ["authorization.yaml", "write_profiles.yaml", "rate_limits.yaml"])
+def test_the_deploy_policies_are_the_shipped_ones(policy):
+    """deploy/config/policies carries copies of the shipped policies (a ConfigMap cannot reach outside
+    deploy/); a change to one without the other would deploy something the policy tests never saw."""
+    shipped = Path(__file__).parents[2] / "policies" / policy
+    assert (DEPLOY / "config" / "policies" / policy).read_text() == shipped.read_text()
