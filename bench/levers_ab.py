@@ -6,7 +6,8 @@ the upstream and Redis, and its CPU per request moves by ±20 % between rounds o
 to see a lever worth 3 %. Here each checkout runs one worker process with `bench/run.py`'s full pipeline
 (the same configuration, reconciled rate limits), loaded by h2load (C) at a fixed rate well below
 saturation, and the figure is that worker's CPU (user + system, /proc) ÷ requests answered; every round
-visits the checkouts in a new order, and the median of the rounds is kept (each round is printed).
+visits the checkouts in a new order, and the median of the rounds is kept (each round is printed), with
+the median of each round's ratio to the first checkout (the machine's drift between rounds cancels out).
 h2load sends one repeated user token (its headers are fixed): the fresh-token share of bench/run.py's mix
 costs every checkout the same and is left out.
 
@@ -114,21 +115,25 @@ def main() -> int:
                 process, url, headers = started[label]
                 rounds[label].append(measure(label, process, url, headers, args.rate, args.duration,
                                              args.connections))
-        print(f"| {'checkout':12} | {'CPU µs/request (median)':>23} | {'change':>7} | each round (µs/request) "
-              f"| errors | load |")
-        print("|" + "|".join("-" * (w + 2) for w in (12, 23, 7, 23, 6, 4)) + "|")
+        print(f"| {'checkout':16} | {'CPU µs/request (median)':>23} | {'change':>7} | "
+              f"{'× first (median of rounds)':>26} | each round (µs/request) | errors | load |")
+        print("|" + "|".join("-" * (w + 2) for w in (16, 23, 7, 26, 23, 6, 4)) + "|")
         results: dict[str, dict[str, object]] = {}
         previous = None
+        first: list[float] = []
         for label, _ in variants:
             per = [1e6 * r["cpu_s"] / max(r["requests"], 1) for r in rounds[label]]
+            first = first or per
             median = statistics.median(per)
+            # Against the first checkout in the same round: the drift of the machine between rounds cancels out.
+            ratio = statistics.median(v / f for v, f in zip(per, first, strict=True))
             change = f"{median - previous:+.0f}" if previous is not None else ""
             errors = sum(int(r["errors"]) for r in rounds[label])
             load = statistics.mean(r["load_average"] for r in rounds[label])
-            print(f"| {label:12} | {median:23.0f} | {change:>7} | {' / '.join(f'{v:.0f}' for v in per):23} "
-                  f"| {errors:6d} | {load:4.1f} |")
-            results[label] = {"cpu_us_per_request": round(median, 1), "rounds": [round(v, 1) for v in per],
-                              "errors": errors, "load_average": round(load, 2)}
+            print(f"| {label:16} | {median:23.0f} | {change:>7} | {ratio:26.3f} | "
+                  f"{' / '.join(f'{v:.0f}' for v in per):23} | {errors:6d} | {load:4.1f} |")
+            results[label] = {"cpu_us_per_request": round(median, 1), "ratio_to_first": round(ratio, 3),
+                              "rounds": [round(v, 1) for v in per], "errors": errors, "load_average": round(load, 2)}
             previous = median
         if args.json:
             args.json.write_text(json.dumps({"rate": args.rate, "duration": args.duration, "results": results},
