@@ -292,6 +292,29 @@ def test_the_readme_explain_example_prints_what_the_readme_says():
     assert done.stdout == printed
 
 
+def test_the_readme_failure_illustration_is_what_the_command_prints(tmp_path):
+    """README "Policy tests" shows the output of `test --config .` with JADH0001 made Rapta's in the facts."""
+    import re
+    import subprocess
+    import sys
+
+    root = shipped_copy(tmp_path / "config")
+    shutil.copytree(REPO / "policies" / "tests", root / "policies" / "tests")
+    facts = root / "policies" / "tests" / "facts" / "demo.yaml"
+    assert "  JADH0001: JMHOS001\n" in facts.read_text()
+    facts.write_text(facts.read_text().replace("  JADH0001: JMHOS001\n", "  JADH0001: RAHOS001\n"))
+    section = (REPO / "README.md").read_text().split("## Policy tests (`openimis-mediator test`)\n", 1)[1]
+    shown = re.findall(r"\n```\n(PASS .*?)```", section, re.S)[0].splitlines()
+    done = subprocess.run([sys.executable, "-m", "mediator", "test", "--config", "."], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    printed = done.stdout.splitlines()
+    assert printed[-1] == shown[-1]
+    assert shown[0] in printed
+    failure = printed.index(shown[1])
+    assert printed[failure:failure + len(shown) - 2] == shown[1:-1]
+
+
 def test_serve_loads_a_configuration_whose_case_files_are_broken(tmp_path):
     from mediator.config import load_config
 
