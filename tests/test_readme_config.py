@@ -291,3 +291,26 @@ def test_the_parser_sees_what_it_must():
     window = by_where["upstreams.openimis.bulkhead.adaptive.window_s"]
     assert _claimed_default(window) == (True, 1)
     assert by_where["channels[0].priority"].comment.startswith("interactive (50, default)")
+
+
+def _bounds(key: ShownKey) -> tuple[float | None, float | None]:
+    """The lower (ge or gt) and upper (le) bound of a numeric field, also inside a union (`priority`)."""
+    metadata = list(key.info.metadata)
+    for arg in typing.get_args(key.info.annotation):
+        for inner in typing.get_args(arg)[1:]:   # Annotated[int, Field(ge=..., le=...)]
+            metadata += list(getattr(inner, "metadata", []))
+    low = high = None
+    for item in metadata:
+        low = getattr(item, "ge", getattr(item, "gt", low))
+        high = getattr(item, "le", high)
+    return low, high
+
+
+def test_the_ranges_the_readme_states_are_the_schemas():
+    """`1..1024`, `0..100`, `0.05..` in a comment are the field's bounds."""
+    shown, _ = _all_shown()
+    ranges = [(k, low, high) for k in shown for low, high in re.findall(r"\b(\d[\d.]*)\.\.(\d[\d]*)?", k.comment)]
+    assert len(ranges) >= 10
+    wrong = [f"{k.where}: README {low}..{high}, schema {_bounds(k)}" for k, low, high in ranges
+             if (float(low), float(high) if high else _bounds(k)[1]) != _bounds(k)]
+    assert wrong == []
