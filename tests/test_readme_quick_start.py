@@ -166,3 +166,10 @@ def test_the_command_line_table_shows_every_option_of_every_command():
         if shown != real:
             problems.append((name, sorted(real - shown), sorted(shown - real)))
     assert problems == []
+
+
+def test_the_global_options_row_shows_the_parsers_global_options():
+    section = README.read_text().split("\n### Command line\n", 1)[1].split("\n## ", 1)[0]
+    (row,) = re.findall(r"(?m)^\| global ([^|]*(?:\\\|[^|]*)*)\|", section)
+    real = {o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")}
+    assert set(re.findall(r"--[a-z][a-z-]*", row)) == real - {"--help"}
