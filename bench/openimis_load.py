@@ -5,7 +5,9 @@
 Starts (or reuses) the real openIMIS of tests/openimis/harness.py (2 sync gunicorn workers). The
 interactive user is the openIMIS web app's insuree search (GraphQL `insurees`, as the admin UI sends it,
 with a GraphQL JWT), sent straight to openIMIS at `--probe-rate`/s on a fixed schedule (latency measured
-from each request's due time: no coordinated omission). It is measured idle, then under two floods at
+from each request's due time: no coordinated omission) from a process of its own, as a web user's
+browser is not the flood's client (`--probe-in-loop`: in the flood generator's event loop, which adds
+that loop's delays to the interactive figures). It is measured idle, then under two floods at
 `--rate`/s (open loop, at most `--max-outstanding` requests open at once) by one HMS vendor with 50 users:
 
   (a) eligibility: GET Patient/?identifier=<a demo insuree>
@@ -170,6 +172,40 @@ async def closed_loop(session: aiohttp.ClientSession, duration: float, next_requ
     return tally
 
 
+async def probe_process(graphql_url: str, token: str, rate: float, duration: float) -> asyncio.Task[Tally]:
+    """The interactive user in a process of its own (`--probe-child`), started (it printed "ready" and was
+    told to go) when this returns, so the flood and the probe overlap; the task gives its latencies."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--probe-child", json.dumps([graphql_url, token, rate, duration]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdin is not None
+    if (await child.stdout.readline()).strip() != b"ready":
+        raise SystemExit("interactive probe process failed to start")
+    child.stdin.write(b"go\n")
+    await child.stdin.drain()
+    return asyncio.create_task(_probe_result(child))
+
+
+async def _probe_result(child: asyncio.subprocess.Process) -> Tally:
+    assert child.stdout is not None
+    result = json.loads(await child.stdout.read())
+    await child.wait()
+    statuses = Counter({int(status): count for status, count in result["statuses"].items()})
+    return Tally(latencies_ms=result["latencies_ms"], statuses=statuses, errors=result["errors"])
+
+
+async def probe_child(spec: str) -> None:
+    graphql_url, token, rate, duration = json.loads(spec)
+    async with aiohttp.ClientSession() as session:
+        request: Request = ("POST", graphql_url, {"json": {"query": INSUREES_QUERY},
+                                                  "headers": {"Authorization": f"Bearer {token}"}})
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        tally = await open_loop(session, rate, duration, lambda i: request, 50)
+    print(json.dumps({"latencies_ms": tally.latencies_ms, "statuses": tally.statuses, "errors": tally.errors}),
+          flush=True)
+
+
 class Vendor:
     def __init__(self) -> None:
         self.key = ECKey.generate_key("P-256")
@@ -268,7 +304,8 @@ class Mediators:
             async with session.get(f"http://127.0.0.1:{mport}/metrics") as r:
                 text = await r.text()
             out.append(f"limit {_metric(text, 'mediator_concurrency_limit'):.2f}, "
-                       f"min RTT {_metric(text, 'mediator_upstream_min_rtt_seconds') * 1000:.0f} ms")
+                       f"min RTT {_metric(text, 'mediator_upstream_min_rtt_seconds') * 1000:.0f} ms, "
+                       f"probe baseline {_metric(text, 'mediator_latency_probe_baseline_seconds') * 1000:.0f} ms")
         return "; ".join(out)
 
     def stop(self) -> None:
@@ -336,9 +373,11 @@ async def run(args: argparse.Namespace) -> None:
         async with probe_session.post(graphql_url, **probe_request[2]) as r:
             insurees = [e["node"]["chfId"] for e in (await r.json())["data"]["insurees"]["edges"]]
 
-        def probe_phase(duration: float) -> asyncio.Task[Tally]:
-            return asyncio.create_task(open_loop(probe_session, args.probe_rate, duration,
-                                                 lambda i: probe_request, 50))
+        async def probe_phase(duration: float) -> asyncio.Task[Tally]:
+            if args.probe_in_loop:
+                return asyncio.create_task(open_loop(probe_session, args.probe_rate, duration,
+                                                     lambda i: probe_request, 50))
+            return await probe_process(graphql_url, gql_token, args.probe_rate, duration)
 
         direct_headers = {"Authorization": f"Bearer {fhir_token}"}
 
@@ -365,7 +404,7 @@ async def run(args: argparse.Namespace) -> None:
                     forwarded = sum(n for s, n in alone.statuses.items() if s not in (429, 503))
                     row.cpu_forwarded_ms = (mediators.cpu() - before) * 1000 / max(1, forwarded)
                     await settle()
-                probe = probe_phase(args.duration)
+                probe = await probe_phase(args.duration)
                 cpu_before = mediators.cpu() if mediators is not None else 0.0
                 if make is not None:
                     row.flood = await open_loop(flood_session, args.rate, args.duration, make(),
@@ -461,7 +500,14 @@ def main() -> None:
     parser.add_argument("--max-outstanding", type=int, default=128, help="flood requests open at once, at most")
     parser.add_argument("--only", choices=["eligibility", "claims"], help="one flood only (quicker)")
     parser.add_argument("--json", help="also write the figures to this file")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--probe-in-loop", action="store_true",
+                        help="measure the interactive user in the flood generator's own event loop")
+    parser.add_argument("--probe-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe_child:
+        asyncio.run(probe_child(args.probe_child))
+        return
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -121,8 +121,10 @@ class Bulkhead:
 
     def sheds(self, priority: int) -> bool:
         """A request of `priority` arriving now would be refused for a full queue (no slot, the queue at
-        max_queue, and no waiter of lower priority to evict). For the early check (stages/load_shed.py)."""
-        if self.queued < self.config.max_queue or self._room():
+        max_queue, and no waiter of lower priority to evict). For the early check (stages/load_shed.py).
+        A free local slot counts only with an empty queue (`acquire` queues behind waiters): with scope
+        cluster the waiters of a full queue wait for the shared budget, which a local slot says nothing of."""
+        if self.queued < self.config.max_queue or (self.queued == 0 and self._room()):
             return False
         return not any(w.rank > -priority and not w.future.done() for w in self._queue)
 
@@ -256,10 +258,10 @@ class Bulkhead:
             except TimeoutError:
                 pass
 
-    async def _give_back(self, slot: Slot) -> None:
+    async def _give_back(self, slot: Slot, pause_s: float = 0.0) -> None:
         if slot.lease is not None and self.budget is not None:
             try:
-                await self.budget.give_back(slot.lease)
+                await self.budget.give_back(slot.lease, pause_s)
             except STORE_ERRORS:
                 if self._metrics is not None:
                     self._store_errors.inc()  # the lease expires after lease_ttl_s by itself
@@ -269,14 +271,15 @@ class Bulkhead:
         if self.queued or self.in_flight >= self.limit.current:
             self.limit.saturated()  # this window used the whole limit (growth is earned only then)
         value = self.limit.value
-        if value < 1:
-            self._not_before = self._clock() + busy_s * (1 / value - 1)
+        pause_s = busy_s * (1 / value - 1) if value < 1 else 0.0
+        if pause_s:
+            self._not_before = self._clock() + pause_s
         elif self._not_before:
             self._not_before = 0.0
         self.in_flight -= 1
         if self.budget is not None:
             self._observe()
-            await self._give_back(slot)
+            await self._give_back(slot, pause_s)  # the pause holds for every instance
             self._freed.set()
             return
         self._dispatch()
@@ -295,6 +298,16 @@ class Bulkhead:
                     self._min_rtt_gauge = self._metrics.upstream_min_rtt.labels(self.name)
                 self._min_rtt_gauge.set(min_rtt)
         if current > before and self.budget is None:
+            self._dispatch()
+
+    def record_latency_probe(self, rtt_s: float) -> None:
+        """The latency probe was answered after `rtt_s` (mediator/latency_probe.py): feeds the adaptive
+        limit's second signal; a raised limit lets waiters in."""
+        before = self.limit.current
+        self.limit.record_latency_probe(rtt_s)
+        if self._metrics is not None:
+            self._limit_gauge.set(self.limit.value)
+        if self.limit.current > before and self.budget is None:
             self._dispatch()
 
     async def close(self) -> None:

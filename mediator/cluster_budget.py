@@ -12,6 +12,11 @@ priority in the hash `<key_prefix>budget-waiting:<digest>` (instance -> priority
 Redis's clock, renewed at every poll), and the take step refuses a lease to a lower-priority request
 while a more urgent one waits elsewhere.
 
+A limit below 1 (a duty cycle) is paced cluster-wide: the lease given back after an answer that took t
+sets the key `<key_prefix>budget-pace:<digest>` for t × (1/limit − 1), and no lease is taken while it
+exists, so two instances at 0.5 leave openIMIS idle half the time together, not each pacing its own
+requests while the other fills the gaps.
+
 Redis errors are raised (`STORE_ERRORS`) and the bulkhead applies the declared `on_store_error`.
 A lease whose release failed (Redis gone at that moment) is not renewed and expires by itself.
 """
@@ -30,10 +35,11 @@ from mediator.redis_store import STORE_ERRORS, RedisStore
 
 log = logging.getLogger("mediator.cluster_budget")
 
-# KEYS[1] budget set, KEYS[2] waiting hash (instance -> "<priority>:<expiry ms>"); ARGV: limit, lease ttl
+# KEYS[1] budget set, KEYS[2] waiting hash (instance -> "<priority>:<expiry ms>"), KEYS[3] pace key (exists
+# while a duty cycle keeps openIMIS idle); ARGV: limit, lease ttl
 # (ms), member, priority of this request, instance, priority this instance has waiting (-1: none),
 # how long that notice lasts (ms). Returns 1 (taken) or 0 (budget full, or a more urgent request waits
-# at another instance: priorities hold across instances).
+# at another instance: priorities hold across instances, or the duty cycle's pause is not over).
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -57,6 +63,9 @@ for i = 1, #waiting, 2 do
     end
   end
 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
   return 0
@@ -79,6 +88,17 @@ return #ARGV - 1
 """
 
 
+# KEYS[1] budget set, KEYS[2] pace key; ARGV: member, pause (ms; 0: none). Gives the lease back and, for a
+# duty cycle, starts the pause in the same step (no instance takes a lease between the two).
+_GIVE_BACK = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+end
+return 1
+"""
+
+
 class ClusterBudget:
     """Leases toward one upstream. Used from one event loop."""
 
@@ -86,6 +106,7 @@ class ClusterBudget:
         self.config = config
         self.key = redis.key("budget", upstream)
         self.waiting_key = redis.key("budget-waiting", upstream)
+        self.pace_key = redis.key("budget-pace", upstream)
         self.held: set[str] = set()
         self._redis = redis
         # Unique per process and start: two instances never mint the same member.
@@ -93,6 +114,7 @@ class ClusterBudget:
         self._numbers = itertools.count()
         self._ttl_ms = max(1, int(config.lease_ttl_s * 1000))
         self._take: Any = None
+        self._release: Any = None
         self._renew: Any = None
         self._renewer: asyncio.Task[None] | None = None
 
@@ -104,7 +126,7 @@ class ClusterBudget:
             self._take = self._redis.client.register_script(_TAKE)
         member = f"{self._instance}:{next(self._numbers)}"
         notice_ms = max(50, int(self.config.poll_interval_s * 4000))
-        taken = await self._take(keys=[self.key, self.waiting_key],
+        taken = await self._take(keys=[self.key, self.waiting_key, self.pace_key],
                                  args=[limit, self._ttl_ms, member, priority, self._instance, waiting, notice_ms])
         if not taken:
             return None
@@ -113,9 +135,12 @@ class ClusterBudget:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_while_held())
         return member
 
-    async def give_back(self, member: str) -> None:
+    async def give_back(self, member: str, pause_s: float = 0.0) -> None:
+        """The lease is free again; `pause_s` > 0 (a duty cycle): no instance takes one for that long."""
         self.held.discard(member)
-        await self._redis.client.zrem(self.key, member)
+        if self._release is None:
+            self._release = self._redis.client.register_script(_GIVE_BACK)
+        await self._release(keys=[self.key, self.pace_key], args=[member, int(pause_s * 1000)])
 
     async def count(self) -> int:
         """Leases held cluster-wide now (expired ones excluded); for tests and operators."""
