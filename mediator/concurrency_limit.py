@@ -234,10 +234,11 @@ class GradientLimit:
         if not api_verdict and self._unknown_kinds >= self.params.min_samples:
             self._start_probe(now)  # mostly kinds without a baseline: measure them
             return
-        gradient = 1.0
+        api_gradient = 1.0
         if api_verdict:
             # The window's answer times, each relative to its kind's unloaded time (1.0: unloaded).
-            gradient = _gradient(self.params.tolerance, _percentile(self._ratios, self.params.percentile))
+            api_gradient = _gradient(self.params.tolerance, _percentile(self._ratios, self.params.percentile))
+        gradient = api_gradient
         probe = self.params.latency_probe
         if probe is not None and self._probe_ratios:
             self.probe_verdicts += 1
@@ -253,7 +254,10 @@ class GradientLimit:
             new_limit = self.limit * gradient
         self.limit = max(float(self.floor), min(float(self.ceiling), new_limit))
         near_floor = self.limit <= self.floor + 0.5 * min(1.0, self.floor)
-        self._floor_windows = self._floor_windows + 1 if near_floor else 0
+        # Only the API answers' own verdict calls for measuring their unloaded time again: a floor the
+        # latency probe holds says openIMIS is busy, not that the minimum RTT is stale (and a measurement
+        # at a duty cycle of slow claims would hold the limit at the floor for many seconds).
+        self._floor_windows = self._floor_windows + 1 if near_floor and api_gradient < 1.0 else 0
         if now >= self._next_probe or self._floor_windows >= FLOOR_WINDOWS_BEFORE_PROBE:
             self._start_probe(now)
         else:

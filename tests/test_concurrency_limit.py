@@ -413,3 +413,13 @@ def test_a_latency_probe_needs_the_adaptive_mode(tmp_path):
                                    {"query": "a=b#c"}, {"interval_s": 0}, {"tolerance": 0.9}])
 def test_the_latency_probe_schema_refuses(tmp_path, probe):
     assert _problems(tmp_path, {"mode": "adaptive", "adaptive": {"latency_probe": probe}}) != []
+
+
+def test_a_floor_the_probe_holds_does_not_call_for_measuring_the_minimum_rtt_again():
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, initial_concurrent=1), clock)
+    probe(limit, 0.100)
+    limit.record_latency_probe(0.050)
+    for _ in range(FLOOR_WINDOWS_BEFORE_PROBE + 2):
+        probed_window(limit, clock, 0.200, api_s=0.100)  # claims unloaded, the probe 4 × its baseline
+    assert limit.current == 1 and not limit.probing
