@@ -55,6 +55,8 @@ class Slot:
     """One request's place with openIMIS: its cluster lease (None: counted in this instance only)."""
 
     lease: str | None = None
+    cluster_limit: float | None = None
+    """With a lease: the smallest limit of the live instances when it was taken."""
 
 
 @dataclass(order=True, slots=True)
@@ -178,14 +180,14 @@ class Bulkhead:
         request waits elsewhere), or the fail mode."""
         assert self.budget is not None
         try:
-            lease = await self.budget.take(self.limit.current, priority, waiting)
+            lease = await self.budget.take(self.limit.value, priority, waiting)
         except STORE_ERRORS:
             if self._metrics is not None:
                 self._store_errors.inc()
             if self.budget.config.on_store_error == "deny":
                 raise self._refuse("store_unavailable") from None
             return Slot()  # local: counted by this instance only, as with scope instance
-        return Slot(lease) if lease is not None else None
+        return Slot(lease.member, lease.cluster_limit) if lease is not None else None
 
     async def _wait(self, priority: int) -> Slot:
         if self.queued >= self.config.max_queue:
@@ -270,7 +272,7 @@ class Bulkhead:
         """`slot` is free again; `busy_s`: how long it was with openIMIS (paces a limit below 1)."""
         if self.queued or self.in_flight >= self.limit.current:
             self.limit.saturated()  # this window used the whole limit (growth is earned only then)
-        value = self.limit.value
+        value = self.limit.value if slot.cluster_limit is None else min(self.limit.value, slot.cluster_limit)
         pause_s = busy_s * (1 / value - 1) if value < 1 else 0.0
         if pause_s:
             self._not_before = self._clock() + pause_s

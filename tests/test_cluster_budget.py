@@ -322,3 +322,25 @@ async def test_a_full_queue_is_shed_early_though_this_instance_has_nothing_in_fl
         for bulkhead, store in ((a, store_a), (b, store_b)):
             await bulkhead.close()
             await store.close()
+
+
+async def test_the_budget_is_the_smallest_limit_of_the_live_instances(redis_prefix):
+    """An instance whose limit is 3 sends one at a time while another's is 1; once that instance is gone
+    (its announcement lapses after lease_ttl_s) its own 3 count again."""
+    (a, store_a), (b, store_b) = _instance(redis_prefix, _cluster(3, ttl_s=0.6)), \
+        _instance(redis_prefix, _cluster(1, ttl_s=0.6))
+    try:
+        await b.release(await b.acquire(50))  # b announces its limit, 1
+        first = await a.acquire(50)
+        assert first.cluster_limit == 1.0
+        started = time.monotonic()
+        second = await asyncio.wait_for(a.acquire(50), 3)  # waits: the cluster's budget is 1
+        waited = time.monotonic() - started
+        assert 0.3 < waited < 1.5 and second.cluster_limit == 3.0
+        assert a.budget is not None and await a.budget.count() == 2
+        await a.release(first)
+        await a.release(second)
+    finally:
+        for bulkhead, store in ((a, store_a), (b, store_b)):
+            await bulkhead.close()
+            await store.close()
