@@ -16,8 +16,8 @@ that loop's delays to the interactive figures). It is measured idle, then under 
 each sent (1) straight to openIMIS, (2) through one `openimis-mediator serve` with the shipped
 channels.yaml and policies (ip_allowlist, rate_limits, replica, write_profiles) plus the e2e vendors' clients and
 authorization, and (3) through two such processes sharing one Redis (server.redis + bulkhead scope
-cluster, the flood split between them). Printed: interactive p50/p95/p99 (p99 of the 80 samples of a 20 s phase is its slowest), the API rate openIMIS served
-(answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
+cluster, the flood split between them). Printed: interactive p50/p95/p99 (the p99 of a 20 s phase's 80
+samples is its slowest), the API rate openIMIS served (answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
 request (measured alone, in a closed loop of one, before each flood) and per refused one (the rest of the
 flood's CPU divided by its refusals), the mediator's final concurrency limit and minimum RTT, and the
 load average. A benchmark script, not a test: it asserts nothing, it prints figures. Bounded in time:
