@@ -393,8 +393,8 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.sleep(3)  # openIMIS finishes what the last phase left it
 
         async def scenario(name: str, kind: str | None, make: Callable[[], Callable[[int], Request]] | None,
-                           mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None
-                           ) -> None:
+                           mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None,
+                           one_at_a_time: bool = False) -> None:
             row = Row(name, Tally(), duration=args.duration)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_outstanding),
                                              timeout=aiohttp.ClientTimeout(total=70)) as flood_session:
@@ -406,7 +406,9 @@ async def run(args: argparse.Namespace) -> None:
                     await settle()
                 probe = await probe_phase(args.duration)
                 cpu_before = mediators.cpu() if mediators is not None else 0.0
-                if make is not None:
+                if make is not None and one_at_a_time:
+                    row.flood = await closed_loop(flood_session, args.duration, make())
+                elif make is not None:
                     row.flood = await open_loop(flood_session, args.rate, args.duration, make(),
                                                 args.max_outstanding, record_reason=mediators is not None)
                 row.probe = await probe
@@ -437,6 +439,10 @@ async def run(args: argparse.Namespace) -> None:
 
         for kind in kinds:
             await scenario(f"{kind}: straight to openIMIS", kind, direct_flood(kind))
+        if "claims" in kinds and args.one_at_a_time:
+            # The best any admission control that admits claims at all can do: one claim at a time, no
+            # pause between them, straight to openIMIS (a free worker is always left to the web users).
+            await scenario("claims: one at a time, straight", "claims", direct_flood("claims"), one_at_a_time=True)
         vendor = Vendor()
         with tempfile.TemporaryDirectory() as tmp:
             for count in (1, 2):
@@ -503,6 +509,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--probe-in-loop", action="store_true",
                         help="measure the interactive user in the flood generator's own event loop")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="also: claims one at a time (closed loop) straight to openIMIS, the web users' "
+                             "latency with a single claim always in flight")
     parser.add_argument("--probe-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_child:
