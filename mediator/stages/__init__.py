@@ -30,10 +30,10 @@ from mediator.stages.authentication import AuthenticationStage, VouchedUsers
 from mediator.stages.authorization import AuthorizationStage
 from mediator.stages.authorization_absent import NoAuthorizationPolicyStage
 from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
-from mediator.stages.lookup_charge import LookupChargeStage
 from mediator.stages.client_ip import ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage
 from mediator.stages.load_shed import LoadShedStage
+from mediator.stages.lookup_charge import LookupChargeStage
 from mediator.stages.over_limit import OverLimitStage
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
 from mediator.stages.request_body import RequestBodyStage

@@ -16,7 +16,7 @@ from mediator.app import METRICS
 from tests.conftest import DEFAULT_IP_POLICY
 from tests.e2e.async_kit import CHANNELS, POLICIES, PREFER_ASYNC, VENDORS, claims_in_openimis, wait_settled
 from tests.e2e.conftest import e2e_channels, harness
-from tests.e2e.vendors import Vendor, _claim_for, _reason
+from tests.e2e.vendors import Vendor, _claim_for, _reason, per_user_budget
 
 pytestmark = [pytest.mark.openimis, pytest.mark.timeout(300)]
 
@@ -107,17 +107,7 @@ async def test_the_status_url_answers_only_the_submitter(queued):
     assert (await wait_settled(lambda url: jm.request("GET", url), path)).status == 201
 
 
-POLL_LIMIT = {"rate_limits.yaml": """\
-version: 1
-limits:
-  - name: per-user
-    per: [user]
-    rate: 1
-    period_s: 86400
-    burst: 3
-    channels: [claims]
-    on_store_error: deny
-"""}
+POLL_LIMIT = {"rate_limits.yaml": per_user_budget(3, ("claims",))}
 
 
 @pytest.mark.parametrize("queued", [POLL_LIMIT], indirect=True)

@@ -18,7 +18,7 @@ from joserfc.jwk import ECKey
 
 from tests.conftest import DEFAULT_IP_POLICY
 from tests.e2e.conftest import e2e_channels, harness
-from tests.e2e.vendors import AUTHORIZATION, CHANNELS, CLIENTS, VENDORS, Vendor, _reason
+from tests.e2e.vendors import AUTHORIZATION, CHANNELS, CLIENTS, VENDORS, Vendor, _reason, per_user_budget
 
 # A limit that paging never exhausts (the database grows with every suite run): the test checks what
 # each page is charged, not where the limit ends.
@@ -194,16 +194,7 @@ async def test_reads_by_claim_code_work_and_stay_within_the_facility(relayed):
 
 
 # Room for the warm-up (a count-only search, cost 2) and three lookup reads (cost 2 each); no refill to speak of.
-LOOKUP_BUDGET = """\
-version: 1
-limits:
-  - name: per-user
-    per: [user]
-    rate: 1
-    period_s: 86400
-    burst: 8
-    on_store_error: deny
-"""
+LOOKUP_BUDGET = per_user_budget(8)
 
 
 @pytest.mark.parametrize("relayed", [LOOKUP_BUDGET], indirect=True)
