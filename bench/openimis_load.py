@@ -5,7 +5,9 @@
 Starts (or reuses) the real openIMIS of tests/openimis/harness.py (2 sync gunicorn workers). The
 interactive user is the openIMIS web app's insuree search (GraphQL `insurees`, as the admin UI sends it,
 with a GraphQL JWT), sent straight to openIMIS at `--probe-rate`/s on a fixed schedule (latency measured
-from each request's due time: no coordinated omission). It is measured idle, then under two floods at
+from each request's due time: no coordinated omission) from a process of its own, as a web user's
+browser is not the flood's client (`--probe-in-loop`: in the flood generator's event loop, which adds
+that loop's delays to the interactive figures). It is measured idle, then under two floods at
 `--rate`/s (open loop, at most `--max-outstanding` requests open at once) by one HMS vendor with 50 users:
 
   (a) eligibility: GET Patient/?identifier=<a demo insuree>
@@ -14,8 +16,8 @@ from each request's due time: no coordinated omission). It is measured idle, the
 each sent (1) straight to openIMIS, (2) through one `openimis-mediator serve` with the shipped
 channels.yaml and policies (ip_allowlist, rate_limits, replica, write_profiles) plus the e2e vendors' clients and
 authorization, and (3) through two such processes sharing one Redis (server.redis + bulkhead scope
-cluster, the flood split between them). Printed: interactive p50/p99, the API rate openIMIS served
-(answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
+cluster, the flood split between them). Printed: interactive p50/p95/p99 (the p99 of a 20 s phase's 80
+samples is its slowest), the API rate openIMIS served (answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
 request (measured alone, in a closed loop of one, before each flood) and per refused one (the rest of the
 flood's CPU divided by its refusals), the mediator's final concurrency limit and minimum RTT, and the
 load average. A benchmark script, not a test: it asserts nothing, it prints figures. Bounded in time:
@@ -170,6 +172,40 @@ async def closed_loop(session: aiohttp.ClientSession, duration: float, next_requ
     return tally
 
 
+async def probe_process(graphql_url: str, token: str, rate: float, duration: float) -> asyncio.Task[Tally]:
+    """The interactive user in a process of its own (`--probe-child`), started (it printed "ready" and was
+    told to go) when this returns, so the flood and the probe overlap; the task gives its latencies."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--probe-child", json.dumps([graphql_url, token, rate, duration]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdin is not None
+    if (await child.stdout.readline()).strip() != b"ready":
+        raise SystemExit("interactive probe process failed to start")
+    child.stdin.write(b"go\n")
+    await child.stdin.drain()
+    return asyncio.create_task(_probe_result(child))
+
+
+async def _probe_result(child: asyncio.subprocess.Process) -> Tally:
+    assert child.stdout is not None
+    result = json.loads(await child.stdout.read())
+    await child.wait()
+    statuses = Counter({int(status): count for status, count in result["statuses"].items()})
+    return Tally(latencies_ms=result["latencies_ms"], statuses=statuses, errors=result["errors"])
+
+
+async def probe_child(spec: str) -> None:
+    graphql_url, token, rate, duration = json.loads(spec)
+    async with aiohttp.ClientSession() as session:
+        request: Request = ("POST", graphql_url, {"json": {"query": INSUREES_QUERY},
+                                                  "headers": {"Authorization": f"Bearer {token}"}})
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        tally = await open_loop(session, rate, duration, lambda i: request, 50)
+    print(json.dumps({"latencies_ms": tally.latencies_ms, "statuses": tally.statuses, "errors": tally.errors}),
+          flush=True)
+
+
 class Vendor:
     def __init__(self) -> None:
         self.key = ECKey.generate_key("P-256")
@@ -268,7 +304,8 @@ class Mediators:
             async with session.get(f"http://127.0.0.1:{mport}/metrics") as r:
                 text = await r.text()
             out.append(f"limit {_metric(text, 'mediator_concurrency_limit'):.2f}, "
-                       f"min RTT {_metric(text, 'mediator_upstream_min_rtt_seconds') * 1000:.0f} ms")
+                       f"min RTT {_metric(text, 'mediator_upstream_min_rtt_seconds') * 1000:.0f} ms, "
+                       f"probe baseline {_metric(text, 'mediator_latency_probe_baseline_seconds') * 1000:.0f} ms")
         return "; ".join(out)
 
     def stop(self) -> None:
@@ -336,9 +373,11 @@ async def run(args: argparse.Namespace) -> None:
         async with probe_session.post(graphql_url, **probe_request[2]) as r:
             insurees = [e["node"]["chfId"] for e in (await r.json())["data"]["insurees"]["edges"]]
 
-        def probe_phase(duration: float) -> asyncio.Task[Tally]:
-            return asyncio.create_task(open_loop(probe_session, args.probe_rate, duration,
-                                                 lambda i: probe_request, 50))
+        async def probe_phase(duration: float) -> asyncio.Task[Tally]:
+            if args.probe_in_loop:
+                return asyncio.create_task(open_loop(probe_session, args.probe_rate, duration,
+                                                     lambda i: probe_request, 50))
+            return await probe_process(graphql_url, gql_token, args.probe_rate, duration)
 
         direct_headers = {"Authorization": f"Bearer {fhir_token}"}
 
@@ -354,8 +393,8 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.sleep(3)  # openIMIS finishes what the last phase left it
 
         async def scenario(name: str, kind: str | None, make: Callable[[], Callable[[int], Request]] | None,
-                           mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None
-                           ) -> None:
+                           mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None,
+                           one_at_a_time: bool = False) -> None:
             row = Row(name, Tally(), duration=args.duration)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_outstanding),
                                              timeout=aiohttp.ClientTimeout(total=70)) as flood_session:
@@ -365,9 +404,11 @@ async def run(args: argparse.Namespace) -> None:
                     forwarded = sum(n for s, n in alone.statuses.items() if s not in (429, 503))
                     row.cpu_forwarded_ms = (mediators.cpu() - before) * 1000 / max(1, forwarded)
                     await settle()
-                probe = probe_phase(args.duration)
+                probe = await probe_phase(args.duration)
                 cpu_before = mediators.cpu() if mediators is not None else 0.0
-                if make is not None:
+                if make is not None and one_at_a_time:
+                    row.flood = await closed_loop(flood_session, args.duration, make())
+                elif make is not None:
                     row.flood = await open_loop(flood_session, args.rate, args.duration, make(),
                                                 args.max_outstanding, record_reason=mediators is not None)
                 row.probe = await probe
@@ -398,6 +439,10 @@ async def run(args: argparse.Namespace) -> None:
 
         for kind in kinds:
             await scenario(f"{kind}: straight to openIMIS", kind, direct_flood(kind))
+        if "claims" in kinds and args.one_at_a_time:
+            # The best any admission control that admits claims at all can do: one claim at a time, no
+            # pause between them, straight to openIMIS (a free worker is always left to the web users).
+            await scenario("claims: one at a time, straight", "claims", direct_flood("claims"), one_at_a_time=True)
         vendor = Vendor()
         with tempfile.TemporaryDirectory() as tmp:
             for count in (1, 2):
@@ -419,10 +464,10 @@ async def run(args: argparse.Namespace) -> None:
     print(f"\nReal openIMIS ({info['versions'].get('openimis-be-api_fhir_r4', '?')}, 2 sync gunicorn workers); "
           f"interactive = GraphQL insurees at {args.probe_rate}/s; floods at {args.rate}/s for {args.duration:.0f} s "
           f"(at most {args.max_outstanding} open); shared 2-core box, load average after each phase.")
-    print(f"{'scenario':34} {'p50 ms':>7} {'p99 ms':>7} {'p99/idle':>8} {'served/s':>9} {'refused':>8} "
+    print(f"{'scenario':34} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'p99/idle':>8} {'served/s':>9} {'refused':>8} "
           f"{'cpu fwd':>8} {'cpu ref':>8} {'ref/fwd':>7}  {'goal':7} load / mediator state")
     for row in rows:
-        p50, p99 = _pct(row.probe.latencies_ms, 0.5), _pct(row.probe.latencies_ms, 0.99)
+        p50, p95, p99 = (_pct(row.probe.latencies_ms, q) for q in (0.5, 0.95, 0.99))
         ratio = p99 / idle_p99 if idle_p99 else float("nan")
         direct = "mediator" not in row.scenario
         served = f"{row.served_per_s(direct):9.1f}" if row.flood is not None else f"{'':9}"
@@ -437,7 +482,7 @@ async def run(args: argparse.Namespace) -> None:
             met_cpu = row.cpu_refused_ms is None or (row.cpu_forwarded_ms is not None
                                                      and row.cpu_refused_ms <= row.cpu_forwarded_ms / 2)
             goal = "met" if met_latency and met_cpu else "NOT MET"
-        print(f"{row.scenario:34} {p50:7.0f} {p99:7.0f} {ratio:8.2f} {served} {refused} {fwd} {ref} {rel}  "
+        print(f"{row.scenario:34} {p50:7.0f} {p95:7.0f} {p99:7.0f} {ratio:8.2f} {served} {refused} {fwd} {ref} {rel}  "
               f"{goal:7} {row.load}{' / ' + row.state if row.state else ''}")
         if row.flood is not None:
             extra = dict(sorted(row.flood.statuses.items()))
@@ -446,6 +491,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps([{
             "scenario": r.scenario, "p50_ms": _pct(r.probe.latencies_ms, 0.5),
+            "p95_ms": _pct(r.probe.latencies_ms, 0.95), "samples": len(r.probe.latencies_ms),
             "p99_ms": _pct(r.probe.latencies_ms, 0.99),
             "served_per_s": r.served_per_s("mediator" not in r.scenario), "refused": r.refusals(),
             "cpu_forwarded_ms": r.cpu_forwarded_ms, "cpu_refused_ms": r.cpu_refused_ms, "load": r.load,
@@ -461,7 +507,17 @@ def main() -> None:
     parser.add_argument("--max-outstanding", type=int, default=128, help="flood requests open at once, at most")
     parser.add_argument("--only", choices=["eligibility", "claims"], help="one flood only (quicker)")
     parser.add_argument("--json", help="also write the figures to this file")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--probe-in-loop", action="store_true",
+                        help="measure the interactive user in the flood generator's own event loop")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="also: claims one at a time (closed loop) straight to openIMIS, the web users' "
+                             "latency with a single claim always in flight")
+    parser.add_argument("--probe-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe_child:
+        asyncio.run(probe_child(args.probe_child))
+        return
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

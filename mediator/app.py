@@ -102,7 +102,7 @@ class Runtime:
         protection = LoadProtection(
             config, redis, metrics, guards=guards,
             kept_idempotency=previous.protection.idempotency if previous is not None and previous.redis is redis
-            else None)
+            else None, upstreams=upstreams, previous=previous.protection if previous is not None else None)
         audit = audit if audit is not None else previous.audit if previous is not None else None
         async_claims = AsyncClaims.from_config(config, redis, upstreams, protection, metrics, audit)
         chain = RequestChain.build(Pipeline(stages, metrics), Upstreams(upstreams, protection), replica,
@@ -120,6 +120,7 @@ class Runtime:
                 if id(upstream) not in kept:
                     await upstream.start()
             await self.identity.start_new(previous.identity if previous is not None else None)
+            self.protection.start_probes()
             if self.replica is not None and (previous is None or previous.replica is not self.replica):
                 await self.replica.start()
                 self.replica.start_schedule()

@@ -55,6 +55,8 @@ class Slot:
     """One request's place with openIMIS: its cluster lease (None: counted in this instance only)."""
 
     lease: str | None = None
+    cluster_limit: float | None = None
+    """With a lease: the smallest limit of the live instances when it was taken."""
 
 
 @dataclass(order=True, slots=True)
@@ -121,8 +123,10 @@ class Bulkhead:
 
     def sheds(self, priority: int) -> bool:
         """A request of `priority` arriving now would be refused for a full queue (no slot, the queue at
-        max_queue, and no waiter of lower priority to evict). For the early check (stages/load_shed.py)."""
-        if self.queued < self.config.max_queue or self._room():
+        max_queue, and no waiter of lower priority to evict). For the early check (stages/load_shed.py).
+        A free local slot counts only with an empty queue (`acquire` queues behind waiters): with scope
+        cluster the waiters of a full queue wait for the shared budget, which a local slot says nothing of."""
+        if self.queued < self.config.max_queue or (self.queued == 0 and self._room()):
             return False
         return not any(w.rank > -priority and not w.future.done() for w in self._queue)
 
@@ -176,14 +180,14 @@ class Bulkhead:
         request waits elsewhere), or the fail mode."""
         assert self.budget is not None
         try:
-            lease = await self.budget.take(self.limit.current, priority, waiting)
+            lease = await self.budget.take(self.limit.value, priority, waiting)
         except STORE_ERRORS:
             if self._metrics is not None:
                 self._store_errors.inc()
             if self.budget.config.on_store_error == "deny":
                 raise self._refuse("store_unavailable") from None
             return Slot()  # local: counted by this instance only, as with scope instance
-        return Slot(lease) if lease is not None else None
+        return Slot(lease.member, lease.cluster_limit) if lease is not None else None
 
     async def _wait(self, priority: int) -> Slot:
         if self.queued >= self.config.max_queue:
@@ -256,10 +260,10 @@ class Bulkhead:
             except TimeoutError:
                 pass
 
-    async def _give_back(self, slot: Slot) -> None:
+    async def _give_back(self, slot: Slot, pause_s: float = 0.0) -> None:
         if slot.lease is not None and self.budget is not None:
             try:
-                await self.budget.give_back(slot.lease)
+                await self.budget.give_back(slot.lease, pause_s)
             except STORE_ERRORS:
                 if self._metrics is not None:
                     self._store_errors.inc()  # the lease expires after lease_ttl_s by itself
@@ -268,15 +272,16 @@ class Bulkhead:
         """`slot` is free again; `busy_s`: how long it was with openIMIS (paces a limit below 1)."""
         if self.queued or self.in_flight >= self.limit.current:
             self.limit.saturated()  # this window used the whole limit (growth is earned only then)
-        value = self.limit.value
-        if value < 1:
-            self._not_before = self._clock() + busy_s * (1 / value - 1)
+        value = self.limit.value if slot.cluster_limit is None else min(self.limit.value, slot.cluster_limit)
+        pause_s = busy_s * (1 / value - 1) if value < 1 else 0.0
+        if pause_s:
+            self._not_before = self._clock() + pause_s
         elif self._not_before:
             self._not_before = 0.0
         self.in_flight -= 1
         if self.budget is not None:
             self._observe()
-            await self._give_back(slot)
+            await self._give_back(slot, pause_s)  # the pause holds for every instance
             self._freed.set()
             return
         self._dispatch()
@@ -295,6 +300,16 @@ class Bulkhead:
                     self._min_rtt_gauge = self._metrics.upstream_min_rtt.labels(self.name)
                 self._min_rtt_gauge.set(min_rtt)
         if current > before and self.budget is None:
+            self._dispatch()
+
+    def record_latency_probe(self, rtt_s: float) -> None:
+        """The latency probe was answered after `rtt_s` (mediator/latency_probe.py): feeds the adaptive
+        limit's second signal; a raised limit lets waiters in."""
+        before = self.limit.current
+        self.limit.record_latency_probe(rtt_s)
+        if self._metrics is not None:
+            self._limit_gauge.set(self.limit.value)
+        if self.limit.current > before and self.budget is None:
             self._dispatch()
 
     async def close(self) -> None:

@@ -12,6 +12,17 @@ priority in the hash `<key_prefix>budget-waiting:<digest>` (instance -> priority
 Redis's clock, renewed at every poll), and the take step refuses a lease to a lower-priority request
 while a more urgent one waits elsewhere.
 
+The budget is the smallest limit of the live instances: each take announces its instance's limit in
+the hash `<key_prefix>budget-limits:<digest>` (instance -> "<limit>:<expiry>", valid lease_ttl_s), and
+the count is compared with the smallest one. The instances measure the same openIMIS but their
+controllers move apart (growth needs a window that used the whole limit, which the instance holding the
+leases sees more often); the most careful estimate is the one that keeps openIMIS's web users served.
+
+A limit below 1 (a duty cycle) is paced cluster-wide: the lease given back after an answer that took t
+sets the key `<key_prefix>budget-pace:<digest>` for t × (1/limit − 1), and no lease is taken while it
+exists, so two instances at 0.5 leave openIMIS idle half the time together, not each pacing its own
+requests while the other fills the gaps.
+
 Redis errors are raised (`STORE_ERRORS`) and the bulkhead applies the declared `on_store_error`.
 A lease whose release failed (Redis gone at that moment) is not renewed and expires by itself.
 """
@@ -23,6 +34,7 @@ import itertools
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from mediator.config.models import ClusterBudgetConfig
@@ -30,10 +42,13 @@ from mediator.redis_store import STORE_ERRORS, RedisStore
 
 log = logging.getLogger("mediator.cluster_budget")
 
-# KEYS[1] budget set, KEYS[2] waiting hash (instance -> "<priority>:<expiry ms>"); ARGV: limit, lease ttl
-# (ms), member, priority of this request, instance, priority this instance has waiting (-1: none),
-# how long that notice lasts (ms). Returns 1 (taken) or 0 (budget full, or a more urgent request waits
-# at another instance: priorities hold across instances).
+# KEYS[1] budget set, KEYS[2] waiting hash (instance -> "<priority>:<expiry ms>"), KEYS[3] pace key (exists
+# while a duty cycle keeps openIMIS idle), KEYS[4] limits hash (instance -> "<limit>:<expiry ms>"); ARGV:
+# this instance's limit (may be fractional), lease ttl (ms), member, priority of this request, instance,
+# priority this instance has waiting (-1: none), how long that notice lasts (ms). Returns the smallest
+# live limit as text (taken; the budget was max(1, floor of it)) or 0 (budget full, or a more urgent
+# request waits at another instance: priorities hold across instances, or the duty cycle's pause is not
+# over).
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -57,13 +72,29 @@ for i = 1, #waiting, 2 do
     end
   end
 end
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[1] .. ':' .. (now + tonumber(ARGV[2])))
+redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[2]))
+local smallest = tonumber(ARGV[1])
+local limits = redis.call('HGETALL', KEYS[4])
+for i = 1, #limits, 2 do
+  local sep = string.find(limits[i + 1], ':', 1, true)
+  local expiry = tonumber(string.sub(limits[i + 1], sep + 1))
+  if expiry < now then
+    redis.call('HDEL', KEYS[4], limits[i])
+  else
+    smallest = math.min(smallest, tonumber(string.sub(limits[i + 1], 1, sep - 1)))
+  end
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+if redis.call('ZCARD', KEYS[1]) >= math.max(1, math.floor(smallest)) then
   return 0
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
-return 1
+return tostring(smallest)
 """
 
 # KEYS[1] budget set; ARGV: lease ttl (ms), members... Extends the leases still present (XX: one that
@@ -79,6 +110,24 @@ return #ARGV - 1
 """
 
 
+# KEYS[1] budget set, KEYS[2] pace key; ARGV: member, pause (ms; 0: none). Gives the lease back and, for a
+# duty cycle, starts the pause in the same step (no instance takes a lease between the two).
+_GIVE_BACK = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    member: str
+    cluster_limit: float
+    """The smallest limit of the live instances when it was taken (paces a duty cycle)."""
+
+
 class ClusterBudget:
     """Leases toward one upstream. Used from one event loop."""
 
@@ -86,6 +135,8 @@ class ClusterBudget:
         self.config = config
         self.key = redis.key("budget", upstream)
         self.waiting_key = redis.key("budget-waiting", upstream)
+        self.pace_key = redis.key("budget-pace", upstream)
+        self.limits_key = redis.key("budget-limits", upstream)
         self.held: set[str] = set()
         self._redis = redis
         # Unique per process and start: two instances never mint the same member.
@@ -93,29 +144,35 @@ class ClusterBudget:
         self._numbers = itertools.count()
         self._ttl_ms = max(1, int(config.lease_ttl_s * 1000))
         self._take: Any = None
+        self._release: Any = None
         self._renew: Any = None
         self._renewer: asyncio.Task[None] | None = None
 
-    async def take(self, limit: int, priority: int = 0, waiting: int = -1) -> str | None:
-        """A lease (its member name) if fewer than `limit` are held cluster-wide and no other instance
-        has a request of higher priority than `priority` waiting, else None. `waiting`: the highest
-        priority waiting at this instance (-1: none), announced to the others for a few poll intervals."""
+    async def take(self, limit: float, priority: int = 0, waiting: int = -1) -> Lease | None:
+        """A lease if fewer than the smallest live instance's limit (this one's: `limit`; at least 1) are
+        held cluster-wide, no duty-cycle pause runs and no other instance has a request of higher
+        priority than `priority` waiting, else None. `waiting`: the highest priority waiting at this
+        instance (-1: none), announced to the others for a few poll intervals."""
         if self._take is None:
             self._take = self._redis.client.register_script(_TAKE)
         member = f"{self._instance}:{next(self._numbers)}"
         notice_ms = max(50, int(self.config.poll_interval_s * 4000))
-        taken = await self._take(keys=[self.key, self.waiting_key],
-                                 args=[limit, self._ttl_ms, member, priority, self._instance, waiting, notice_ms])
+        taken = await self._take(keys=[self.key, self.waiting_key, self.pace_key, self.limits_key],
+                                 args=[repr(float(limit)), self._ttl_ms, member, priority, self._instance, waiting,
+                                       notice_ms])
         if not taken:
             return None
         self.held.add(member)
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_while_held())
-        return member
+        return Lease(member, float(taken))
 
-    async def give_back(self, member: str) -> None:
+    async def give_back(self, member: str, pause_s: float = 0.0) -> None:
+        """The lease is free again; `pause_s` > 0 (a duty cycle): no instance takes one for that long."""
         self.held.discard(member)
-        await self._redis.client.zrem(self.key, member)
+        if self._release is None:
+            self._release = self._redis.client.register_script(_GIVE_BACK)
+        await self._release(keys=[self.key, self.pace_key], args=[member, int(pause_s * 1000)])
 
     async def count(self) -> int:
         """Leases held cluster-wide now (expired ones excluded); for tests and operators."""

@@ -12,6 +12,16 @@ lives between 1 and a handful, where √limit of headroom is a whole extra worke
 Why not Gradient2's long-term average RTT as the baseline: under a sustained flood that average drifts
 up with the queue it should detect; the periodic minimum-RTT probe does not.
 
+With `adaptive.latency_probe`, a second signal: the answer times of a cheap read the mediator sends
+itself (mediator/latency_probe.py), each over its baseline (the fastest of the last baseline_window_s).
+The API requests' own times are a poor signal for what openIMIS's web users feel — a claim is slow
+anyway, and it loads openIMIS's CPU and database more than its own answer time shows — whereas the probe
+waits for a free openIMIS worker and shares its CPU exactly as a web user's request does. Like Envoy's
+minRTT windows this is a measurement of openIMIS, not of the traffic; unlike them it needs no dip to
+the floor, because the probe is not API traffic. A window's verdict is the stricter of the two
+gradients, so either signal lowers the limit (of every kind: there is one limit per upstream) and the
+limit grows only when neither objects.
+
 Pure and single-threaded: `clock` is injectable, nothing here does I/O, so tests drive it step by step.
 """
 
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -53,6 +64,33 @@ class ConcurrencyLimit(Protocol):
         """openIMIS answered (or timed out) a request of `kind` after `rtt_s` of being sent, not counting
         the queue."""
 
+    def record_latency_probe(self, rtt_s: float) -> None:
+        """The latency probe (mediator/latency_probe.py) was answered after `rtt_s` (or timed out)."""
+
+    @property
+    def latency_baseline_s(self) -> float | None:
+        """The latency probe's baseline (None: no probe answered yet, or no probe)."""
+        ...
+
+
+class WindowedMinimum:
+    """The smallest value added in the last `span_s` (a monotonic deque: O(1) amortised per value)."""
+
+    def __init__(self, span_s: float) -> None:
+        self.span_s = span_s
+        self._values: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, value: float) -> None:
+        while self._values and self._values[-1][1] >= value:
+            self._values.pop()
+        self._values.append((now, value))
+        while self._values[0][0] < now - self.span_s:
+            self._values.popleft()
+
+    @property
+    def value(self) -> float | None:
+        return self._values[0][1] if self._values else None
+
 
 class StaticLimit:
     """`mode: static`: `max_concurrent`, always."""
@@ -77,6 +115,13 @@ class StaticLimit:
 
     def record(self, rtt_s: float, kind: str = "") -> None:
         pass
+
+    def record_latency_probe(self, rtt_s: float) -> None:
+        pass
+
+    @property
+    def latency_baseline_s(self) -> float | None:
+        return None
 
 
 def _percentile(samples: list[float], fraction: float) -> float:
@@ -110,6 +155,11 @@ class GradientLimit:
         self._used_whole_limit = False
         self._next_probe = 0.0
         self._floor_windows = 0
+        probe = self.params.latency_probe
+        self._probe_baseline = WindowedMinimum(probe.baseline_window_s if probe is not None else 0.0)
+        self._probe_ratios: list[float] = []
+        self.probe_verdicts = 0
+        """Windows whose verdict included the latency probe's (a counter for tests)."""
 
     @property
     def value(self) -> float:
@@ -123,8 +173,23 @@ class GradientLimit:
     def min_rtt_s(self) -> float | None:
         return self.min_rtt
 
+    @property
+    def latency_baseline_s(self) -> float | None:
+        return self._probe_baseline.value
+
     def saturated(self) -> None:
         self._used_whole_limit = True
+
+    def record_latency_probe(self, rtt_s: float) -> None:
+        now = self._clock()
+        self._probe_baseline.add(now, rtt_s)
+        baseline = self._probe_baseline.value
+        if baseline is not None and baseline > 0:
+            self._probe_ratios.append(rtt_s / baseline)
+        # The probe closes windows by itself: a flood of slow claims at a duty cycle answers too rarely
+        # for min_samples per window, and the probe's verdict must not wait for them.
+        if not self.probing and now - self._window_started >= self.params.window_s:
+            self._close_window(now)
 
     def record(self, rtt_s: float, kind: str = "") -> None:
         now = self._clock()
@@ -154,6 +219,7 @@ class GradientLimit:
         self._samples.clear()
         self._probe_samples.clear()
         self._ratios.clear()
+        self._probe_ratios.clear()
         self._unknown_kinds = 0
         self._window_started = now
         self._used_whole_limit = False
@@ -164,12 +230,22 @@ class GradientLimit:
         self._start_window(now)
 
     def _close_window(self, now: float) -> None:
-        if len(self._ratios) < self.params.min_samples:
+        api_verdict = len(self._ratios) >= self.params.min_samples
+        if not api_verdict and self._unknown_kinds >= self.params.min_samples:
             self._start_probe(now)  # mostly kinds without a baseline: measure them
             return
-        # The window's answer times, each relative to its kind's unloaded time (1.0: unloaded).
-        ratio = _percentile(self._ratios, self.params.percentile)
-        gradient = max(0.5, min(1.0, self.params.tolerance / ratio)) if ratio > 0 else 1.0
+        api_gradient = 1.0
+        if api_verdict:
+            # The window's answer times, each relative to its kind's unloaded time (1.0: unloaded).
+            api_gradient = _gradient(self.params.tolerance, _percentile(self._ratios, self.params.percentile))
+        gradient = api_gradient
+        probe = self.params.latency_probe
+        if probe is not None and self._probe_ratios:
+            self.probe_verdicts += 1
+            gradient = min(gradient, _gradient(probe.tolerance, _percentile(self._probe_ratios, probe.percentile)))
+        elif not api_verdict:
+            self._start_window(now)  # nothing to judge by: a window without answers
+            return
         if gradient >= 1.0:
             # +1 per window; below 1 (a duty cycle) doubling, so a fractional floor is left as fast
             growth = min(1.0, self.limit) if self._used_whole_limit else 0.0
@@ -178,11 +254,19 @@ class GradientLimit:
             new_limit = self.limit * gradient
         self.limit = max(float(self.floor), min(float(self.ceiling), new_limit))
         near_floor = self.limit <= self.floor + 0.5 * min(1.0, self.floor)
-        self._floor_windows = self._floor_windows + 1 if near_floor else 0
+        # Only the API answers' own verdict calls for measuring their unloaded time again: a floor the
+        # latency probe holds says openIMIS is busy, not that the minimum RTT is stale (and a measurement
+        # at a duty cycle of slow claims would hold the limit at the floor for many seconds).
+        self._floor_windows = self._floor_windows + 1 if near_floor and api_gradient < 1.0 else 0
         if now >= self._next_probe or self._floor_windows >= FLOOR_WINDOWS_BEFORE_PROBE:
             self._start_probe(now)
         else:
             self._start_window(now)
+
+
+def _gradient(tolerance: float, ratio: float) -> float:
+    """How much to scale the limit for a window whose answers took `ratio` × their unloaded time."""
+    return max(0.5, min(1.0, tolerance / ratio)) if ratio > 0 else 1.0
 
 
 def build_limit(config: BulkheadConfig, clock: Callable[[], float] = time.monotonic) -> ConcurrencyLimit:

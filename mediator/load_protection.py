@@ -1,5 +1,6 @@
 """What keeps openIMIS responsive and claims single, per runtime: the per-upstream guards (bulkhead +
-circuit breaker) and the idempotency records. The route steps that use them are in mediator.chain.
+circuit breaker), their latency probes, and the idempotency records. The route steps that use them are
+in mediator.chain.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from aiohttp import web
 from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
 from mediator.idempotency import Idempotency
+from mediator.latency_probe import LatencyProbe
 from mediator.metrics import Metrics
 from mediator.redis_store import RedisStore
+from mediator.upstream import OpenImisUpstream
 
 
 class LoadProtection:
@@ -28,10 +31,31 @@ class LoadProtection:
     def __init__(self, config: Config, redis: RedisStore, metrics: Metrics | None = None,
                  *,
                  guards: Mapping[str, UpstreamGuard] | None = None,
-                 kept_idempotency: Idempotency | None = None) -> None:
+                 kept_idempotency: Idempotency | None = None,
+                 upstreams: Mapping[str, OpenImisUpstream] | None = None,
+                 previous: LoadProtection | None = None) -> None:
         self.guards = dict(guards) if guards is not None else self.build_guards(config, redis, metrics)
         self.idempotency = kept_idempotency or Idempotency(redis, metrics)
         self._metrics = metrics
+        self.probes: dict[str, LatencyProbe] = {}
+        """Per upstream with `bulkhead.adaptive.latency_probe` (and `upstreams` given): a kept guard keeps
+        its running probe (same upstream object, same settings)."""
+        kept_probes = {id(p.bulkhead): p for p in previous.probes.values()} if previous is not None else {}
+        for name, upstream in (upstreams or {}).items():
+            guard = self.guards.get(name)
+            bulkhead_config = upstream.config.bulkhead
+            probe_config = bulkhead_config.adaptive.latency_probe
+            if guard is None or bulkhead_config.mode != "adaptive" or probe_config is None:
+                continue
+            kept = kept_probes.get(id(guard.bulkhead))
+            self.probes[name] = kept if kept is not None and kept.upstream is upstream \
+                else LatencyProbe(upstream, probe_config, guard.bulkhead, metrics)
+
+    def start_probes(self) -> None:
+        """Start the latency probes not yet running (those kept from the previous runtime run on). Once the
+        upstreams are started."""
+        for probe in self.probes.values():
+            probe.start()
 
     @staticmethod
     def build_guards(config: Config, redis: RedisStore, metrics: Metrics | None = None,
@@ -58,8 +82,12 @@ class LoadProtection:
         return self.guards[upstream].slot(priority, kind)
 
     async def close_retired(self, next_protection: LoadProtection | None) -> None:
-        """Stop the background work (cluster pump and lease renewal) of guards `next_protection` does
-        not keep (None: all, at shutdown)."""
+        """Stop the background work (latency probe, cluster pump and lease renewal) of guards
+        `next_protection` does not keep (None: all, at shutdown)."""
+        kept_probes = set(map(id, next_protection.probes.values())) if next_protection is not None else set()
+        for probe in self.probes.values():
+            if id(probe) not in kept_probes:
+                await probe.close()
         kept = set(map(id, next_protection.guards.values())) if next_protection is not None else set()
         for guard in self.guards.values():
             if id(guard) not in kept:

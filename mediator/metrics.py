@@ -165,6 +165,16 @@ class Metrics:
         self.upstream_min_rtt = Gauge(
             "mediator_upstream_min_rtt_seconds", "Unloaded answer time of the upstream, as last measured (adaptive)",
             ["upstream"], registry=self.registry)
+        self.latency_probes = Counter(
+            "mediator_latency_probes", "Latency probes sent to the upstream, by outcome (answered, timeout, failed)",
+            ["upstream", "outcome"], registry=self.registry)
+        self.latency_probe_seconds = Histogram(
+            "mediator_latency_probe_duration_seconds", "Answer time of the latency probe (a timeout: its timeout_s)",
+            ["upstream"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency_probe_baseline = Gauge(
+            "mediator_latency_probe_baseline_seconds",
+            "The latency probe's baseline: its fastest answer of the last baseline_window_s", ["upstream"],
+            registry=self.registry)
         self.circuit_state = Gauge(
             "mediator_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["upstream"],
             registry=self.registry)

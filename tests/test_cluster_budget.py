@@ -276,3 +276,71 @@ async def test_priorities_hold_across_instances(redis_prefix):
         for bulkhead, store in instances:
             await bulkhead.close()
             await store.close()
+
+
+async def test_a_duty_cycle_is_paced_for_the_whole_cluster(redis_prefix):
+    """At 0.5 two instances leave openIMIS idle half the time together: after an answer that took 0.3 s
+    the other instance, though it has nothing in flight, takes no lease for 0.3 s."""
+    def paced() -> BulkheadConfig:
+        return _cluster(1, mode="adaptive", min_concurrent=0.5, initial_concurrent=0.5)
+    (a, store_a), (b, store_b) = _instance(redis_prefix, paced()), _instance(redis_prefix, paced())
+    try:
+        assert a.limit.value == 0.5 and b.limit.value == 0.5
+        held = await a.acquire(50)
+        await a.release(held, busy_s=0.3)
+        assert a.budget is not None and await a.budget.count() == 0
+        started = time.monotonic()
+        slot = await asyncio.wait_for(b.acquire(50), 3)  # b waits in its queue for the pause to end
+        waited = time.monotonic() - started
+        assert 0.2 < waited < 1.0 and slot.lease is not None
+        await b.release(slot)  # busy ~0 s: no pause after it
+        again = await asyncio.wait_for(a.acquire(50), 1)
+        await a.release(again)
+    finally:
+        for bulkhead, store in ((a, store_a), (b, store_b)):
+            await bulkhead.close()
+            await store.close()
+
+
+async def test_a_full_queue_is_shed_early_though_this_instance_has_nothing_in_flight(redis_prefix):
+    """The early check (stages/load_shed.py) of an instance whose waiters wait for the shared budget: a
+    free local slot says nothing of the cluster's."""
+    (a, store_a), (b, store_b) = _instance(redis_prefix, _cluster(1, max_queue=2)), \
+        _instance(redis_prefix, _cluster(1, max_queue=2))
+    try:
+        held = await a.acquire(50)  # the whole budget, at the other instance
+        assert not b.sheds(50)  # empty queue, a local slot: worth asking Redis
+        waiters = [asyncio.create_task(b.acquire(10)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert b.queued == 2 and b.in_flight == 0
+        assert b.sheds(10)  # full, and nobody of lower priority to evict
+        assert not b.sheds(50)  # a claim would evict a bulk waiter
+        await a.release(held)
+        for next_slot in asyncio.as_completed(waiters, timeout=3):
+            await b.release(await next_slot)
+    finally:
+        for bulkhead, store in ((a, store_a), (b, store_b)):
+            await bulkhead.close()
+            await store.close()
+
+
+async def test_the_budget_is_the_smallest_limit_of_the_live_instances(redis_prefix):
+    """An instance whose limit is 3 sends one at a time while another's is 1; once that instance is gone
+    (its announcement lapses after lease_ttl_s) its own 3 count again."""
+    (a, store_a), (b, store_b) = _instance(redis_prefix, _cluster(3, ttl_s=0.6)), \
+        _instance(redis_prefix, _cluster(1, ttl_s=0.6))
+    try:
+        await b.release(await b.acquire(50))  # b announces its limit, 1
+        first = await a.acquire(50)
+        assert first.cluster_limit == 1.0
+        started = time.monotonic()
+        second = await asyncio.wait_for(a.acquire(50), 3)  # waits: the cluster's budget is 1
+        waited = time.monotonic() - started
+        assert 0.3 < waited < 1.5 and second.cluster_limit == 3.0
+        assert a.budget is not None and await a.budget.count() == 2
+        await a.release(first)
+        await a.release(second)
+    finally:
+        for bulkhead, store in ((a, store_a), (b, store_b)):
+            await bulkhead.close()
+            await store.close()

@@ -8,8 +8,14 @@ import json
 import pytest
 
 from mediator.bulkhead import Bulkhead, Slot, UpstreamGuard, UpstreamRefused
-from mediator.concurrency_limit import FLOOR_WINDOWS_BEFORE_PROBE, GradientLimit, StaticLimit, build_limit
-from mediator.config.models import AdaptiveLimitConfig, BulkheadConfig
+from mediator.concurrency_limit import (
+    FLOOR_WINDOWS_BEFORE_PROBE,
+    GradientLimit,
+    StaticLimit,
+    WindowedMinimum,
+    build_limit,
+)
+from mediator.config.models import AdaptiveLimitConfig, BulkheadConfig, LatencyProbeConfig
 from mediator.metrics import Metrics
 from tests.conftest import channels_yaml, config_problems, write_config
 
@@ -22,9 +28,9 @@ class Clock:
         return self.now
 
 
-def adaptive(**overrides: object) -> BulkheadConfig:
+def adaptive(latency_probe: LatencyProbeConfig | None = None, **overrides: object) -> BulkheadConfig:
     params = AdaptiveLimitConfig(window_s=1, percentile=0.9, tolerance=1.25, min_samples=3,
-                                 probe_interval_s=60, probe_samples=4)
+                                 probe_interval_s=60, probe_samples=4, latency_probe=latency_probe)
     return BulkheadConfig(**{"mode": "adaptive", "min_concurrent": 1, "max_concurrent": 8,
                              "adaptive": params, **overrides})  # type: ignore[arg-type]
 
@@ -292,3 +298,128 @@ async def test_load_protection_offers_the_same_slots_by_upstream_name(tmp_path):
         with pytest.raises(UpstreamRefused):
             await protection.call_upstream("openimis", 50, lambda: asyncio.sleep(0))  # type: ignore[arg-type]
     assert protection.guards["openimis"].bulkhead.in_flight == 0
+
+
+PROBED = LatencyProbeConfig(tolerance=1.5, percentile=0.5, baseline_window_s=30)
+
+
+def probed_window(limit: GradientLimit, clock: Clock, probe_s: float, api_s: float | None = None,
+                  probes: int = 2) -> None:
+    """One window of `probes` latency-probe answers of `probe_s` (the last after window_s), and, with
+    `api_s`, enough API answers of that time before them."""
+    if api_s is not None:
+        for _ in range(limit.params.min_samples - 1):
+            limit.saturated()
+            limit.record(api_s)
+    for i in range(probes):
+        limit.saturated()
+        if i == probes - 1:
+            clock.now += 1.0
+        limit.record_latency_probe(probe_s)
+
+
+def test_slow_probes_lower_the_limit_though_the_api_answers_look_unloaded():
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, initial_concurrent=4), clock)
+    probe(limit, 0.200)  # claims: 200 ms unloaded
+    limit.record_latency_probe(0.050)  # the probe's baseline: its fastest answer, 50 ms
+    probed_window(limit, clock, 0.050, api_s=0.210)
+    assert limit.current == 5  # both signals unloaded: grows
+    probed_window(limit, clock, 0.150, api_s=0.210)  # the claims look fine, the probe is 3 × slower
+    assert limit.value == pytest.approx(2.5)  # 5 × max(0.5, 1.5 / 3)
+    assert limit.probe_verdicts == 2 and limit.latency_baseline_s == 0.050
+
+
+def test_the_probe_judges_windows_without_api_answers_and_leads_below_one():
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, min_concurrent=0.2, initial_concurrent=1), clock)
+    for _ in range(limit.params.probe_samples):
+        limit.record(0.300)  # the minimum RTT, measured at the floor (a duty cycle of 0.2)
+    assert not limit.probing and limit.value == 1
+    limit.record_latency_probe(0.050)
+    values = []
+    for _ in range(3):  # slow claims at a duty cycle answer too rarely for min_samples; the probe decides
+        probed_window(limit, clock, 0.200)
+        values.append(limit.value)
+    assert values == [0.5, 0.25, 0.2]  # halved per window, never below the floor
+    probed_window(limit, clock, 0.060)  # openIMIS is quick again and the limit was used: doubles below 1
+    assert limit.value == 0.4
+
+
+def test_probes_alone_do_not_close_a_window_early_nor_while_measuring_the_minimum_rtt():
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, initial_concurrent=4), clock)
+    limit.record_latency_probe(0.050)
+    clock.now += 5
+    limit.record_latency_probe(0.500)  # still measuring the minimum RTT: the limit is the floor anyway
+    assert limit.probing and limit.probe_verdicts == 0
+    probe(limit, 0.100)
+    limit.record_latency_probe(0.500)  # within window_s of the probe's end: no verdict yet
+    assert limit.value == 4 and limit.probe_verdicts == 0
+    clock.now += 1
+    limit.record_latency_probe(0.500)
+    assert limit.value == 2 and limit.probe_verdicts == 1
+
+
+def test_the_probe_baseline_is_the_fastest_answer_of_its_window_and_follows_a_lasting_change():
+    minimum = WindowedMinimum(30)
+    assert minimum.value is None
+    for t, rtt in [(0, 0.050), (10, 0.080), (20, 0.060)]:
+        minimum.add(t, rtt)
+    assert minimum.value == 0.050
+    minimum.add(35, 0.090)  # the 50 ms answer is older than 30 s now
+    assert minimum.value == 0.060
+    minimum.add(55, 0.090)
+    assert minimum.value == 0.090  # slower for good: followed after baseline_window_s
+    assert StaticLimit(3).latency_baseline_s is None
+
+
+async def test_the_bulkhead_lets_waiters_in_when_the_probe_raises_the_limit():
+    clock = Clock()
+    metrics = Metrics()
+    bulkhead = Bulkhead("openimis", adaptive(PROBED, initial_concurrent=1, max_queue=10), metrics, clock=clock)
+    limit = bulkhead.limit
+    assert isinstance(limit, GradientLimit)
+    for _ in range(4):
+        bulkhead.record(0.050)
+    held = await bulkhead.acquire(50)
+    waiting = asyncio.create_task(bulkhead.acquire(50))
+    await asyncio.sleep(0)
+    assert bulkhead.queued == 1
+    bulkhead.record_latency_probe(0.040)
+    clock.now += 1
+    bulkhead.record_latency_probe(0.040)
+    await asyncio.sleep(0)
+    assert limit.current == 2 and waiting.done() and bulkhead.in_flight == 2
+    assert metrics.registry.get_sample_value("mediator_concurrency_limit", {"upstream": "openimis"}) == 2
+    await bulkhead.release(held)
+    await bulkhead.release(await waiting)
+    await bulkhead.close()
+
+
+def test_a_latency_probe_needs_the_adaptive_mode(tmp_path):
+    problems = _problems(tmp_path, {"mode": "static", "adaptive": {"latency_probe": {}}})
+    assert any("latency_probe needs mode: adaptive" in p for p in problems)
+    channels = channels_yaml("http://127.0.0.1:9/api/api_fhir_r4/").replace(
+        "    connect_timeout_s: 1\n", "    connect_timeout_s: 1\n    bulkhead: {mode: adaptive, adaptive: "
+        "{latency_probe: {path: Location, query: _count=1, interval_s: 2}}}\n")
+    from mediator.config import load_config
+    probe = load_config(write_config(tmp_path / "ok", channels)).channels.upstreams["openimis"].bulkhead.adaptive
+    assert probe.latency_probe is not None and probe.latency_probe.path == "Location"
+    assert probe.latency_probe.interval_s == 2 and probe.latency_probe.tolerance == 1.5
+
+
+@pytest.mark.parametrize("probe", [{"path": "http://elsewhere/Patient"}, {"path": "../admin"},
+                                   {"query": "a=b#c"}, {"interval_s": 0}, {"tolerance": 0.9}])
+def test_the_latency_probe_schema_refuses(tmp_path, probe):
+    assert _problems(tmp_path, {"mode": "adaptive", "adaptive": {"latency_probe": probe}}) != []
+
+
+def test_a_floor_the_probe_holds_does_not_call_for_measuring_the_minimum_rtt_again():
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, initial_concurrent=1), clock)
+    probe(limit, 0.100)
+    limit.record_latency_probe(0.050)
+    for _ in range(FLOOR_WINDOWS_BEFORE_PROBE + 2):
+        probed_window(limit, clock, 0.200, api_s=0.100)  # claims unloaded, the probe 4 × its baseline
+    assert limit.current == 1 and not limit.probing

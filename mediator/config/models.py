@@ -6,6 +6,7 @@ README's configuration reference is written from these docstrings.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -146,6 +147,48 @@ class UpstreamLogin(Strict):
         return self
 
 
+_PROBE_PATH = re.compile(r"[A-Za-z]+(/[A-Za-z0-9._-]+)?")
+_PROBE_QUERY = re.compile(r"[A-Za-z0-9_.:,|=&-]*")
+
+
+class LatencyProbeConfig(Strict):
+    """A cheap read the mediator sends to openIMIS every `interval_s`, outside the bulkhead, as its own
+    user (README "Load protection"): its answer time over its learned baseline is how slow openIMIS is
+    for everyone now, whatever the API requests themselves take; beyond `tolerance` it lowers the limit."""
+
+    path: str = "Patient"
+    """FHIR path under the upstream's base_url (a resource type, optionally /id): a read without side
+    effects, of the kind openIMIS's web users do (an insuree search)."""
+    query: str = "_count=1"
+    """Its query string (one row: cheap, but through openIMIS's workers, its database and our login)."""
+    interval_s: float = Field(0.5, ge=0.05, le=60)
+    """One probe this often (one at a time: a probe still out when the next is due delays it)."""
+    timeout_s: PositiveSeconds = 5
+    """A probe unanswered this long counts as answered in timeout_s (the strongest sign of a queue)."""
+    tolerance: float = Field(1.5, ge=1, le=10)
+    """A window whose probes took (their `percentile`) up to this × the baseline leaves the limit as it is."""
+    percentile: float = Field(0.5, gt=0, le=1)
+    """Which of a window's probe times stands for the window."""
+    baseline_window_s: PositiveSeconds = 120
+    """The baseline is the fastest probe answer of the last baseline_window_s: a flood the limit keeps in
+    check leaves fast answers in it (it does not drift up with the queue, as an average would), and a
+    baseline that grew for good (a bigger database) is followed after this long."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not _PROBE_PATH.fullmatch(value):
+            raise ValueError("a resource type, optionally /<id> (letters, digits, . _ -)")
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        if not _PROBE_QUERY.fullmatch(value):
+            raise ValueError("name=value pairs joined by & (letters, digits, _ . : , | -)")
+        return value
+
+
 class AdaptiveLimitConfig(Strict):
     """The gradient controller of `mode: adaptive` (README "Load protection"): every `window_s` the
     `percentile` of openIMIS's answer times is compared with its unloaded time (minimum RTT, measured in
@@ -165,6 +208,8 @@ class AdaptiveLimitConfig(Strict):
     """The minimum RTT is measured again this often (and after 5 windows in a row at the floor)."""
     probe_samples: int = Field(10, ge=1, le=10_000)
     """Answers, at `min_concurrent` in flight, that make one minimum-RTT measurement."""
+    latency_probe: LatencyProbeConfig | None = None
+    """Absent: the limit follows the API requests' own answer times only. Set: also a probe's (above)."""
 
 
 class ClusterBudgetConfig(Strict):
@@ -213,6 +258,8 @@ class BulkheadConfig(Strict):
         initial = self.initial_concurrent
         if initial is not None and not self.min_concurrent <= initial <= self.max_concurrent:
             raise ValueError("initial_concurrent must lie between min_concurrent and max_concurrent")
+        if self.mode == "static" and self.adaptive.latency_probe is not None:
+            raise ValueError("adaptive.latency_probe needs mode: adaptive (a static limit follows no signal)")
         return self
 
 
