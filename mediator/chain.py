@@ -32,6 +32,7 @@ from mediator.errors import MediatorError
 from mediator.fhir import operation_outcome_response
 from mediator.fhir_answers import FhirAnswers
 from mediator.load_protection import LoadProtection
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange, Pipeline
 from mediator.replica.service import Replica
@@ -287,7 +288,8 @@ def error_decision(exc: BaseException, request_id: str) -> Decision:
         exc.log(log)
         return exc.decision()
     # Not meant to end a request (a bug, or an error a stage should have turned into a decision).
-    log.error("unhandled error, request %s", request_id, exc_info=exc)
+    log.error(JsonEvent.of("request.unhandled_error", request_id=request_id, error=type(exc).__name__),
+              exc_info=exc)
     return Decision.denied("mediator.internal_error", 500, f"internal error; quote request id {request_id}")
 
 

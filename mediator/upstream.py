@@ -261,7 +261,8 @@ class OpenImisUpstream:
             now = time.monotonic()
             if now - self._last_credentials_error > 60:   # one line a minute, not one per request
                 self._last_credentials_error = now
-                log.error(message)
+                log.error(JsonEvent.of("upstream.credentials_missing", upstream=self.name, variable=variable,
+                                         setting=f"upstreams.{self.name}.login"))
             raise UpstreamLoginFailed(message)
         return username, password
 
@@ -294,7 +295,7 @@ class OpenImisUpstream:
         token = data.get("token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
             raise UpstreamLoginFailed(f"upstream {self.name}: login answer has no token")
-        log.info("logged in to upstream %s", self.name)
+        log.info(JsonEvent.of("upstream.logged_in", upstream=self.name))
         return token, _token_expiry(token, data.get("exp"), time.time())
 
     def upstream_url(self, relative_path: str, raw_query: str) -> URL:
@@ -462,8 +463,8 @@ class OpenImisUpstream:
         URL and host:port, and facts of other facilities ("Claim with code 'X' already exists" is an
         existence oracle for another facility's claim). The caller gets the status and a generic, stable
         OperationOutcome; the log keeps what openIMIS said (its body never holds our token)."""
-        log.info(JsonEvent({"event": "upstream_error", "upstream": self.name, "status": reply.status,
-                            "body": reply.body[:MAX_LOGGED_ERROR_BYTES].decode("utf-8", "replace")}))
+        log.info(JsonEvent.of("upstream.error", upstream=self.name, status=reply.status,
+                              body=reply.body[:MAX_LOGGED_ERROR_BYTES].decode("utf-8", "replace")))
         reason, message = upstream_error_text(reply.status)
         # A 401 (after one fresh login) is about the mediator's credentials, not the caller's: passed on as
         # 401 it would send the client re-authenticating with us for nothing. It is a gateway failure.
@@ -480,8 +481,8 @@ class OpenImisUpstream:
                 reply = await self.call("GET", url, {"Accept": PLAIN_JSON, "X-Request-ID": "readiness-probe"}, None,
                                         timeout_s)
         except (UpstreamUnavailable, UpstreamTimeout, TimeoutError) as exc:
-            log.warning("readiness: upstream %s unreachable (%s)", self.name, type(exc).__name__)
+            log.warning(JsonEvent.of("upstream.probe_failed", upstream=self.name, error=type(exc).__name__))
             return False
         if reply.status != 200:
-            log.warning("readiness: upstream %s answered %d", self.name, reply.status)
+            log.warning(JsonEvent.of("upstream.probe_refused", upstream=self.name, status=reply.status))
         return reply.status == 200
