@@ -363,16 +363,18 @@ async def test_basic_authorization_is_not_a_bearer_token(auth_mediator):
 
 # --- SSO user tokens --------------------------------------------------------------------------------
 
+# Times are computed when the case runs, not when the module is collected: a suite that runs longer than a
+# token's offset (several minutes under load) would otherwise send an nbf that has already passed.
 USER_TOKEN_CASES = [
-    ("foreign health facility", dict(hf="XXHOS999"), 403, "authentication.facility_not_registered"),
-    ("one foreign facility in a list", dict(hf=["JMHOS001", "XXHOS999"]), 403,
+    ("foreign health facility", lambda: dict(hf="XXHOS999"), 403, "authentication.facility_not_registered"),
+    ("one foreign facility in a list", lambda: dict(hf=["JMHOS001", "XXHOS999"]), 403,
      "authentication.facility_not_registered"),
-    ("wrong issuer", dict(iss="https://idp.vendor-b.example"), 401, "authentication.user_token_wrong_issuer"),
-    ("wrong audience", dict(aud="https://openimis.example"), 401, "authentication.user_token_wrong_audience"),
-    ("expired", dict(iat=_now() - 900, exp=_now() - 300), 401, "authentication.user_token_expired"),
-    ("future nbf", dict(nbf=_now() + 300), 401, "authentication.user_token_not_yet_valid"),
-    ("lifetime beyond max", dict(exp=_now() + 7200), 401, "authentication.user_token_lifetime_too_long"),
-    ("no user id", dict(preferred_username=None), 401, "authentication.user_token_missing_claim"),
+    ("wrong issuer", lambda: dict(iss="https://idp.vendor-b.example"), 401, "authentication.user_token_wrong_issuer"),
+    ("wrong audience", lambda: dict(aud="https://openimis.example"), 401, "authentication.user_token_wrong_audience"),
+    ("expired", lambda: dict(iat=_now() - 900, exp=_now() - 300), 401, "authentication.user_token_expired"),
+    ("future nbf", lambda: dict(nbf=_now() + 300), 401, "authentication.user_token_not_yet_valid"),
+    ("lifetime beyond max", lambda: dict(exp=_now() + 7200), 401, "authentication.user_token_lifetime_too_long"),
+    ("no user id", lambda: dict(preferred_username=None), 401, "authentication.user_token_missing_claim"),
 ]
 
 
@@ -381,7 +383,7 @@ USER_TOKEN_CASES = [
 async def test_bad_user_tokens_are_refused(auth_mediator, case, changes, status, reason):
     token = await get_token(auth_mediator)
     response = await auth_mediator.get("/fhir/Medication/", headers={
-        "Authorization": f"Bearer {token}", "X-User-Token": user_token(KEYS.idp, **changes)})
+        "Authorization": f"Bearer {token}", "X-User-Token": user_token(KEYS.idp, **changes())})
     assert response.status == status
     assert reason_of(await response.json()) == reason
 
