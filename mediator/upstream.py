@@ -113,9 +113,10 @@ class UpstreamInvalidAnswer(UpstreamUnavailable):
 
 
 class ParsedResponse(web.Response):
-    """An answer of openIMIS passed on, with the JSON document its body carries: parsed once, where it is
-    received (`OpenImisUpstream.to_client`), and read from here by the response steps, the batch splitter
-    and facility-scoped searches instead of parsing the body again."""
+    """An answer with the JSON document its body carries: parsed once, where openIMIS's answer is received
+    (`OpenImisUpstream.answer`) or where the mediator built it (facility-scoped searches), and read from
+    here by the response steps (link_rewrite rewrites it in place), the batch splitter and facility-scoped
+    searches instead of parsing the body again. `body` is always `document` serialised."""
 
     def __init__(self, document: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -426,7 +427,9 @@ class OpenImisUpstream:
         return self.answer(reply, wants_fhir_json(request))
 
     def answer(self, reply: UpstreamReply, fhir_json: bool) -> web.Response:
-        """openIMIS's reply as the client gets it: JSON checked, Location and Bundle links rewritten."""
+        """openIMIS's reply as the client gets it: JSON checked (parsed once), headers allowlisted, Location
+        rewritten to the public base. Bundle links and fullUrls are the `link_rewrite` response step's
+        (mediator.link_rewrite), which reads the document parsed here."""
         headers = {k: v for k, v in reply.headers.items() if k.lower() in RESPONSE_HEADERS_TO_KEEP}
         location = reply.headers.get("Location")
         if location:
@@ -448,9 +451,6 @@ class OpenImisUpstream:
             # mediator.fhir_answers needs to answer a search that found nothing with an empty searchset.
             response[OPENIMIS_NOT_FOUND] = is_not_found(reply.status, document)
             return response
-        if isinstance(document, dict) and self.rewriter.may_need_rewriting(body) and \
-                self.rewriter.rewrite_bundle(document):
-            body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if is_json:
             content_type = FHIR_JSON if fhir_json else PLAIN_JSON
         else:

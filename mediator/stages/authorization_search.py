@@ -46,7 +46,7 @@ from mediator.fhir import operation_outcome_response
 from mediator.logs import JsonEvent
 from mediator.pipeline import Decision
 from mediator.request_view import RequestView
-from mediator.upstream import OpenImisUpstream, response_document
+from mediator.upstream import OpenImisUpstream, ParsedResponse, response_document
 
 log = logging.getLogger("mediator.authorization")
 
@@ -272,9 +272,10 @@ class ScopedSearch:
             outcome = "full" if result.served == len(page.claims) else "short"
         self._count(outcome)
         body = json.dumps(result.bundle, ensure_ascii=False, separators=(",", ":")).encode()
-        return web.Response(status=200, body=body, content_type="application/fhir+json"
-                            if "fhir+json" in request.headers.get("Accept", "") else "application/json",
-                            charset="utf-8")
+        # Parsed form along: link_rewrite puts the window's fullUrls (openIMIS's) on the public base.
+        return ParsedResponse(result.bundle, status=200, body=body, content_type="application/fhir+json"
+                              if "fhir+json" in request.headers.get("Accept", "") else "application/json",
+                              charset="utf-8")
 
     async def _window(self, request: RequestView, named: tuple[IndexedClaim, ...], client_ip: str,
                       request_id: str, priority: int, timeout_s: float) -> Mapping[str, Any]:
