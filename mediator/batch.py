@@ -99,10 +99,24 @@ def _refusal(entry: BatchEntry, channel: ChannelConfig) -> dict[str, Any] | None
     return None
 
 
-async def _answer(response: web.Response) -> dict[str, Any]:
+async def _answer(response: web.Response, resource_type: str) -> dict[str, Any]:
     resource = response_document(response)
-    return _entry(response.status, resource=resource if isinstance(resource, dict) else None,
-                  location=response.headers.get("Location"))
+    document = resource if isinstance(resource, dict) else None
+    return _entry(response.status, resource=document,
+                  location=response.headers.get("Location") or _created_location(response.status, resource_type,
+                                                                                   document))
+
+
+def _created_location(status: int, resource_type: str, document: dict[str, Any] | None) -> str | None:
+    """`entry.response.location` of a create openIMIS answered without a Location (it never sends one): the
+    created resource's relative URL (FHIR R4 http.html#transaction-response). openIMIS answers a created
+    Claim with its ClaimResponse, which carries the Claim's id."""
+    if status != 201 or document is None or not isinstance(document.get("id"), str):
+        return None
+    answered = document.get("resourceType")
+    if answered != resource_type and not (resource_type == "Claim" and answered == "ClaimResponse"):
+        return None
+    return f"{resource_type}/{document['id']}"
 
 
 async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[str, Any],
@@ -132,7 +146,8 @@ async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[s
             return refusal
         async with parallel:
             try:
-                return await _answer(await create(entry))
+                assert entry.fhir is not None and entry.fhir.resource_type is not None   # _refusal checked it
+                return await _answer(await create(entry), entry.fhir.resource_type)
             except (UpstreamRefused, UpstreamTimeout, UpstreamUnavailable) as exc:
                 failed = exc.decision()   # the entry ends as the whole request would (mediator.errors)
                 return _entry(failed.status, failed.reason, failed.message)

@@ -272,7 +272,8 @@ class FhirAnswersStep:
     async def apply(self, exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
         if exchange.answered_by not in UPSTREAM_ROUTES:
             return response
-        return await self.answers.shape(exchange, self.upstreams.of(exchange), response)
+        upstream = self.upstreams.of(exchange)
+        return await self.answers.shape(exchange, upstream, response, self.upstreams.protection.guards[upstream.name])
 
 
 class ResponseFiltersStep:

@@ -25,11 +25,12 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from mediator.bulkhead import UpstreamRefused
 from mediator.facility_scope import FACILITY_BOUND
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, REASON_SYSTEM, prefer_tokens
 from mediator.logs import JsonEvent
 from mediator.pipeline import Exchange
-from mediator.upstream import OPENIMIS_NOT_FOUND, OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import OPENIMIS_NOT_FOUND, Guard, OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator.fhir_answers")
 
@@ -123,8 +124,10 @@ class FhirAnswers:
         self.public_base_url = public_base_url
         self.zones = {name: ZoneInfo(u.config.time_zone) for name, u in upstreams.items()}
 
-    async def shape(self, exchange: Exchange, upstream: OpenImisUpstream,
-                    response: web.StreamResponse) -> web.StreamResponse:
+    async def shape(self, exchange: Exchange, upstream: OpenImisUpstream, response: web.StreamResponse,
+                    guard: Guard | None = None) -> web.StreamResponse:
+        """`guard`: the upstream's bulkhead + breaker, for the one request this step may send (the read-back
+        of a created resource, `Prefer: return=representation`)."""
         fhir, channel = exchange.fhir, exchange.channel
         if fhir is None or channel is None or not isinstance(response, web.Response) or \
                 response.content_type not in (PLAIN_JSON, FHIR_JSON):
@@ -161,7 +164,7 @@ class FhirAnswers:
                 else:
                     search = False   # an error or an unexpected answer: passed on as it is
             else:
-                document = await self._created(exchange, upstream, document, headers)
+                document = await self._created(exchange, upstream, document, headers, guard)
                 if document is None:
                     return web.Response(status=201, headers=headers)
             if search or create:
@@ -173,7 +176,7 @@ class FhirAnswers:
                             body=out)
 
     async def _created(self, exchange: Exchange, upstream: OpenImisUpstream, document: Any,
-                       headers: dict[str, str]) -> Any:
+                       headers: dict[str, str], guard: Guard | None) -> Any:
         """The body of a 201 (None: no body); sets Location / Content-Location in `headers`."""
         fhir, channel = exchange.fhir, exchange.channel
         assert fhir is not None and fhir.resource_type is not None and channel is not None
@@ -198,7 +201,7 @@ class FhirAnswers:
         if choice == "representation":
             if answered_type == rtype:
                 return document
-            created = await self._read_back(exchange, upstream, rtype, rid)
+            created = await self._read_back(exchange, upstream, rtype, rid, guard)
             if created is not None:
                 version = (created.get("meta") or {}).get("versionId") if isinstance(created.get("meta"), dict) \
                     else None
@@ -209,12 +212,18 @@ class FhirAnswers:
                                f"its adjudication is {related}" if related else "")
 
     async def _read_back(self, exchange: Exchange, upstream: OpenImisUpstream, rtype: str,
-                         rid: str) -> dict[str, Any] | None:
-        """The created resource as openIMIS now serves it (None if it cannot be read)."""
-        assert exchange.channel is not None
+                         rid: str, guard: Guard | None) -> dict[str, Any] | None:
+        """The created resource as openIMIS now serves it (None if it cannot be read: then the create is
+        answered with an OperationOutcome naming it). Inside the upstream's guard like every request the
+        mediator sends, at the channel's priority; a refusal there (openIMIS busy) is not the create's failure."""
+        config = exchange.channel.config if exchange.channel is not None else None
+        assert config is not None
         try:
-            status, created = await upstream.get_document(f"{rtype}/{rid}", "", exchange.channel.config.timeout_s,
-                                                          exchange.request_id)
+            status, created = await upstream.get_document(f"{rtype}/{rid}", "", config.timeout_s, exchange.request_id,
+                                                          guard, config.priority_value, f"{rtype}:read_back")
+        except UpstreamRefused as exc:
+            log.info(JsonEvent.of("fhir_answers.read_back_not_sent", resource_type=rtype, reason=exc.reason))
+            return None
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             log.warning(JsonEvent.of("fhir_answers.read_back_failed", resource_type=rtype, error=type(exc).__name__,
                                      detail=str(exc)))

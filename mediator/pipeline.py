@@ -173,6 +173,8 @@ class Exchange:
     upstream_cost: int = 1
     """How many openIMIS requests this request may cause; the rate limit charges this (authorization
     declares 2 for reads and searches of facility-bound types: an ownership or index lookup + the read)."""
+    charged_before_lookup: bool = False
+    """The lookup_charge stage charged it to the rate limit already (the rate_limit stage does not)."""
     upstream_path: str | None = None
     """The FHIR path sent to openIMIS when it is not the client's (a Claim read by code goes by uuid)."""
     answered_by: str | None = None

@@ -13,8 +13,8 @@ from tests.conftest import channels_yaml, loaded, write_config
 def test_stage_order_is_declared_once(tmp_path):
     root = write_config(tmp_path, channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/"))
     names = [s.name for s in build_stages(loaded(root))]
-    assert ORDER == ("client_ip", "channel", "ip", "load_shed", "authentication", "request", "search",
-                     "authorization", "write", "rate_limit")
+    assert ORDER == ("client_ip", "channel", "ip", "load_shed", "authentication", "over_limit", "request",
+                     "search", "lookup_charge", "authorization", "write", "rate_limit")
     assert names == [n for n in ORDER if n in names]
     assert names[:3] == ["client_ip", "channel", "ip"]
 

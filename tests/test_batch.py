@@ -82,6 +82,8 @@ async def test_a_batch_is_split_and_answered_entry_by_entry(setup):
     assert _reasons(answer) == [None, "batch.entry_unsupported", "batch.entry_unsupported", None]
     assert answer["entry"][0]["resource"]["resourceType"] == "ClaimResponse"
     assert answer["entry"][0]["resource"]["id"] != answer["entry"][3]["resource"]["id"]
+    assert [e["response"].get("location") for e in answer["entry"]] == \
+        [f"Claim/{answer['entry'][0]['resource']['id']}", None, None, f"Claim/{answer['entry'][3]['resource']['id']}"]
     assert _posts(faults) == 2
 
 

@@ -23,7 +23,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 DECLARED = (
     ("stage", "client_ip"), ("stage", "channel"), ("stage", "ip"), ("stage", "load_shed"),
-    ("stage", "authentication"), ("stage", "request"), ("stage", "search"), ("stage", "authorization"),
+    ("stage", "authentication"), ("stage", "over_limit"), ("stage", "request"), ("stage", "search"),
+    ("stage", "lookup_charge"), ("stage", "authorization"),
     ("stage", "write"), ("stage", "rate_limit"),
     ("route", "capabilities"), ("route", "async_claims"), ("route", "replica"), ("route", "local_answer"),
     ("route", "batch"), ("route", "idempotent_create"), ("route", "forward"),
@@ -40,9 +41,11 @@ def test_the_whole_order_is_pinned():
 def test_the_runtime_builds_the_declared_chain(tmp_path):
     root = write_config(tmp_path, channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/"))
     chain = Runtime.build(loaded(root), Metrics()).chain
-    # Stages without a policy file are absent (rate_limit here); whatever is built is in the declared order.
+    # Stages without a policy file are absent (rate_limit, and with it over_limit, here); whatever is built is
+    # in the declared order.
     assert list(chain.order) == [step for step in DECLARED if step in chain.order]
-    assert [s for s in DECLARED if s not in chain.order] == [("stage", "rate_limit")]
+    assert [s for s in DECLARED if s not in chain.order] == \
+        [("stage", "over_limit"), ("stage", "lookup_charge"), ("stage", "rate_limit")]
 
 
 def _readme_steps() -> list[tuple[str, str]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -10,6 +12,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mediator.app import RUNTIME
 from mediator.fhir_answers import add_zones, searchset, with_zone, zone_datetimes
 from mediator.upstream import is_not_found
 from tests.conftest import channels_yaml, config_problems, upstream_url, write_config
@@ -217,3 +220,48 @@ async def test_the_created_claim_read_back_gives_its_etag(aiohttp_server, make_m
     assert response.headers["Location"] == f"{BASE}Claim/c1"
     claim = await response.json()
     assert claim["created"] == "2026-11-20T10:00:00+00:00"   # the read-back gets the zone too
+
+
+async def test_the_read_back_goes_through_the_upstreams_guard(aiohttp_server, make_mediator):
+    """The read-back is a request to openIMIS like any other: it holds a bulkhead place while openIMIS answers
+    it, and with the breaker open it is not sent; the create is still answered 201 then (an OperationOutcome
+    naming the created claim), not failed."""
+    in_flight_during_read: list[int] = []
+    holder: dict[str, Any] = {}
+
+    def guard():  # type: ignore[no-untyped-def]
+        return holder["client"].app[RUNTIME].current.protection.guards["openimis"]
+
+    async def login(request):
+        return web.json_response({"token": "t", "exp": 4_102_444_800})
+
+    async def create(request):
+        return web.json_response({"resourceType": "ClaimResponse", "id": "c1", "outcome": "complete"}, status=201)
+
+    async def read(request):
+        in_flight_during_read.append(guard().bulkhead.in_flight)
+        return web.json_response({"resourceType": "Claim", "id": "c1"})
+
+    app = web.Application()
+    app.router.add_post("/api/api_fhir_r4/login/", login)
+    app.router.add_post("/api/api_fhir_r4/Claim/", create)
+    app.router.add_get("/api/api_fhir_r4/Claim/c1/", read)
+    client = holder["client"] = await make_mediator(channels_yaml(upstream_url(await aiohttp_server(app))))
+    response = await client.post("/fhir/Claim", json={"resourceType": "Claim"})
+    assert response.status == 201 and (await response.json())["resourceType"] == "Claim"
+    assert in_flight_during_read == [1]   # the read-back held the one place it took
+    # The breaker opens between the create's answer and its read-back (the create's own success would close
+    # a breaker opened earlier, from openIMIS's create handler): right after the create's success is recorded.
+    breaker = guard().breaker
+    original_success = breaker.record_success
+
+    def success_then_open() -> None:
+        original_success()
+        breaker.state, breaker.opened_at = "open", time.monotonic()
+
+    breaker.record_success = success_then_open  # type: ignore[method-assign]
+    refused_read_back = await client.post("/fhir/Claim", json={"resourceType": "Claim"})
+    assert refused_read_back.status == 201 and refused_read_back.headers["Location"] == f"{BASE}Claim/c1"
+    outcome = await refused_read_back.json()
+    assert outcome["resourceType"] == "OperationOutcome" and "Claim/c1" in json.dumps(outcome)
+    assert in_flight_during_read == [1]   # not sent

@@ -117,6 +117,7 @@ def test_a_failing_file_shows_expected_actual_and_every_stage_and_exits_1(tmp_pa
         "      authentication  allow     authentication.described  -- the described principal, not verified",
         "      request         allow     request.no_body",
         "      search          allow     search.not_a_search",
+        "      lookup_charge   allow     rate_limit.allowed",
         "      authorization   deny 403  authorization.owner_other_facility  rule=claim-status  "
         "facilities=JMHOS001  -- owner belongs to another health facility",
         "                      assumed: claim index owner of Claim002: owned by JMHOS001",
@@ -131,6 +132,7 @@ def test_a_failing_file_shows_expected_actual_and_every_stage_and_exits_1(tmp_pa
         "      authentication  allow     authentication.described  -- the described principal, not verified",
         "      request         allow     request.no_body",
         "      search          allow     search.accepted",
+        "      lookup_charge   allow     lookup_charge.charged_later",
         "      authorization   allow     authorization.allowed  rule=master-data-read",
         "      write           allow     write.no_body",
         "      rate_limit      allow     rate_limit.allowed",

@@ -1,9 +1,9 @@
 """`GET <base>_async/<id>`: the status URL of a queued submission.
 
-The same network and authentication stages as the submission's channel run first (client IP, ip
-allowlist, authentication). Then the submission is shown only to its submitting client, and only to a
-caller bound to every health facility the submitter was bound to (the submitting user's facility's
-users); anyone else, and an unknown or expired id, gets the same 404 async.not_found.
+The same network, authentication and rate-limit stages as the submission's channel run first (client IP,
+ip allowlist, authentication, over_limit, rate_limit). Then the submission is shown only to its submitting
+client, and only to a caller bound to every health facility the submitter was bound to (the submitting
+user's facility's users); anyone else, and an unknown or expired id, gets the same 404 async.not_found.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from mediator.stages.channel_match import Channel
 
 access_log = logging.getLogger("mediator.access")
 
-GUARD_STAGES = ("client_ip", "ip", "authentication")
+GUARD_STAGES = ("client_ip", "ip", "authentication", "over_limit", "rate_limit")
+"""The stages of the submission's channel a status request goes through (those the runtime built): the
+network checks, authentication and the channel's rate limits (a poll counts 1, like any request on it)."""
 
 
 def may_see(principal: Principal | None, job: Any) -> bool:
@@ -51,6 +53,7 @@ def make_status_handler(parts: RuntimeParts) -> Callable[[web.Request], Any]:
         exchange = Exchange(RequestView.from_aiohttp(request), request_id_for(request))
         response = await _answer(request, exchange, service, stages)
         response.headers["X-Request-ID"] = exchange.request_id
+        response.headers.update(exchange.response_headers)   # RateLimit of an admitted poll
         reason = exchange.decisions[-1][1].reason if exchange.decisions else "none"
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(JsonEvent({"request_id": exchange.request_id, "client_ip": str(exchange.client_ip),

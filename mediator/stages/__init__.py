@@ -1,11 +1,12 @@
 """The pipeline's stages in their one declared order (STYLE rule 1). No priorities, no discovery.
 
-client_ip → channel → ip → [load_shed] → authentication → request (body read and parsed once) →
-search (parameters) → authorization (always: absent policy denies) → write (the write firewall; always:
-absent profiles refuse every write) → [rate limit]; then the route, response and finishing steps of
-mediator.chain. tests/test_chain.py pins the whole order. load_shed is built only when the caller passes the
-runtime's upstream guards (the app; explain and policy tests describe the policy, not the load, and leave it
-out).
+client_ip → channel → ip → [load_shed] → authentication → [over_limit] → request (body read and parsed
+once) → search (parameters) → [lookup_charge] → authorization (always: absent policy denies) → write
+(the write firewall; always: absent profiles refuse every write) → [rate limit]; then the route, response
+and finishing steps of mediator.chain. tests/test_chain.py pins the whole order. load_shed is built only when
+the caller passes the runtime's upstream guards (the app; explain and policy tests describe the policy, not
+the load, and leave it out); over_limit likewise (a shortcut of the rate limit's refusals, built with
+the rate limits) and lookup_charge only with the rate limits and the authorization policy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from mediator.addresses import ClientIpPolicy, IpSetTable
 from mediator.bulkhead import UpstreamGuard
 from mediator.config import Config
+from mediator.config.authorization import AuthorizationPolicy
 from mediator.facilities import FacilityDirectory, FacilitySource
 from mediator.identity import Identity
 from mediator.logs import JsonEvent
@@ -32,6 +34,8 @@ from mediator.stages.channel_match import ChannelMatchStage, ChannelTable
 from mediator.stages.client_ip import ClientIpStage
 from mediator.stages.ip_allowlist import IpAllowlistStage
 from mediator.stages.load_shed import LoadShedStage
+from mediator.stages.lookup_charge import LookupChargeStage
+from mediator.stages.over_limit import OverLimitStage
 from mediator.stages.rate_limit import RateLimitStage, RateLimitTable
 from mediator.stages.request_body import RequestBodyStage
 from mediator.stages.write_firewall import WriteFirewallStage
@@ -39,8 +43,8 @@ from mediator.upstream import OpenImisUpstream
 
 # The full declared order. Stages not yet built (later issues) are simply absent from build_stages;
 # whatever is built must appear in this order.
-ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "request", "search", "authorization",
-         "write", "rate_limit")
+ORDER = ("client_ip", "channel", "ip", "load_shed", "authentication", "over_limit", "request", "search",
+         "lookup_charge", "authorization", "write", "rate_limit")
 
 
 def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | None = None,
@@ -84,21 +88,26 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
         users = VouchedUsers(authorization.directory,
                              authorization.policy.facility_directory.refresh_on_miss_after_s)
         directory = authorization.directory
+    rate_limits = RateLimitTable.from_config(config)
+    rate_limit = RateLimitStage(rate_limits, redis, metrics) if rate_limits is not None else None
     stages: list[Stage] = [
         ClientIpStage(ClientIpPolicy.from_config(config)),
         ChannelMatchStage(ChannelTable.from_config(config)),
         IpAllowlistStage(IpSetTable.from_config(config)),
         *([LoadShedStage(shed_guards)] if shed_guards is not None else []),
         authentication or AuthenticationStage(identity or Identity.from_config(config), users),
+        *([OverLimitStage(rate_limit.table, rate_limit.refusals, metrics)]
+          if rate_limit is not None and shed_guards is not None else []),
         RequestBodyStage.from_config(config),
         SearchParameterStage.from_config(config),
+        *([LookupChargeStage(rate_limit, config.policy("authorization", AuthorizationPolicy).rules)]
+          if rate_limit is not None and "authorization" in config.policies else []),
         authorization,
         # One facility directory per runtime: the firewall resolves references with authorization's.
         WriteFirewallStage.from_config(config, directory),
     ]
-    rate_limits = RateLimitTable.from_config(config)
-    if rate_limits is not None:
-        stages.append(RateLimitStage(rate_limits, redis, metrics))
+    if rate_limit is not None:
+        stages.append(rate_limit)
     names = [s.name for s in stages]
     if names != [n for n in ORDER if n in names] or not set(names) <= set(ORDER):
         raise RuntimeError(f"stages {names} are not in the declared ORDER {ORDER}")

@@ -50,6 +50,7 @@ from mediator.stages.authorization_policy import (
     Access,
     Verdict,
     access_for,
+    access_of,
     evaluate,
     facility_check,
     needs_facts,
@@ -262,10 +263,7 @@ class AuthorizationStage:
         fhir = exchange.fhir
         assert fhir is not None
         request = exchange.request
-        # A search is judged (and scoped) on the parameters the search stage kept: the ones that are used.
-        query = None if request.method == "POST" and fhir.interaction == "search-type" else \
-            exchange.search.used if exchange.search is not None else tuple(request.query.items())
-        access = access_for(fhir.interaction, fhir.resource_type, fhir.resource_id, query)
+        access = access_of(exchange)
         if isinstance(access, Decision):
             return _Outcome(Verdict(access), None, None)
         resource = None

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mediator.config.authorization import ANONYMOUS, AuthorizationRule, Permission, parse_token_scope
-from mediator.facility_scope import FACILITY_BOUND, FacilityFacts
-from mediator.pipeline import Decision, Principal
+from mediator.facility_scope import FACILITY_BINDINGS, FACILITY_BOUND, FacilityFacts
+from mediator.pipeline import Decision, Exchange, Principal
 
 NAME = "authorization"
 LETTER_BY_INTERACTION = {
@@ -52,6 +52,16 @@ def access_for(interaction: str, resource_type: str | None, resource_id: str | N
     if interaction == "capabilities":
         resource_type = "CapabilityStatement"
     return Access(resource_type or "*", letter, query, resource_id)
+
+
+def access_of(exchange: Exchange) -> Access | Decision:
+    """The access a (non-batch) request asks for. A search is judged on the parameters the search stage kept
+    (the ones that are used); a POST _search's parameters are unknowable here (None)."""
+    fhir, request = exchange.fhir, exchange.request
+    assert fhir is not None   # the channel stage ran and allowed
+    query = None if request.method == "POST" and fhir.interaction == "search-type" else \
+        exchange.search.used if exchange.search is not None else tuple(request.query.items())
+    return access_for(fhir.interaction, fhir.resource_type, fhir.resource_id, query)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,3 +150,16 @@ def needs_facts(rules: tuple[AuthorizationRule, ...], principal: Principal | Non
     return any(rule.checks_facility and not roles.isdisjoint(rule.roles) and
                any(p.grants(access.resource_type, access.letter, access.query, has_user)
                    for p in rule.permissions) for rule in rules)
+
+
+def looks_up_owner(rules: tuple[AuthorizationRule, ...], principal: Principal | None, access: Access) -> bool:
+    """Authorization will ask openIMIS which claim owns the target (a claim-index lookup) to check its
+    facility: a read, update or delete of a type bound through its claim, or a ClaimResponse create (its
+    claim is named in the body), when a rule that may allow it checks the facility. Pure: by the rules,
+    not by the owner cache (stages/authorization_facts.py decides the same per request)."""
+    binding = FACILITY_BINDINGS.get(access.resource_type)
+    if binding is None or not binding.through_claim:
+        return False
+    if access.letter not in "rud" and not (access.resource_type == "ClaimResponse" and access.letter == "c"):
+        return False
+    return needs_facts(rules, principal, access)

@@ -20,6 +20,7 @@ the largest request cost); tests/stages/test_rate_limit.py measures it with two 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -227,6 +228,59 @@ class ReconciledGcraStore:
             self._tats = {k: v for k, v in self._tats.items() if v > now or k in self._charged}
 
 
+CHARGED_BEFORE_LOOKUP = Decision.allowed("rate_limit.charged_before_lookup")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A key this instance refused: no request under it can be admitted before `admit_at_us`."""
+
+    limit: GcraLimit
+    admit_at_us: int
+    full_at_us: int
+    """When the key is back to a full burst (the RateLimit header's `t`)."""
+
+
+class RecentRefusals:
+    """Keys the rate-limit stage refused, with the earliest time a request of cost 1 could be admitted under
+    each (the over-limit cache of envoyproxy/ratelimit, in process). GCRA state only moves later with time
+    and admissions (of any instance), so until that time the exact limiter refuses every request under the
+    key: refusing it early changes no decision, it only skips the work in between (body, authorization's
+    lookups, the store round trip). Times are this process's clock, taken before the store decided, so they
+    err early. At most `max_keys` entries: past that, expired ones are dropped, then the oldest."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._refused: dict[str, Refused] = {}
+        self._max_keys = max_keys
+
+    def record(self, key: str, limit: GcraLimit, result: GcraResult, cost: int, decided_at_us: int) -> None:
+        # A refused result keeps base = max(TAT, now) as `tat`; cost 1 is admitted at base + T - tau.
+        wait_us = result.retry_after_us - (cost - 1) * limit.emission_us
+        if wait_us <= 0:
+            return  # only this request's cost was too much: a smaller one may pass now
+        if key not in self._refused and len(self._refused) >= self._max_keys:
+            self._forget(decided_at_us)
+        self._refused[key] = Refused(limit, decided_at_us + wait_us, decided_at_us + result.reset_us)
+
+    def refusing(self, key: str, now_us: int) -> Refused | None:
+        refused = self._refused.get(key)
+        if refused is None:
+            return None
+        if refused.admit_at_us <= now_us:
+            del self._refused[key]
+            return None
+        return refused
+
+    def __len__(self) -> int:
+        return len(self._refused)
+
+    def _forget(self, now: int) -> None:
+        self._refused = {k: r for k, r in self._refused.items() if r.admit_at_us > now}
+        if len(self._refused) >= self._max_keys:   # insertion order: the older half goes
+            newest = len(self._refused) - self._max_keys // 2
+            self._refused = dict(itertools.islice(self._refused.items(), newest, None))
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitTable:
     """The compiled policy: for each channel, the limits that apply (with the policy's key parts)."""
@@ -275,6 +329,11 @@ def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
     return parts
 
 
+def limit_key(limit: GcraLimit, per: Sequence[str], exchange: Exchange) -> str:
+    """The counting key of one limit for this request (hashed into Redis by RedisStore.key)."""
+    return f"rl:{limit.name}:" + "|".join(key_for(per, exchange))
+
+
 def request_cost(exchange: Exchange) -> int:
     """A batch Bundle counts one per entry (the request stage parsed the body); anything else counts the
     openIMIS requests it may cause (`Exchange.upstream_cost`: 1, or 2 for facility-checked reads and
@@ -304,15 +363,25 @@ class RateLimitStage:
             if redis.configured and table.reconcile is not None else None
         self._metrics = metrics
         self._last_store_warning = 0.0
+        self.refusals = RecentRefusals()
+        """What the over_limit stage refuses early (stages/over_limit.py)."""
 
     async def run(self, exchange: Exchange) -> Decision:
+        if exchange.charged_before_lookup:
+            return CHARGED_BEFORE_LOOKUP
+        return await self.charge(exchange)
+
+    async def charge(self, exchange: Exchange) -> Decision:
+        """Charge the request to every limit of its channel (the lookup_charge stage calls this
+        for requests whose authorization sends lookups to openIMIS; this stage for all others)."""
         channel = exchange.channel.name if exchange.channel is not None else ""
         applicable = self.table.by_channel.get(channel, ())
         if not applicable:
             return Decision.allowed("rate_limit.none")
         limits = [limit for limit, _ in applicable]
-        keys = [f"rl:{limit.name}:" + "|".join(key_for(per, exchange)) for limit, per in applicable]
+        keys = [limit_key(limit, per, exchange) for limit, per in applicable]
         cost = request_cost(exchange)
+        started = now_us()  # before the store's clock read: the refusal memory errs early, never late
         if self.reconciled is not None:
             if self.reconciled.stale():
                 self.reconciled.schedule()  # a probe: the view is fresh again once Redis answers
@@ -328,10 +397,14 @@ class RateLimitStage:
                 decision, results = self._store_failed(exc, keys, limits, cost)
         if decision.allow:
             exchange.response_headers.update(decision.headers)
-        elif self._metrics is not None and decision.reason == "rate_limit.exceeded":
-            for limit, result in zip(limits, results, strict=True):
-                if not result.allowed:
+        elif decision.reason == "rate_limit.exceeded":
+            for (limit, per), key, result in zip(applicable, keys, results, strict=True):
+                if result.allowed:
+                    continue
+                if self._metrics is not None:
                     self._metrics.rate_limit_rejections.labels(limit.name, channel).inc()
+                if "health_facility" not in per:  # its key may follow authorization's facts: not known earlier
+                    self.refusals.record(key, limit, result, cost, started)
         return decision
 
     def _reconcile_failed(self, exc: BaseException) -> None:

@@ -16,13 +16,15 @@ from mediator.app import METRICS
 from tests.conftest import DEFAULT_IP_POLICY
 from tests.e2e.async_kit import CHANNELS, POLICIES, PREFER_ASYNC, VENDORS, claims_in_openimis, wait_settled
 from tests.e2e.conftest import e2e_channels, harness
-from tests.e2e.vendors import Vendor, _claim_for, _reason
+from tests.e2e.vendors import Vendor, _claim_for, _reason, per_user_budget
 
 pytestmark = [pytest.mark.openimis, pytest.mark.timeout(300)]
 
 
 @pytest.fixture
-async def queued(openimis, tmp_path: Path, make_mediator):  # type: ignore[no-untyped-def]
+async def queued(request, openimis, tmp_path: Path, make_mediator):  # type: ignore[no-untyped-def]
+    """(vendors, redis prefix); policies POLICIES plus the test's own (indirect param: file name -> text)."""
+    policies = {**POLICIES, **getattr(request, "param", {})}
     keys = {name: ECKey.generate_key("P-256") for name in VENDORS}
     root = tmp_path / "config"
     (root / "keys").mkdir(parents=True)
@@ -31,7 +33,7 @@ async def queued(openimis, tmp_path: Path, make_mediator):  # type: ignore[no-un
     prefix = f"e2e-async-{uuid.uuid4().hex[:8]}:"
     redis = f"redis:\n  url: redis://127.0.0.1:6379/0\n  key_prefix: \"{prefix}\"\n  timeout_s: 2\n"
     client = await make_mediator(e2e_channels(openimis["fhir_base_url"], channels=CHANNELS, extra_server=redis),
-                                 DEFAULT_IP_POLICY, POLICIES)
+                                 DEFAULT_IP_POLICY, policies)
     vendors = {name: Vendor(client, name, keys[name]) for name in VENDORS}
     for vendor in vendors.values():
         await vendor.login()
@@ -103,6 +105,24 @@ async def test_the_status_url_answers_only_the_submitter(queued):
     cancel = await jm.request("DELETE", path)  # cancelling is not offered
     assert cancel.status == 400 and _reason(await cancel.json()) == "channel.malformed_path"
     assert (await wait_settled(lambda url: jm.request("GET", url), path)).status == 201
+
+
+POLL_LIMIT = {"rate_limits.yaml": per_user_budget(3, ("claims",))}
+
+
+@pytest.mark.parametrize("queued", [POLL_LIMIT], indirect=True)
+async def test_status_polls_count_in_the_channels_rate_limits(queued):
+    vendors, _ = queued
+    jm = vendors["vendor-jm"]
+    unknown = f"/fhir/_async/{uuid.uuid4().hex}"   # an unknown id is judged by the first async channel's limits
+    polls = [await jm.request("GET", unknown) for _ in range(3)]
+    assert [p.status for p in polls] == [404, 404, 404]
+    assert [int(p.headers["RateLimit"].split(";r=")[1].split(";")[0]) for p in polls] == [2, 1, 0]
+    refused = await jm.request("GET", unknown)
+    assert (refused.status, _reason(await refused.json())) == (429, "rate_limit.exceeded")
+    assert refused.headers["Retry-After"].isdigit()
+    # another vendor's user has its own budget
+    assert (await vendors["vendor-ra"].request("GET", unknown)).status == 404
 
 
 async def test_refusals_are_synchronous_and_never_queued(queued, openimis):

@@ -18,7 +18,7 @@ from joserfc.jwk import ECKey
 
 from tests.conftest import DEFAULT_IP_POLICY
 from tests.e2e.conftest import e2e_channels, harness
-from tests.e2e.vendors import AUTHORIZATION, CHANNELS, CLIENTS, VENDORS, Vendor, _reason
+from tests.e2e.vendors import AUTHORIZATION, CHANNELS, CLIENTS, VENDORS, Vendor, _reason, per_user_budget
 
 # A limit that paging never exhausts (the database grows with every suite run): the test checks what
 # each page is charged, not where the limit ends.
@@ -68,7 +68,9 @@ def _db_claims(facility: str, patient: str | None = None) -> dict[str, str]:
 
 
 @pytest.fixture
-async def relayed(openimis, tmp_path: Path, make_mediator, aiohttp_server):
+async def relayed(request, openimis, tmp_path: Path, make_mediator, aiohttp_server):
+    """(relay, vendors); `rate_limits.yaml` is RATE_LIMITS unless the test gives its own (indirect param)."""
+    rate_limits = getattr(request, "param", RATE_LIMITS)
     relay = CountingRelay(openimis["base_url"])
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", relay.handle)
@@ -85,7 +87,7 @@ async def relayed(openimis, tmp_path: Path, make_mediator, aiohttp_server):
         relay_fhir = f"http://{server.host}:{server.port}/api/api_fhir_r4"
         client = await make_mediator(
             e2e_channels(relay_fhir, channels=CHANNELS, extra_server=redis), DEFAULT_IP_POLICY,
-            {"clients.yaml": CLIENTS, "authorization.yaml": AUTHORIZATION, "rate_limits.yaml": RATE_LIMITS})
+            {"clients.yaml": CLIENTS, "authorization.yaml": AUTHORIZATION, "rate_limits.yaml": rate_limits})
         vendors = {name: Vendor(client, name, keys[name]) for name in VENDORS}
         for vendor in vendors.values():
             await vendor.login()
@@ -189,3 +191,33 @@ async def test_reads_by_claim_code_work_and_stay_within_the_facility(relayed):
     assert hidden["total"] == 0 and "entry" not in hidden   # not 403: nothing confirms Jambero's code
     missing = await jm.request("GET", "/fhir/ClaimResponse/NOSUCHCODE1")
     assert (missing.status, _reason(await missing.json())) == (404, "authorization.owner_not_found")
+
+
+# Room for the warm-up (a count-only search, cost 2) and three lookup reads (cost 2 each); no refill to speak of.
+LOOKUP_BUDGET = per_user_budget(8)
+
+
+@pytest.mark.parametrize("relayed", [LOOKUP_BUDGET], indirect=True)
+async def test_reads_of_unknown_claims_are_charged_before_their_lookup(relayed):
+    """Authorization asks openIMIS's claim index who owns a claim before it can refuse a read; a read of an
+    unknown claim is 404 at authorization. Those reads are charged before the lookup: three pass (one lookup
+    each, 404), then the user is over the limit and nothing more reaches openIMIS, however many it sends."""
+    relay, vendors = relayed
+    jm = vendors["vendor-jm"]
+    before = len(relay.seen)
+    statuses = []
+    for _ in range(3):
+        missing = await jm.request("GET", f"/fhir/ClaimResponse/{uuid.uuid4()}")
+        statuses.append((missing.status, _reason(await missing.json())))
+    assert statuses == [(404, "authorization.owner_not_found")] * 3
+    looked_up = len(relay.seen) - before
+    assert 1 <= looked_up <= 3 and all("graphql" in path for _, path in relay.seen[before:])
+    for _ in range(20):
+        refused = await jm.request("GET", f"/fhir/Claim/{uuid.uuid4()}")
+        assert (refused.status, _reason(await refused.json())) == (429, "rate_limit.exceeded")
+        assert "Retry-After" in refused.headers
+    assert len(relay.seen) - before == looked_up   # over the limit: no lookup, no read
+    # Another facility's user is not affected: its own budget, its own lookups.
+    ra = vendors["vendor-ra"]
+    other = await ra.request("GET", f"/fhir/ClaimResponse/{uuid.uuid4()}")
+    assert (other.status, _reason(await other.json())) == (404, "authorization.owner_not_found")

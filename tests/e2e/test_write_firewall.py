@@ -164,6 +164,12 @@ async def test_legitimate_claims_are_still_created(vendors):
     assert batch.status == 200, await batch.text()
     answer = await batch.json()
     assert [e["response"]["status"] for e in answer["entry"]] == ["201 Created", "201 Created"], answer
+    # Each created entry names where its Claim is (openIMIS sends no Location), and it reads back there.
+    for entry in answer["entry"]:
+        location = entry["response"]["location"]
+        assert location == f"Claim/{entry['resource']['id']}"
+        read = await ra.request("GET", f"/fhir/{location}")
+        assert read.status == 200 and (await read.json())["id"] == entry["resource"]["id"]
     after = snapshot()
     # The control: the snapshot sees this database (three claims were stored) and nothing else moved.
     assert after["tblClaim"] != before["tblClaim"]

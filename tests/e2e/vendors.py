@@ -222,3 +222,11 @@ async def vendor_kit(openimis, tmp_path: Path, make_mediator, *, origin: str = O
     await store.aclose()
 
 
+
+
+def per_user_budget(burst: int, channels: tuple[str, ...] = ()) -> str:
+    """rate_limits.yaml with one per-user limit of `burst` requests and no refill to speak of (one a day):
+    for tests that count exactly what each request is charged."""
+    scope = f"    channels: [{', '.join(channels)}]\n" if channels else ""
+    return ("version: 1\nlimits:\n  - name: per-user\n    per: [user]\n    rate: 1\n    period_s: 86400\n"
+            f"    burst: {burst}\n{scope}    on_store_error: deny\n")
