@@ -20,8 +20,8 @@ certs/server.crt: | $(BIN)/.installed
 
 certs: certs/server.crt
 
-check: install
-	$(BIN)/openimis-mediator check --config .
+check: install certs
+	$(BIN)/openimis-mediator check --config . --files
 
 run: install certs check
 	@echo ""

@@ -22,14 +22,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("mediator")
 
 
-def _load_or_report(config_dir: str) -> Config | None:
+def _load_or_report(config_dir: str, runnable: bool = False) -> Config | None:
+    """The configuration, or None after printing every problem. `runnable`: the files it names (TLS,
+    keys) are read too, as `serve` will (mediator.config.files)."""
+    from mediator.config.files import load_runnable_config
+
     root = Path(config_dir)
     if not root.is_dir():
         print(f"--config {config_dir}: no such directory (it should hold channels.yaml and policies/)",
               file=sys.stderr)
         return None
     try:
-        return load_config(root)
+        return load_runnable_config(root) if runnable else load_config(root)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -37,7 +41,7 @@ def _load_or_report(config_dir: str) -> Config | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
+    config = _load_or_report(args.config, runnable=True)
     if config is None:
         return 2
     if args.workers > 1 and args.worker_index is None:
@@ -81,7 +85,7 @@ def _run(sites: list[Site], event_loop: str = "asyncio") -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from mediator.config.lint import config_warnings
 
-    config = _load_or_report(args.config)
+    config = _load_or_report(args.config, runnable=args.files)
     if config is None:
         return 2
     warnings = config_warnings(config)
@@ -182,7 +186,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """The sandbox and the mediator in one process: what `make run` starts."""
     from mediator.sandbox import build_sandbox_app
 
-    config = _load_or_report(args.config)
+    config = _load_or_report(args.config, runnable=True)
     if config is None:
         return 2
     return _run([Site(build_sandbox_app(), "127.0.0.1", args.sandbox_port, "sandbox",
@@ -230,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "warnings too, exit 0 (2 with --strict)")
     check.add_argument("--config", required=True)
     check.add_argument("--strict", action="store_true", help="warnings fail the check too (exit 2)")
+    check.add_argument("--files", action="store_true",
+                       help="also read the TLS and key files the configuration names, as serve and a reload do")
     check.add_argument("--with-tests", action="store_true",
                        help="also run the policy tests in DIR/policies/tests (exit 1 if one fails)")
     check.set_defaults(func=cmd_check)

@@ -1,16 +1,15 @@
 """Hot reload: on SIGHUP, and when `channels.yaml` or a file under `policies/` changes (polled).
 
-A reload validates the whole directory with `load_config` (the same code as at start and as `check`);
-a refused configuration is logged as `file:line:col: message`, counted, and the running one keeps
-serving. An accepted one is compiled into a new Runtime with `Runtime.build(config, metrics, previous)`,
-which takes over every running resource whose settings are unchanged (upstream pools and logins, the
-Redis client, the identity replay store and JWKS caches, the replica with its data and sync task,
-bulkhead/breaker state of kept upstreams, idempotency records). `Runtime.start_new` starts what is new
-before the swap (a failure there refuses the reload and closes what it started); the swap is one
-assignment, and a request keeps the runtime it started with. What the new runtime no longer uses is
-closed by `Runtime.close_retired` once the requests that started on the old runtime (and on any older
-one still draining) have finished, bounded by the longest channel timeout of the old configuration
-plus a login.
+A reload validates the whole directory with `load_runnable_config` (as at start and as `check`: the documents,
+then the TLS and key files they name); a refused configuration is logged as `file:line:col: message`, counted,
+and the running one keeps serving. An accepted one is compiled into a new Runtime with `Runtime.build(config,
+metrics, previous)`, which takes over every running resource whose settings are unchanged (upstream pools and
+logins, the Redis client, the identity replay store and JWKS caches, the replica with its data and sync task,
+bulkhead/breaker state of kept upstreams, idempotency records). `Runtime.start_new` starts what is new before
+the swap (a failure there refuses the reload and closes what it started); the swap is one assignment, and a
+request keeps the runtime it started with. What the new runtime no longer uses is closed by
+`Runtime.close_retired` once the requests that started on the old runtime (and on any older one still
+draining) have finished, bounded by the longest channel timeout of the old configuration plus a login.
 
 Lifetime: one ConfigReloader per application, started and stopped by the app's cleanup context; it
 stops before the app's runtime resources close, so retired resources are closed first.
@@ -25,7 +24,8 @@ from pathlib import Path
 from aiohttp import web
 
 from mediator.app import METRICS, RUNTIME, Runtime
-from mediator.config import Config, load_config
+from mediator.config import Config
+from mediator.config.files import load_runnable_config
 from mediator.errors import ConfigError
 from mediator.logs import JsonEvent
 
@@ -75,7 +75,7 @@ class ConfigReloader:
         async with self._lock:
             self._stamps = watched_files(self.root)
             try:
-                config = await asyncio.to_thread(load_config, self.root)
+                config = await asyncio.to_thread(load_runnable_config, self.root)
                 swapped = await self._swap(config)
             except ConfigError as exc:
                 for problem in exc.problems:

@@ -42,18 +42,25 @@ class KeyFileError(MediatorError):
 def load_or_create_signing_key(path: Path) -> ECKey:
     """The mediator's access-token signing key; generated (EC P-256, mode 0600) if the file is absent."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption())
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pass  # another instance made it between our check and open; read theirs
+        except OSError as exc:  # a read-only configuration (a mounted ConfigMap): say so, do not crash
+            raise KeyFileError(f"{path}: absent and cannot be created ({exc.strerror or type(exc).__name__}); "
+                               "mount the signing key there or make its directory writable") from None
         else:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             log.info(JsonEvent.of("identity.signing_key_generated", path=str(path)))
+    return _read_signing_key(path)
+
+
+def _read_signing_key(path: Path) -> ECKey:
     try:
         signing = ECKey.import_key(path.read_bytes())
     except (OSError, JoseError, ValueError) as exc:
@@ -62,6 +69,20 @@ def load_or_create_signing_key(path: Path) -> ECKey:
         raise KeyFileError(f"{path}: the signing key must be an EC P-256 private key")
     signing.ensure_kid()
     return signing
+
+
+def check_signing_key(path: Path) -> None:
+    """What `load_or_create_signing_key` would refuse, found without writing anything: a file there that
+    is not an EC P-256 private key, or no file and no way to make one (KeyFileError)."""
+    if path.exists():
+        _read_signing_key(path)
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise KeyFileError(f"{path}: absent and cannot be created ({ancestor} is not a writable directory); "
+                           "mount the signing key there or make its directory writable")
 
 
 def public_jwks(signing: ECKey) -> dict[str, Any]:

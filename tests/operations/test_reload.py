@@ -93,3 +93,30 @@ async def test_a_reload_that_changes_the_listener_warns_that_a_restart_is_needed
         assert await reloader.reload("sighup")
     assert {"event": "reload.restart_needed", "setting": "server.limits"} in [
         r.msg.fields for r in caplog.records if r.name == "mediator.reload" and r.levelname == "WARNING"]
+
+
+async def test_a_reload_naming_a_missing_key_file_is_refused_at_its_line(tmp_path, sandbox_server, aiohttp_client,
+                                                                        caplog):
+    """A client added with a key file that is not there: refused at the line that names it (not a failed
+    reload with a traceback), and the running configuration keeps serving."""
+    from joserfc.jwk import ECKey
+
+    from tests.identity.kit import facility_vendors_yaml, write_vendor_keys
+
+    root, app, reloader, client = await _mediator(tmp_path, upstream_url(sandbox_server), aiohttp_client,
+                                                  "reload:\n  poll_interval_s: 0\n")
+    write_vendor_keys(root, {"vendor-a": ECKey.generate_key("P-256")})
+    (root / "policies" / "clients.yaml").write_text(facility_vendors_yaml({"vendor-a": "JMHOS001",
+                                                                           "vendor-b": "RAHOS001"}))
+    with caplog.at_level(logging.ERROR, logger="mediator.reload"):
+        assert not await reloader.reload("test")
+    refused = [r.msg.fields for r in caplog.records if r.name == "mediator.reload"]
+    # vendor-b's key file serves for its client assertions and its users' tokens: both places are named
+    assert [(e["event"], e["file"], e["line"], e["column"], e["problem"]) for e in refused] == [
+        ("reload.refused", "policies/clients.yaml", 31, 7,
+         "clients.vendor-b.keys.public_key_file: keys/vendor-b.pem: cannot read (No such file or directory)"),
+        ("reload.refused", "policies/clients.yaml", 40, 9,
+         "clients.vendor-b.user_token.keys.public_key_file: keys/vendor-b.pem: cannot read "
+         "(No such file or directory)")], refused
+    assert _reloads(app, "failure", "test") == 1
+    assert (await client.get("/fhir/Medication/")).status == 200   # the running configuration still serves
