@@ -42,6 +42,7 @@ from mediator.facilities import FacilitySnapshot, StaticFacilityDirectory
 from mediator.fhir import PLAIN_JSON
 from mediator.pipeline import Decision, Exchange, Pipeline, Principal
 from mediator.redis_store import RedisStore
+from mediator.replica.policy import ReplicaPolicy
 from mediator.request_view import RequestView
 from mediator.stages import build_stages
 from mediator.stages.authentication import unauthenticated
@@ -225,6 +226,9 @@ class Explanation:
     """An allowed search of a facility-bound type: the HF code of the facility whose claims the mediator
     answers it from, live (openIMIS's claim index). Which claims that page would hold is not evaluated
     offline."""
+    answered_by: str | None = None
+    """An allowed request the live mediator answers without openIMIS: what answers it (the mediator's
+    CapabilityStatement; the master-data replica of a `serve_from: replica` channel)."""
 
     @property
     def reasons(self) -> list[tuple[str, str]]:
@@ -264,6 +268,8 @@ class Explanation:
             out.append("result: allowed; the live mediator would answer this search itself from the claims of "
                        f"facility {self.scoped_search} (openIMIS's claim index); the page's entries are not "
                        "evaluated offline")
+        elif self.final is None and self.answered_by is not None:
+            out.append(f"result: allowed; the live mediator would answer this request itself ({self.answered_by})")
         elif self.final is None:
             out.append("result: allowed; the live mediator would forward this request to openIMIS")
         else:
@@ -276,6 +282,21 @@ def offline_request(request: DescribedRequest) -> RequestView:
     if request.body is not None and not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/fhir+json"
     return RequestView.described(request.method, request.path, headers, request.client_ip)
+
+
+def _answered_by(config: Config, exchange: Exchange) -> str | None:
+    """What the route steps before `forward` would answer this request with (chain.py: capabilities,
+    replica), so explain does not say openIMIS gets a request it never sees."""
+    fhir, channel = exchange.fhir, exchange.channel
+    if fhir is None or channel is None:
+        return None
+    if fhir.interaction == "capabilities":
+        return "its own CapabilityStatement"
+    replica = config.policies.get("replica")
+    if (channel.config.serve_from == "replica" and isinstance(replica, ReplicaPolicy)
+            and fhir.interaction in ("read", "search-type") and fhir.resource_type in replica.served_types):
+        return "from the master-data replica"
+    return None
 
 
 async def evaluate(config: Config, request: DescribedRequest, principal: Principal | Decision | None,
@@ -306,7 +327,8 @@ async def evaluate(config: Config, request: DescribedRequest, principal: Princip
             # Scoped searches need a caller of exactly one facility (authorization.search_facility_ambiguous).
             scoped = ",".join(sorted(exchange.principal.health_facilities))
         authz = exchange.authorization_facts.as_dict() if exchange.authorization_facts is not None else {}
-        return Explanation(exchange.decisions, authz, final, lookups, exchange.write_check, scoped)
+        return Explanation(exchange.decisions, authz, final, lookups, exchange.write_check, scoped,
+                           _answered_by(config, exchange))
     finally:
         for upstream in upstreams.values():
             await upstream.close()

@@ -136,7 +136,7 @@ def test_a_failing_file_shows_expected_actual_and_every_stage_and_exits_1(tmp_pa
         "      authorization   allow     authorization.allowed  rule=master-data-read",
         "      write           allow     write.no_body",
         "      rate_limit      allow     rate_limit.allowed",
-        "      result: allowed; the live mediator would forward this request to openIMIS",
+        "      result: allowed; the live mediator would answer this request itself (from the master-data replica)",
         f"FAIL  {cases}:15 a user on a client that vouches for none",
         "      expected: allow",
         "      error: vendor-a accepts no user (mtls: no user_token, no trust_user_header)",
@@ -244,9 +244,28 @@ def test_explain_charges_no_rate_limit_and_writes_nothing(tmp_path, capsys):
     for _ in range(3):
         assert main(argv) == 0
         assert capsys.readouterr().out.splitlines()[-1] == \
-            "result: allowed; the live mediator would forward this request to openIMIS"
+            "result: allowed; the live mediator would answer this request itself (from the master-data replica)"
     assert list(redis.Redis().scan_iter(match=f"{prefix}*")) == []
     assert not (root / "certs").exists()
+
+
+def test_explain_says_what_answers_a_request_openimis_never_sees(tmp_path, capsys):
+    """The CapabilityStatement and replicated master data are answered by the live mediator itself (README
+    "How a request flows": route steps capabilities and replica); explain says so, not "forward to openIMIS"."""
+    root = shipped_copy(tmp_path / "config")
+    assert main(["explain", "--config", str(root), "--path", "/fhir/metadata"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "result: allowed; the live mediator would answer this request itself (its own CapabilityStatement)"
+    master_data = ["explain", "--config", str(root), "--client", "vendor-a", "--roles", "hms", "--path"]
+    assert main([*master_data, "/fhir/Medication/"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "result: allowed; the live mediator would answer this request itself (from the master-data replica)"
+    replica = (root / "policies" / "replica.yaml").read_text()
+    (root / "policies" / "replica.yaml").write_text(replica.replace("resource_types: [ActivityDefinition, "
+                                                                    "Medication, ", "resource_types: ["))
+    assert main([*master_data, "/fhir/Medication/"]) == 0   # a type the replica does not hold: openIMIS
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "result: allowed; the live mediator would forward this request to openIMIS"
 
 
 def test_explain_with_facts_is_offline(tmp_path, capsys):
@@ -290,6 +309,29 @@ def test_the_readme_explain_example_prints_what_the_readme_says():
                           timeout=60)
     assert done.returncode == 1, done.stderr
     assert done.stdout == printed
+
+
+def test_the_readme_failure_illustration_is_what_the_command_prints(tmp_path):
+    """README "Policy tests" shows the output of `test --config .` with JADH0001 made Rapta's in the facts."""
+    import re
+    import subprocess
+    import sys
+
+    root = shipped_copy(tmp_path / "config")
+    shutil.copytree(REPO / "policies" / "tests", root / "policies" / "tests")
+    facts = root / "policies" / "tests" / "facts" / "demo.yaml"
+    assert "  JADH0001: JMHOS001\n" in facts.read_text()
+    facts.write_text(facts.read_text().replace("  JADH0001: JMHOS001\n", "  JADH0001: RAHOS001\n"))
+    section = (REPO / "README.md").read_text().split("## Policy tests (`openimis-mediator test`)\n", 1)[1]
+    shown = re.findall(r"\n```\n(PASS .*?)```", section, re.S)[0].splitlines()
+    done = subprocess.run([sys.executable, "-m", "mediator", "test", "--config", "."], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    printed = done.stdout.splitlines()
+    assert printed[-1] == shown[-1]
+    assert shown[0] in printed
+    failure = printed.index(shown[1])
+    assert printed[failure:failure + len(shown) - 2] == shown[1:-1]
 
 
 def test_serve_loads_a_configuration_whose_case_files_are_broken(tmp_path):

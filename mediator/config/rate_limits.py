@@ -40,7 +40,7 @@ class RateLimit(Strict):
     on_store_error: Literal["deny", "local"]
     """Required. Redis unreachable: deny (503 rate_limit.store_unavailable) or local (count in this
     instance's memory, so N instances admit up to N times the limit). Either way counted in
-    mediator_rate_limit_store_errors_total and logged."""
+    mediator_store_errors_total{feature="rate_limit"} and logged."""
 
     @model_validator(mode="after")
     def _check(self) -> RateLimit:

@@ -16,7 +16,8 @@ BAR_WIDTH = 30
 
 
 class ProgressBar:
-    """One line per resource type, redrawn in place (`\\r`), finished with a newline when the type changes."""
+    """One line per resource type, redrawn in place (`\\r`), ended with a newline once the type is complete
+    (so a log line the sync writes next starts on a line of its own) or when the type changes."""
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
@@ -30,6 +31,9 @@ class ProgressBar:
             filled = min(BAR_WIDTH, BAR_WIDTH * done // total)
             bar = "#" * filled + "." * (BAR_WIDTH - filled)
             self.out.write(f"\r{label:<28} [{bar}] {done}/{total}")
+            if done >= total:
+                self.out.write("\n")
+                self.label = None
         else:
             self.out.write(f"\r{label:<28} {done}")
         self.out.flush()
