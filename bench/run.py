@@ -671,6 +671,10 @@ def main() -> int:
     parser.add_argument("--baseline-src", type=Path,
                         help="a checkout of another mediator version (e.g. `git worktree add --detach /tmp/base "
                              "main`): measured as `before` in the same run, from the same venv")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
+                        help="another checkout measured in the same run as target LABEL, with exactly the "
+                             "configuration of `mediator` (reconciled rate limits unless --rate-limits per-request); "
+                             "repeatable: one worktree per lever, in the order given, for what each lever gives")
     parser.add_argument("--rate-limits", choices=("reconciled", "per-request"), default="reconciled",
                         help="the mediator's rate-limit mode: reconciled (policy `reconcile:`, decided locally) or "
                              "per-request (one Redis round trip per request)")
@@ -688,6 +692,13 @@ def main() -> int:
         parser.error("keep the load bounded: duration 1..60 s, connections 1..1000, open connections 1..64, "
                      "rounds 1..5")
     variants = set(args.variants.split(","))
+    compared: list[tuple[str, Path]] = []
+    for item in args.compare:
+        label, _, folder = item.partition("=")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", label) or not folder or not Path(folder, "mediator").is_dir() \
+                or label in ("before", "mediator", "bare", "nginx", "upstream") or label.startswith("mediator-"):
+            parser.error(f"--compare {item}: LABEL=DIR, LABEL lower-case (not a built-in target name), DIR a checkout")
+        compared.append((label, Path(folder)))
     if not variants <= {"plain", "mtls"}:
         parser.error("--variants: plain and/or mtls")
     for tool, package in (("nginx", "nginx-light"), ("wrk", "wrk"), ("h2load", "nghttp2-client")):
@@ -738,6 +749,9 @@ def main() -> int:
             suffix = "-mtls" if tls else ""
             if args.baseline_src is not None and not tls:
                 plan.append(("before", tls, [], args.baseline_src, False))  # its policy schema has no reconcile
+            if not tls:
+                for label, source in compared:
+                    plan.append((label, tls, [], source, reconciled))
             plan.append(("mediator" + suffix, tls, [], None, reconciled))
             if args.levers and not tls:
                 if reconciled:
@@ -935,6 +949,20 @@ def main() -> int:
             print(f"targets, {name}: CPU per request {t['cpu_ratio_to_bare']:.2f}× bare (<= 2: "
                   f"{'met' if t['cpu_met'] else 'NOT met'}); p99 added at half saturation {t['p99_added_ms']:.2f} ms "
                   f"(<= 2 ms: {'met' if t['p99_met'] else 'NOT met'})")
+        if compared:
+            print()
+            print("compared checkouts (same run, same configuration as `mediator`): CPU µs per request, the change "
+                  "to the previous row, throughput")
+            previous = None
+            for name in [label for label, _ in compared] + ["mediator"]:
+                value = closed[name]["cpu_us_per_request"]
+                change = f"{value - previous:+.0f}" if previous is not None else ""
+                ratio = value / closed["bare"]["cpu_us_per_request"]
+                rps = closed[name]["rps"]
+                print(f"  {name:25} {value:7.0f} µs/req {change:>7}  {ratio:5.2f}× bare  {rps:6.0f} req/s "
+                      f"({rps / closed['bare']['rps']:.2f}× bare)  p99 added at half saturation "
+                      f"{fixed[name]['p99_added_ms']:.2f} ms")
+                previous = value
         if args.levers or args.baseline_src:
             print()
             print("levers (same run): CPU µs per request of the mediator's processes, and the change")

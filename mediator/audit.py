@@ -19,9 +19,9 @@ Thread-safety: `logging` handlers lock internally; one AuditLog per application,
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
+import math
 import os
 import sys
 import threading
@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mediator import json_codec
 from mediator.config.operations import AuditConfig
 from mediator.logs import JsonEvent
 from mediator.pipeline import Exchange
@@ -62,6 +63,28 @@ def outcome_code(status: int) -> str:
     if status < 400:
         return "0"
     return "4" if status < 500 else "8"
+
+
+class _RecordedTime:
+    """`datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")`, with the date and time of day
+    formatted once per second rather than once per request (~7 µs per event, bench issue 18)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, recorded: float) -> str:
+        second = math.floor(recorded)
+        micros = round((recorded - second) * 1e6)   # datetime rounds to the microsecond, then truncates
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).isoformat()[:-6]   # without "+00:00"
+            self._second = second
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"
+
+
+recorded_time = _RecordedTime()
 
 
 def audit_event(exchange: Exchange, status: int, reason: str, recorded: float) -> dict[str, Any]:
@@ -102,7 +125,7 @@ def audit_event(exchange: Exchange, status: int, reason: str, recorded: float) -
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
                  "display": "RESTful Operation"},
         "action": ACTION_BY_INTERACTION.get(fhir.interaction, "E") if fhir is not None else "E",
-        "recorded": datetime.fromtimestamp(recorded, UTC).isoformat(timespec="milliseconds"),
+        "recorded": recorded_time(recorded),
         "outcome": outcome_code(status),
         "outcomeDesc": f"{status} {reason}",
         "agent": [agent],
@@ -354,7 +377,7 @@ class AuditLog:
 
     def _write(self, batch: list[RequestRecord]) -> None:
         """Writer thread: each event serialised once; one write per file sink per batch."""
-        lines = [json.dumps(r.event, separators=(",", ":"), ensure_ascii=False) for r in batch]
+        lines = [json_codec.dumps_text(r.event) for r in batch]
         for handler in self._files:
             handler.write_lines(lines)
         for other in self._others:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_MAX_ALLOWED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,14 @@ class Decision:
 
     @classmethod
     def allowed(cls, reason: str, message: str = "") -> Decision:
-        return cls(True, reason, 200, message)
+        # Frozen, so one instance per (reason, message) serves every request: a request passes ~10 stages
+        # and building each allow cost ~3 µs (bench, issue 18). Bounded: messages may carry a count.
+        decision = _ALLOWED.get((reason, message))
+        if decision is None:
+            decision = cls(True, reason, 200, message)
+            if len(_ALLOWED) < _MAX_ALLOWED:
+                _ALLOWED[(reason, message)] = decision
+        return decision
 
     @classmethod
     def denied(cls, reason: str, status: int, message: str,
@@ -32,3 +40,6 @@ class Decision:
     def stage(self) -> str:
         """The stage or step a reason code names (its prefix): `upstream` of `upstream.timeout`."""
         return self.reason.split(".", 1)[0]
+
+
+_ALLOWED: dict[tuple[str, str], Decision] = {}

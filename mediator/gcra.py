@@ -17,6 +17,7 @@ every limit admits the request and all are charged, or none is).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -76,9 +77,15 @@ def _sf_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=256)
+def _policy_header(limits: tuple[GcraLimit, ...]) -> str:
+    """RateLimit-Policy: the same text for every request of a channel (limits are immutable)."""
+    return ", ".join(f"{_sf_string(limit.name)};q={limit.quota};w={limit.window_s}" for limit in limits)
+
+
 def rate_limit_headers(limits: Sequence[GcraLimit], results: Sequence[GcraResult]) -> dict[str, str]:
     """RateLimit-Policy and RateLimit, structured-field form of draft-ietf-httpapi-ratelimit-headers-10."""
-    policy = ", ".join(f"{_sf_string(limit.name)};q={limit.quota};w={limit.window_s}" for limit in limits)
+    policy = _policy_header(tuple(limits))
     current = ", ".join(f"{_sf_string(limit.name)};r={result.remaining};t={_seconds(result.reset_us)}"
                         for limit, result in zip(limits, results, strict=True))
     return {"RateLimit-Policy": policy, "RateLimit": current}

@@ -14,10 +14,9 @@ replay from the store) is parsed here, and only when its bytes may hold the upst
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
+from mediator import json_codec
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter
 from mediator.upstream import response_document
 
@@ -34,5 +33,5 @@ def rewrite_links(rewriter: BaseUrlRewriter, response: web.StreamResponse) -> we
     document = response_document(response)
     if not isinstance(document, dict) or not rewriter.rewrite_bundle(document):
         return response
-    response.body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    response.body = json_codec.dumps(document)
     return response

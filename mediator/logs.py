@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from mediator import json_codec
+
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("mediator_request_id", default=None)
 
 
@@ -61,7 +63,7 @@ class JsonEvent:
         return cls({"event": name, **fields})
 
     def __str__(self) -> str:
-        return json.dumps(self.fields, separators=(",", ":"), default=str)
+        return json_codec.dumps_ascii(self.fields)
 
 
 class JsonFormatter(logging.Formatter):
@@ -89,7 +91,7 @@ class JsonFormatter(logging.Formatter):
             line["event"] = record.msg.fields
             if record.exc_info:
                 line["exc"] = self.formatException(record.exc_info)
-            return json.dumps(line, separators=(",", ":"), default=str)
+            return json_codec.dumps_ascii(line)
         message = record.getMessage()
         if message.startswith("{"):
             try:
@@ -100,7 +102,7 @@ class JsonFormatter(logging.Formatter):
             line["msg"] = message
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, separators=(",", ":"), default=str)
+        return json_codec.dumps_ascii(line)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:

@@ -8,8 +8,9 @@ never raise denials and never write responses.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -52,15 +53,22 @@ class Principal:
     vouched_by: str | None = None
     """Who vouches for `user_id`: `iss=<issuer>` (an SSO user token) or `client=<client_id>` (a trusted
     header). None with a user id: the client (explain, tests)."""
+    _user_key: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Built once: rate limits, authorization facts, the audit event and logs each read it, and the
+        # percent-encoding cost ~12 µs per read (bench, issue 18).
+        if self.user_id is not None:
+            object.__setattr__(self, "_user_key",
+                               user_key(self.vouched_by or f"client={self.client_id}", self.user_id))
 
     @property
     def user_key(self) -> str | None:
         """The user as a key (rate limits, audit, logs): see `user_key`."""
-        if self.user_id is None:
-            return None
-        return user_key(self.vouched_by or f"client={self.client_id}", self.user_id)
+        return self._user_key
 
 
+@functools.lru_cache(maxsize=4096)
 def user_key(vouched_by: str, user_id: str) -> str:
     """The one construction of a user key: the user id namespaced by the issuer or client that vouches
     for it. Two vouching parties naming the same user id are two users (vendor B's trusted header naming
@@ -259,5 +267,6 @@ def request_id_for(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
     if 8 <= len(given) <= 64 and set(given) <= _REQUEST_ID_OK:
         return given
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex, without building a UUID object (~5 µs, issue 18).
+    return os.urandom(16).hex()
 

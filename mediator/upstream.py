@@ -216,6 +216,7 @@ class OpenImisUpstream:
         self.rewriter = BaseUrlRewriter(self.base.path, public_base_url)
         self._environ = environ if environ is not None else os.environ
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._token: str | None = None
         self._token_expires = 0.0
         self._login_lock = asyncio.Lock()
@@ -326,7 +327,10 @@ class OpenImisUpstream:
 
     async def send(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
                    timeout_s: float) -> UpstreamReply:
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.config.connect_timeout_s)
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:   # one per channel timeout (a handful), not one per request
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_connect=self.config.connect_timeout_s)
         try:
             async with self.session.request(method, url, headers=headers, data=body, timeout=timeout,
                                             allow_redirects=False) as resp:

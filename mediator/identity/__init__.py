@@ -86,7 +86,23 @@ class PeerCertificate:
     subject_cn: str | None
 
 
+_DESCRIBED: dict[bytes, PeerCertificate] = {}
+_MAX_DESCRIBED = 1024
+
+
 def describe_certificate(der: bytes) -> PeerCertificate:
+    """The fingerprint and subject CN of a client certificate (DER). A pure function of the bytes, and a
+    client sends the same certificate with every request: parsed and hashed once per certificate
+    (bounded), not once per request."""
+    described = _DESCRIBED.get(der)
+    if described is None:
+        described = _describe_certificate(der)
+        if len(_DESCRIBED) < _MAX_DESCRIBED:
+            _DESCRIBED[der] = described
+    return described
+
+
+def _describe_certificate(der: bytes) -> PeerCertificate:
     cn: str | None = None
     try:
         names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -8,6 +8,7 @@ nothing allowed → deny with the most specific reason met (default deny).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from mediator.config.authorization import ANONYMOUS, AuthorizationRule, Permission, parse_token_scope
@@ -86,7 +87,14 @@ def token_permissions(principal: Principal | None) -> tuple[Permission, ...] | N
     """
     if principal is None or (not principal.scopes and principal.auth_method != "access_token"):
         return None
-    return tuple(p for p in (parse_token_scope(s) for s in sorted(principal.scopes)) if p is not None)
+    return _scope_permissions(principal.scopes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_permissions(scopes: frozenset[str]) -> tuple[Permission, ...]:
+    """Parsed once per set of scopes (a client's tokens all carry the same few): pure, and Permission is
+    immutable, so one tuple serves every request with those scopes."""
+    return tuple(p for p in (parse_token_scope(s) for s in sorted(scopes)) if p is not None)
 
 
 def facility_check(facts: FacilityFacts | None, principal: Principal | None) -> Decision | None:

@@ -306,16 +306,14 @@ class RateLimitTable:
 def key_for(per: Sequence[str], exchange: Exchange) -> list[str]:
     """The counting key of one limit for this request (see RateLimit: fallbacks when no principal)."""
     principal = exchange.principal
-    ip = f"ip={exchange.client_ip}"
-    channel = exchange.channel.name if exchange.channel is not None else ""
     parts = []
     for part in per:
         if part == "ip":
-            parts.append(ip)
+            parts.append(f"ip={exchange.client_ip}")
         elif part == "channel":
-            parts.append(f"channel={channel}")
+            parts.append(f"channel={exchange.channel.name if exchange.channel is not None else ''}")
         elif principal is None:
-            parts.append(ip)  # a channel without authentication: the address is all we know
+            parts.append(f"ip={exchange.client_ip}")  # a channel without authentication: the address is all we know
         elif part == "client":
             parts.append(f"client={principal.client_id}")
         elif part == "user":
