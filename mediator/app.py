@@ -27,7 +27,7 @@ from mediator.fhir_answers import FhirAnswers
 from mediator.identity import Identity
 from mediator.identity.token_service import make_handlers as identity_handlers
 from mediator.load_protection import LoadProtection
-from mediator.logs import bind_request_id, unbind_request_id
+from mediator.logs import JsonEvent, bind_request_id, unbind_request_id
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange, Pipeline, request_id_for
 from mediator.readiness import Readiness
@@ -151,7 +151,7 @@ class Runtime:
             try:
                 await close()
             except Exception:
-                log.exception("closing %s failed", what)
+                log.exception(JsonEvent.of("runtime.close_failed", part=what))
 
     def retired_upstreams(self, next_runtime: Runtime | None) -> list[OpenImisUpstream]:
         kept = set(map(id, next_runtime.upstreams.values())) if next_runtime is not None else set()

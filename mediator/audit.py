@@ -281,8 +281,8 @@ class RecordWriter:
             now = time.monotonic()
             if now - self._last_drop_warning > 10:
                 self._last_drop_warning = now
-                log.warning("audit writer: %d records waiting, record of request %s dropped (%d so far)",
-                            len(self._pending), record.request_id, self.dropped)
+                log.warning(JsonEvent.of("audit.record_dropped", waiting=len(self._pending),
+                                          dropped_request_id=record.request_id, dropped_total=self.dropped))
             return False
         self._pending.append(record)
         if len(self._pending) > self._max_pending // 2 and not self._wake.is_set():
@@ -304,7 +304,7 @@ class RecordWriter:
                 try:
                     self._write(batch)
                 except Exception:  # a sink error must not stop the writer; logging reports it
-                    log.exception("audit writer: writing %d records failed", len(batch))
+                    log.exception(JsonEvent.of("audit.write_failed", records=len(batch)))
             self._idle.set()
             if self._closing and not self._pending:
                 return

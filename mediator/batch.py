@@ -32,7 +32,7 @@ from mediator.fhir import (
 )
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange
-from mediator.upstream import UpstreamTimeout, UpstreamUnavailable, response_document
+from mediator.upstream import ParsedResponse, UpstreamTimeout, UpstreamUnavailable, response_document
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,5 +158,6 @@ async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[s
             metrics.batch_entries.labels(channel.name, entry["response"]["status"].split()[0]).inc()
     bundle = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
     content_type = FHIR_JSON if wants_fhir_json(exchange.request) else PLAIN_JSON
-    return web.Response(status=200, text=json.dumps(bundle, separators=(",", ":"), ensure_ascii=False),
-                        content_type=content_type, charset="utf-8")
+    # Handed on parsed: the response steps read the batch-response without parsing it again.
+    body = json.dumps(bundle, separators=(",", ":"), ensure_ascii=False).encode()
+    return ParsedResponse(bundle, status=200, body=body, content_type=content_type, charset="utf-8")

@@ -5,7 +5,8 @@
     route    (ROUTE)                  capabilities → async_claims → replica → local_answer → batch →
                                       idempotent_create → forward: the first step that answers ends the
                                       route; `forward` always answers
-    response (RESPONSE)               fhir_answers → response_filters: run on the routed answer only
+    response (RESPONSE)               link_rewrite → fhir_answers → response_filters: run on the routed
+                                      answer only
     finish   (FINISH)                 response_headers: on every answer, denials and errors included
 
 An error raised by any stage or step becomes a Decision through one mechanism: a `MediatorError` says
@@ -31,7 +32,9 @@ from mediator.decision import Decision
 from mediator.errors import MediatorError
 from mediator.fhir import operation_outcome_response
 from mediator.fhir_answers import FhirAnswers
+from mediator.link_rewrite import rewrite_links
 from mediator.load_protection import LoadProtection
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange, Pipeline
 from mediator.replica.service import Replica
@@ -175,9 +178,13 @@ class BatchStep:
                     request, rtype, entry_body, client_ip, exchange.request_id, config.timeout_s,
                     method="POST", raw_query=""), f"{channel.name}:create")
 
-            return await protection.idempotency.create(exchange, config, rtype, entry.resource,
-                                                       request.headers.get("Idempotency-Key"), send_entry,
-                                                       key_suffix=f"#entry{entry.index}")
+            answered = await protection.idempotency.create(exchange, config, rtype, entry.resource,
+                                                           request.headers.get("Idempotency-Key"), send_entry,
+                                                           key_suffix=f"#entry{entry.index}")
+            # Each entry's answer (sent now or replayed) gets what link_rewrite gives a whole answer: the
+            # batch-response Bundle built from them holds no URL of openIMIS's for that step to find.
+            rewrite_links(upstream.rewriter, answered)   # in place
+            return answered
 
         return await run_batch(exchange, config, resource, create, self.metrics)
 
@@ -204,8 +211,9 @@ class IdempotentCreateStep:
 
 class ForwardStep:
     """The request as it is, through the upstream's guard (circuit breaker, bulkhead) to openIMIS: our own
-    login (again once on a 401), allowlisted headers both ways, links rewritten to the public base,
-    openIMIS's error texts replaced by a generic OperationOutcome (mediator.upstream)."""
+    login (again once on a 401), allowlisted headers both ways, Location rewritten to the public base,
+    openIMIS's error texts replaced by a generic OperationOutcome (mediator.upstream); its Bundle links are
+    the link_rewrite response step's."""
 
     name = "forward"
     sends_upstream = True
@@ -231,6 +239,22 @@ class ForwardStep:
         return await guard.call(config.priority_value, lambda: upstream.forward(
             exchange.request, path, body, str(exchange.client_ip), exchange.request_id, config.timeout_s,
             raw_query=raw_query), kind)
+
+
+class LinkRewriteStep:
+    """openIMIS's URLs in a Bundle it answered (`link[].url`, `entry[].fullUrl`) on the public base
+    (mediator.link_rewrite), in the document parsed on receipt. Only for answers that came from openIMIS;
+    first, so fhir_answers and the facility filter see the answer as the client will."""
+
+    name = "link_rewrite"
+
+    def __init__(self, upstreams: Upstreams) -> None:
+        self.upstreams = upstreams
+
+    async def apply(self, exchange: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+        if exchange.answered_by not in UPSTREAM_ROUTES:
+            return response
+        return rewrite_links(self.upstreams.of(exchange).rewriter, response)
 
 
 class FhirAnswersStep:
@@ -278,7 +302,7 @@ class ResponseHeadersStep:
 ROUTE = ("capabilities", "async_claims", "replica", "local_answer", "batch", "idempotent_create", "forward")
 UPSTREAM_ROUTES = frozenset({"local_answer", "batch", "idempotent_create", "forward"})
 """The route steps whose answers come from openIMIS."""
-RESPONSE = ("fhir_answers", "response_filters")
+RESPONSE = ("link_rewrite", "fhir_answers", "response_filters")
 FINISH = ("response_headers",)
 
 
@@ -288,7 +312,8 @@ def error_decision(exc: BaseException, request_id: str) -> Decision:
         exc.log(log)
         return exc.decision()
     # Not meant to end a request (a bug, or an error a stage should have turned into a decision).
-    log.error("unhandled error, request %s", request_id, exc_info=exc)
+    log.error(JsonEvent.of("request.unhandled_error", request_id=request_id, error=type(exc).__name__),
+              exc_info=exc)
     return Decision.denied("mediator.internal_error", 500, f"internal error; quote request id {request_id}")
 
 
@@ -315,7 +340,8 @@ class RequestChain:
                    [CapabilitiesStep(capabilities), AsyncClaimsStep(async_claims, upstreams), ReplicaStep(replica),
                     LocalAnswerStep(), BatchStep(upstreams, metrics), IdempotentCreateStep(upstreams),
                     ForwardStep(upstreams)],
-                   [FhirAnswersStep(answers, upstreams), ResponseFiltersStep()], [ResponseHeadersStep()], metrics)
+                   [LinkRewriteStep(upstreams), FhirAnswersStep(answers, upstreams), ResponseFiltersStep()],
+                   [ResponseHeadersStep()], metrics)
 
     @property
     def order(self) -> tuple[tuple[str, str], ...]:

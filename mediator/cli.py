@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from mediator.config import Config, load_config
 from mediator.errors import ConfigError
-from mediator.logs import configure_logging
+from mediator.logs import JsonEvent, configure_logging
 from mediator.server import ListenError, Site, mediator_sites, run_sites, supervise, worker_command
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def _run(sites: list[Site], event_loop: str = "asyncio") -> int:
     """Serve until stopped; a listener that cannot bind is one line on stderr and exit 1 (no traceback)."""
     factory = _loop_factory(event_loop)
     if factory is not None:  # the default says nothing (a port in use stays a one-line error)
-        logging.getLogger("mediator.server").info("event loop: %s", event_loop)
+        logging.getLogger("mediator.server").info(JsonEvent.of("server.event_loop", event_loop=event_loop))
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(run_sites(sites))

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mediator.config.models import ClusterBudgetConfig
+from mediator.logs import JsonEvent
 from mediator.redis_store import STORE_ERRORS, RedisStore
 
 log = logging.getLogger("mediator.cluster_budget")
@@ -193,7 +194,7 @@ class ClusterBudget:
                 await self._renew(keys=[self.key], args=[self._ttl_ms, *sorted(self.held)])
             except STORE_ERRORS as exc:
                 # The leases may lapse and the cluster admit more than the budget until Redis is back.
-                log.warning("renewing upstream budget leases failed: %s", exc)
+                log.warning(JsonEvent.of("cluster_budget.renew_failed", error=type(exc).__name__, detail=str(exc)))
 
     async def close(self) -> None:
         if self._renewer is not None:

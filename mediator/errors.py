@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mediator.decision import Decision
+from mediator.logs import JsonEvent
 
 
 class MediatorError(Exception):
@@ -33,7 +34,8 @@ class MediatorError(Exception):
         return Decision.denied(self.reason, self.status, self.public_message)
 
     def log(self, logger: logging.Logger) -> None:
-        logger.log(self.log_level, "%s (%s): %s", self.reason, type(self).__name__, self)
+        logger.log(self.log_level, JsonEvent.of("request.error", reason=self.reason, error=type(self).__name__,
+                                                detail=str(self)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from mediator.bulkhead import UpstreamGuard
 from mediator.errors import MediatorError
+from mediator.logs import JsonEvent
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("mediator.facilities")
@@ -213,7 +214,7 @@ class UpstreamFacilityDirectory:
                 self._snapshot = await self._load(from_replica=max_age_s is None)
                 return self._snapshot
             except LookupFailed as exc:
-                log.warning("facility directory reload failed: %s", exc)
+                log.warning(JsonEvent.of("facilities.reload_failed", detail=str(exc)))
                 if current is not None and time.time() - current.loaded_at < self.ttl_s + self.max_stale_s:
                     return current
                 raise DirectoryUnavailable(str(exc)) from exc
@@ -229,8 +230,8 @@ class UpstreamFacilityDirectory:
             source = "openimis"
         self.loads += 1
         snapshot = FacilitySnapshot.from_resources(organizations, roles, time.time())
-        log.info("facility directory loaded from %s: %d organization keys, %d claim administrator keys",
-                 source, len(snapshot.organizations), len(snapshot.practitioners))
+        log.info(JsonEvent.of("facilities.loaded", source=source, organization_keys=len(snapshot.organizations),
+                               claim_administrator_keys=len(snapshot.practitioners)))
         return snapshot
 
     async def _all(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from aiohttp import web
 from mediator.bulkhead import UpstreamRefused
 from mediator.facility_scope import FACILITY_BOUND
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, REASON_SYSTEM, prefer_tokens
+from mediator.logs import JsonEvent
 from mediator.pipeline import Exchange
 from mediator.upstream import OPENIMIS_NOT_FOUND, Guard, OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
 
@@ -221,13 +222,14 @@ class FhirAnswers:
             status, created = await upstream.get_document(f"{rtype}/{rid}", "", config.timeout_s, exchange.request_id,
                                                           guard, config.priority_value, f"{rtype}:read_back")
         except UpstreamRefused as exc:
-            log.info("reading back created %s not sent: %s", rtype, exc.reason)
+            log.info(JsonEvent.of("fhir_answers.read_back_not_sent", resource_type=rtype, reason=exc.reason))
             return None
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
-            log.warning("reading back created %s failed: %s", rtype, exc)
+            log.warning(JsonEvent.of("fhir_answers.read_back_failed", resource_type=rtype, error=type(exc).__name__,
+                                     detail=str(exc)))
             return None
         if status == 200 and isinstance(created, dict) and created.get("resourceType") == rtype \
                 and created.get("id") == rid:
             return created
-        log.warning("reading back created %s answered %s", rtype, status)
+        log.warning(JsonEvent.of("fhir_answers.read_back_refused", resource_type=rtype, status=status))
         return None

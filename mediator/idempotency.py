@@ -32,6 +32,7 @@ from mediator.bulkhead import UpstreamRefused
 from mediator.config.models import ChannelConfig
 from mediator.errors import MediatorError
 from mediator.fhir import operation_outcome_response
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.pipeline import Exchange
 from mediator.redis_store import STORE_ERRORS, RedisStore
@@ -288,12 +289,13 @@ class Idempotency:
             # until then duplicates get 409, never a second submission.
             if self._metrics is not None:
                 self._metrics.store_errors.labels("idempotency", "keep_lock").inc()
-            log.warning("idempotency store failed while settling a key: %s", type(exc).__name__)
+            log.warning(JsonEvent.of("idempotency.store_failed", operation="settle_key", error=type(exc).__name__))
 
     async def _store_failed(self, exc: BaseException, mode: str, send: Send) -> web.Response:
         if self._metrics is not None:
             self._metrics.store_errors.labels("idempotency", mode).inc()
-        log.warning("idempotency store (Redis) failed: %s; applying on_store_error=%s", type(exc).__name__, mode)
+        log.warning(JsonEvent.of("idempotency.store_failed", operation="claim_key", error=type(exc).__name__,
+                                  on_store_error=mode))
         if mode == "forward":
             return await send()
         return _outcome(503, "idempotency.store_unavailable",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -37,15 +38,29 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+EVENT_NAME = re.compile(r"\A[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+\Z")
+"""`<area>.<what_happened>`: the stable name an operator filters on (`event.event`)."""
+
+
 class JsonEvent:
-    """A structured log message (the access log, per-request stage events): its fields are serialised
-    once, by whichever formatter writes them (JsonFormatter embeds the dict as `"event"`; any other
-    formatter, or `record.getMessage()`, gets the compact JSON text)."""
+    """The one kind of log message: its fields are serialised once, by whichever formatter writes them
+    (JsonFormatter embeds the dict as `"event"`; any other formatter, or `record.getMessage()`, gets the
+    compact JSON text).
+
+    Every line but the access line is `JsonEvent.of("<area>.<what>", **fields)`: a stable name and typed
+    fields (counts as numbers, causes as exception class names). The access line (logger
+    `mediator.access`) is `JsonEvent(fields)`, its fields fixed by README "Logs". Fields never hold a
+    token, a password, a key or a query string (tests/operations/test_log_convention.py pins the form)."""
 
     __slots__ = ("fields",)
 
     def __init__(self, fields: dict[str, Any]) -> None:
         self.fields = fields
+
+    @classmethod
+    def of(cls, name: str, /, **fields: Any) -> JsonEvent:
+        """An operational event: `{"event": name, **fields}`."""
+        return cls({"event": name, **fields})
 
     def __str__(self) -> str:
         return json_codec.dumps_ascii(self.fields)

@@ -27,6 +27,7 @@ from mediator.app import METRICS, RUNTIME, Runtime
 from mediator.config import Config
 from mediator.config.files import load_runnable_config
 from mediator.errors import ConfigError
+from mediator.logs import JsonEvent
 
 log = logging.getLogger("mediator.reload")
 
@@ -78,17 +79,18 @@ class ConfigReloader:
                 swapped = await self._swap(config)
             except ConfigError as exc:
                 for problem in exc.problems:
-                    log.error("configuration refused, the running one stays in use: %s", problem)
+                    log.error(JsonEvent.of("reload.refused", trigger=trigger, file=problem.file, line=problem.line,
+                                            column=problem.column, problem=problem.message))
                 metrics.config_reloads.labels("failure", trigger).inc()
                 return False
             except Exception:  # a reload must never take down the process that serves
-                log.exception("configuration reload failed, the running one stays in use")
+                log.exception(JsonEvent.of("reload.failed", trigger=trigger))
                 metrics.config_reloads.labels("failure", trigger).inc()
                 return False
             metrics.config_reloads.labels("success", trigger).inc()
             metrics.config_last_reload_success.set_to_current_time()
-            log.info("configuration reloaded (%s): %d channels, upstreams started %s, retired %s", trigger,
-                     len(config.channels.channels), swapped[0] or "none", swapped[1] or "none")
+            log.info(JsonEvent.of("reload.done", trigger=trigger, channels=len(config.channels.channels),
+                                  upstreams_started=list(swapped[0]), upstreams_retired=list(swapped[1])))
             return True
 
     async def _swap(self, config: Config) -> tuple[list[str], list[str]]:
@@ -98,7 +100,7 @@ class ConfigReloader:
         await new.start_new(old)  # raises (having closed what it started) if something new cannot start
         for key in RESTART_ONLY:
             if getattr(old.config.channels.server, key) != getattr(config.channels.server, key):
-                log.warning("server.%s changed; it takes effect at the next restart", key)
+                log.warning(JsonEvent.of("reload.restart_needed", setting=f"server.{key}"))
         holder.current = new
         bound = max((c.timeout_s for c in old.config.channels.channels), default=30.0) + LOGIN_ALLOWANCE_S
         self._draining.append(old)
@@ -124,8 +126,8 @@ class ConfigReloader:
         try:
             await asyncio.wait_for(finished(), bound_s)
         except TimeoutError:
-            log.warning("requests on the previous configuration still running after %.0fs; closing what "
-                        "it alone used", bound_s)
+            log.warning(JsonEvent.of("reload.drain_timeout", seconds=bound_s,
+                                      effect="closing what the previous configuration alone used"))
         finally:  # also when the application stops first (close() cancels the wait, never the closing)
             self._draining.remove(old)
             task = asyncio.current_task()

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mediator.app import READINESS, RUNTIME, build_app, drop_server_header, handle_healthz, handle_readyz, handler_args
 from mediator.config import Config
 from mediator.errors import MediatorError
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.reload import attach_reloader
 from mediator.tls import server_context
@@ -126,7 +127,7 @@ async def run_sites(sites: Sequence[Site]) -> None:
                 raise ListenError(f"cannot listen on {site.host}:{site.port} ({site.name} listener): {reason}; "
                                   f"change {site.port_setting}") from None
             scheme = "https" if site.ssl_context else "http"
-            log.info("%s listener on %s://%s:%d", site.name, scheme, site.host, site.port)
+            log.info(JsonEvent.of("server.listening", listener=site.name, url=f"{scheme}://{site.host}:{site.port}"))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         reloaders = [s.app[RELOADER] for s in sites if RELOADER in s.app]
@@ -140,13 +141,13 @@ async def run_sites(sites: Sequence[Site]) -> None:
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
-        log.info("stopping: no new connections; draining requests in flight")
+        log.info(JsonEvent.of("server.stopping", effect="no new connections; draining requests in flight"))
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         for runner in reversed(runners):
             await runner.cleanup()
-    log.info("stopped")
+    log.info(JsonEvent.of("server.stopped"))
 
 
 def supervise(worker_argv: Sequence[str], workers: int) -> int:
@@ -158,7 +159,7 @@ def supervise(worker_argv: Sequence[str], workers: int) -> int:
 
     def spawn(index: int) -> None:
         children[index] = subprocess.Popen([*worker_argv, "--worker-index", str(index)])
-        log.info("worker %d started, pid %d", index, children[index].pid)
+        log.info(JsonEvent.of("server.worker_started", worker=index, pid=children[index].pid))
 
     def forward(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -180,17 +181,18 @@ def supervise(worker_argv: Sequence[str], workers: int) -> int:
                 continue
             del children[index]
             if stopping:
-                log.info("worker %d (pid %d) exited with %d", index, child.pid, code)
+                log.info(JsonEvent.of("server.worker_exited", worker=index, pid=child.pid, code=code))
                 failed = failed or code != 0
                 continue
             now = time.monotonic()
             restarts[index] = [t for t in restarts[index] if now - t < 60] + [now]
             if len(restarts[index]) > MAX_RESTARTS:
-                log.error("worker %d keeps exiting (last code %d); stopping all workers", index, code)
+                log.error(JsonEvent.of("server.worker_crash_loop", worker=index, code=code,
+                                       effect="stopping all workers"))
                 stopping = failed = True
                 forward(signal.SIGTERM, None)
                 continue
-            log.error("worker %d (pid %d) exited with %d; restarting it", index, child.pid, code)
+            log.error(JsonEvent.of("server.worker_restarted", worker=index, pid=child.pid, code=code))
             spawn(index)
     return 1 if failed else 0
 

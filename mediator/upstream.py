@@ -24,7 +24,6 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from mediator import json_codec
 from mediator.config.models import UpstreamConfig
 from mediator.errors import MediatorError
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, operation_outcome_response, wants_fhir_json
@@ -114,9 +113,10 @@ class UpstreamInvalidAnswer(UpstreamUnavailable):
 
 
 class ParsedResponse(web.Response):
-    """An answer of openIMIS passed on, with the JSON document its body carries: parsed once, where it is
-    received (`OpenImisUpstream.to_client`), and read from here by the response steps, the batch splitter
-    and facility-scoped searches instead of parsing the body again."""
+    """An answer with the JSON document its body carries: parsed once, where openIMIS's answer is received
+    (`OpenImisUpstream.answer`) or where the mediator built it (facility-scoped searches), and read from
+    here by the response steps (link_rewrite rewrites it in place), the batch splitter and facility-scoped
+    searches instead of parsing the body again. `body` is always `document` serialised."""
 
     def __init__(self, document: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -263,7 +263,8 @@ class OpenImisUpstream:
             now = time.monotonic()
             if now - self._last_credentials_error > 60:   # one line a minute, not one per request
                 self._last_credentials_error = now
-                log.error(message)
+                log.error(JsonEvent.of("upstream.credentials_missing", upstream=self.name, variable=variable,
+                                         setting=f"upstreams.{self.name}.login"))
             raise UpstreamLoginFailed(message)
         return username, password
 
@@ -296,7 +297,7 @@ class OpenImisUpstream:
         token = data.get("token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
             raise UpstreamLoginFailed(f"upstream {self.name}: login answer has no token")
-        log.info("logged in to upstream %s", self.name)
+        log.info(JsonEvent.of("upstream.logged_in", upstream=self.name))
         return token, _token_expiry(token, data.get("exp"), time.time())
 
     def upstream_url(self, relative_path: str, raw_query: str) -> URL:
@@ -430,7 +431,9 @@ class OpenImisUpstream:
         return self.answer(reply, wants_fhir_json(request))
 
     def answer(self, reply: UpstreamReply, fhir_json: bool) -> web.Response:
-        """openIMIS's reply as the client gets it: JSON checked, Location and Bundle links rewritten."""
+        """openIMIS's reply as the client gets it: JSON checked (parsed once), headers allowlisted, Location
+        rewritten to the public base. Bundle links and fullUrls are the `link_rewrite` response step's
+        (mediator.link_rewrite), which reads the document parsed here."""
         headers = {k: v for k, v in reply.headers.items() if k.lower() in RESPONSE_HEADERS_TO_KEEP}
         location = reply.headers.get("Location")
         if location:
@@ -452,9 +455,6 @@ class OpenImisUpstream:
             # mediator.fhir_answers needs to answer a search that found nothing with an empty searchset.
             response[OPENIMIS_NOT_FOUND] = is_not_found(reply.status, document)
             return response
-        if isinstance(document, dict) and self.rewriter.may_need_rewriting(body) and \
-                self.rewriter.rewrite_bundle(document):
-            body = json_codec.dumps(document)
         if is_json:
             content_type = FHIR_JSON if fhir_json else PLAIN_JSON
         else:
@@ -467,8 +467,8 @@ class OpenImisUpstream:
         URL and host:port, and facts of other facilities ("Claim with code 'X' already exists" is an
         existence oracle for another facility's claim). The caller gets the status and a generic, stable
         OperationOutcome; the log keeps what openIMIS said (its body never holds our token)."""
-        log.info(JsonEvent({"event": "upstream_error", "upstream": self.name, "status": reply.status,
-                            "body": reply.body[:MAX_LOGGED_ERROR_BYTES].decode("utf-8", "replace")}))
+        log.info(JsonEvent.of("upstream.error", upstream=self.name, status=reply.status,
+                              body=reply.body[:MAX_LOGGED_ERROR_BYTES].decode("utf-8", "replace")))
         reason, message = upstream_error_text(reply.status)
         # A 401 (after one fresh login) is about the mediator's credentials, not the caller's: passed on as
         # 401 it would send the client re-authenticating with us for nothing. It is a gateway failure.
@@ -485,8 +485,8 @@ class OpenImisUpstream:
                 reply = await self.call("GET", url, {"Accept": PLAIN_JSON, "X-Request-ID": "readiness-probe"}, None,
                                         timeout_s)
         except (UpstreamUnavailable, UpstreamTimeout, TimeoutError) as exc:
-            log.warning("readiness: upstream %s unreachable (%s)", self.name, type(exc).__name__)
+            log.warning(JsonEvent.of("upstream.probe_failed", upstream=self.name, error=type(exc).__name__))
             return False
         if reply.status != 200:
-            log.warning("readiness: upstream %s answered %d", self.name, reply.status)
+            log.warning(JsonEvent.of("upstream.probe_refused", upstream=self.name, status=reply.status))
         return reply.status == 200

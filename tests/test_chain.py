@@ -28,7 +28,7 @@ DECLARED = (
     ("stage", "write"), ("stage", "rate_limit"),
     ("route", "capabilities"), ("route", "async_claims"), ("route", "replica"), ("route", "local_answer"),
     ("route", "batch"), ("route", "idempotent_create"), ("route", "forward"),
-    ("response", "fhir_answers"), ("response", "response_filters"),
+    ("response", "link_rewrite"), ("response", "fhir_answers"), ("response", "response_filters"),
     ("finish", "response_headers"),
 )
 
@@ -91,14 +91,21 @@ class _Route:
 
 
 class _Shape:
-    name = "fhir_answers"
+    def __init__(self, name, seen=None):
+        self.name, self._seen = name, seen
 
     async def apply(self, exchange, response):
+        if self._seen is not None:
+            self._seen.append(self.name)
         return response
 
 
+def _response_steps(seen=None):
+    return [_Shape("link_rewrite", seen), _Shape("fhir_answers", seen), ResponseFiltersStep()]
+
+
 def _chain(route_steps):
-    return RequestChain(Pipeline([_Allow()]), route_steps, [_Shape(), ResponseFiltersStep()],
+    return RequestChain(Pipeline([_Allow()]), route_steps, _response_steps(),
                         [ResponseHeadersStep()])
 
 
@@ -114,7 +121,7 @@ def _exchange():
 
 def test_steps_must_be_the_declared_ones():
     with pytest.raises(RuntimeError, match="declared"):
-        RequestChain(Pipeline([_Allow()]), list(reversed(_routes())), [_Shape(), ResponseFiltersStep()],
+        RequestChain(Pipeline([_Allow()]), list(reversed(_routes())), _response_steps(),
                      [ResponseHeadersStep()])
 
 
@@ -185,6 +192,61 @@ async def test_an_error_in_a_stage_is_the_same_decision():
             raise BodyReadTimeout()
 
     exchange = _exchange()
-    response = await RequestChain(Pipeline([Slow()]), _routes(), [_Shape(), ResponseFiltersStep()],
+    response = await RequestChain(Pipeline([Slow()]), _routes(), _response_steps(),
                                   [ResponseHeadersStep()]).run(exchange)
     assert response.status == 408 and exchange.decisions[-1][1].reason == "request.body_timeout"
+
+
+async def test_response_steps_run_in_order_on_the_routed_answer_and_not_on_a_denial():
+    seen: list[str] = []
+    chain = RequestChain(Pipeline([_Allow()]), _routes(forward=web.Response(status=200)), _response_steps(seen),
+                         [ResponseHeadersStep()])
+    await chain.run(_exchange())
+    assert seen == ["link_rewrite", "fhir_answers"]
+
+    class _Deny:
+        name = "channel"
+
+        async def run(self, exchange):
+            return Decision.denied("channel.none", 404, "no channel")
+
+    seen.clear()
+    response = await RequestChain(Pipeline([_Deny()]), _routes(), _response_steps(seen),
+                                  [ResponseHeadersStep()]).run(_exchange())
+    assert response.status == 404 and seen == []
+
+
+async def test_fhir_answers_and_the_response_filters_see_the_links_the_client_gets(tmp_path):
+    """link_rewrite first: every later response step reads the parsed document with the public links."""
+    import json
+
+    from mediator.request_view import RequestView
+    from mediator.upstream import UpstreamReply, response_document
+
+    internal = "http://openimis.internal:8000/api/api_fhir_r4/"
+    runtime = Runtime.build(loaded(write_config(tmp_path, channels_yaml(internal))), Metrics())
+    exchange = Exchange(RequestView.described("GET", "/fhir/Organization/?_count=1"), "rid-12345678")
+    for stage in runtime.pipeline.stages[:2]:   # client_ip, channel
+        assert (await stage.run(exchange)).allow
+    exchange.answered_by = "forward"
+    filtered: list[object] = []
+
+    async def facility_filter(exchange, response):   # where authorization's result filter sits
+        filtered.append(response_document(response))
+        return response
+
+    exchange.response_filters.append(facility_filter)
+    bundle = {"resourceType": "Bundle", "type": "searchset", "total": 3,
+              "link": [{"relation": "next", "url": f"{internal}Organization/?_count=1&page-offset=2"}],
+              "entry": [{"fullUrl": f"{internal}Organization/o-1", "resource": {"resourceType": "Organization",
+                                                                               "id": "o-1"}}]}
+    received = runtime.upstreams["openimis"].answer(
+        UpstreamReply(200, {}, json.dumps(bundle).encode(), "application/json"), fhir_json=False)
+    response = received
+    for step in runtime.chain.response:
+        response = await step.apply(exchange, response)
+    document = filtered[0]
+    assert document is received.document   # parsed once, on receipt; rewritten in place
+    assert document["entry"][0]["fullUrl"] == "https://mediator.example.org/fhir/Organization/o-1"
+    assert document["link"][0]["url"].startswith("https://mediator.example.org/fhir/Organization/")
+    assert json.loads(response.body) == document

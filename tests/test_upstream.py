@@ -7,6 +7,7 @@ import time
 import pytest
 from aiohttp import web
 
+from mediator.logs import JsonEvent
 from mediator.upstream import UpstreamInvalidAnswer
 from tests.conftest import channels_yaml, upstream_url
 
@@ -227,9 +228,11 @@ async def test_openimis_errors_are_passed_on_generic_and_kept_whole_in_the_log(a
                          "Django"):
             assert internal not in text and internal not in str(response.headers)
         assert response.headers["Retry-After"] == "7"          # allowlisted headers still pass
-        logged = " ".join(r.getMessage() for r in caplog.records)
-        assert "Claim with code 'FOREIGN-42' already exists." in logged   # openIMIS's words, for operators
-        assert "t0ken-of-the-mediator" not in logged
+        errors = [r.msg.fields for r in caplog.records
+                  if isinstance(r.msg, JsonEvent) and r.msg.fields["event"] == "upstream.error"]
+        assert [(e["upstream"], e["status"]) for e in errors] == [("openimis", status)]
+        assert "Claim with code 'FOREIGN-42' already exists." in errors[0]["body"]   # openIMIS's words, for operators
+        assert "t0ken-of-the-mediator" not in " ".join(r.getMessage() for r in caplog.records)
 
 
 async def test_no_answer_names_the_server_software(mediator, tmp_path, sandbox_server, aiohttp_client):
@@ -301,8 +304,9 @@ async def test_a_forwarded_answer_carries_its_document_parsed_once(sandbox, sand
         response = await upstream.forward(RequestView.described("GET", "/fhir/Practitioner/"), "Practitioner", None,
                                           "127.0.0.1", "t-5", 5)
         assert isinstance(response, ParsedResponse) and response.status == 200
-        # The document is the body (links rewritten to the mediator), not a second parse of something else.
+        # The document is the body, not a second parse of something else; its links are still openIMIS's
+        # (the link_rewrite response step rewrites them in this same document: tests/test_link_rewrite.py).
         assert response.document == json.loads(response.body) and response_document(response) is response.document
-        assert all(link["url"].startswith("https://mediator.example.org/fhir/") for link in response.document["link"])
+        assert all(link["url"].startswith(upstream_url(sandbox_server)) for link in response.document["link"])
     finally:
         await upstream.close()

@@ -25,6 +25,7 @@ from aiohttp import web
 from mediator.async_claims.store import QueuedEntry, Result
 from mediator.bulkhead import UpstreamRefused
 from mediator.fhir import operation_outcome
+from mediator.link_rewrite import rewrite_links
 from mediator.upstream import (
     OpenImisUpstream,
     UpstreamLoginFailed,
@@ -71,9 +72,13 @@ async def _exchange(upstream: OpenImisUpstream, method: str, relative: str, quer
 
 async def _send(upstream: OpenImisUpstream, method: str, relative: str, query: str, body: bytes | None,
                 entry: QueuedEntry, timeout_s: float) -> web.Response:
-    """As the caller gets it: JSON checked, links rewritten, errors as generic OperationOutcomes. Stored as
-    JSON; the status URL negotiates the content type when it is read."""
-    return upstream.answer(await _exchange(upstream, method, relative, query, body, entry, timeout_s), fhir_json=False)
+    """As the caller gets it: JSON checked, links rewritten (the same rule as the link_rewrite response
+    step), errors as generic OperationOutcomes. Stored as JSON; the status URL negotiates the content type
+    when it is read."""
+    answered = upstream.answer(await _exchange(upstream, method, relative, query, body, entry, timeout_s),
+                               fhir_json=False)
+    rewrite_links(upstream.rewriter, answered)   # in place
+    return answered
 
 
 def _nothing_sent(exc: BaseException) -> bool:
@@ -160,7 +165,7 @@ async def find_claim(upstream: OpenImisUpstream, slot: SlotCall, entry: QueuedEn
             return Lookup("absent" if raw.reply is not None else "failed")
         if raw.reply.status != 200:
             return Lookup("failed")
-        response = upstream.answer(raw.reply, fhir_json=False)
+        response = upstream.answer(raw.reply, fhir_json=False)   # a ClaimResponse: no Bundle links to rewrite
         resource = json.loads(_body_text(response))
         if not isinstance(resource, dict) or resource.get("resourceType") != "ClaimResponse":
             return Lookup("failed")

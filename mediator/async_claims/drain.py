@@ -26,6 +26,7 @@ from mediator.async_claims import delivery
 from mediator.async_claims.metrics import AsyncMetrics
 from mediator.async_claims.store import QueuedEntry, QueueStore, Result, StreamRef
 from mediator.config.models import AsyncSubmissionConfig, ChannelConfig
+from mediator.logs import JsonEvent
 from mediator.redis_store import STORE_ERRORS
 from mediator.upstream import OpenImisUpstream
 
@@ -111,7 +112,7 @@ class Drainer:
                 return await call()
             except STORE_ERRORS as exc:
                 self.metrics.store_errors.labels(operation).inc()
-                log.warning("queue store failed during %s: %s", operation, type(exc).__name__)
+                log.warning(JsonEvent.of("async_claims.store_failed", operation=operation, error=type(exc).__name__))
                 if not await self._sleep(delay):
                     return None
                 delay = min(delay * 2, 2.0)
@@ -129,12 +130,12 @@ class Drainer:
             except STORE_ERRORS as exc:
                 self.metrics.store_errors.labels("read").inc()
                 self.store.forget_groups()
-                log.warning("queue store unavailable: %s", type(exc).__name__)
+                log.warning(JsonEvent.of("async_claims.store_failed", operation="read", error=type(exc).__name__))
                 await self._sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             except Exception:
-                log.exception("queue drain round failed")
+                log.exception(JsonEvent.of("async_claims.drain_round_failed"))
                 await self._sleep(1.0)
                 continue
             if not found:
@@ -223,7 +224,7 @@ class Drainer:
         except asyncio.CancelledError:
             raise
         except Exception:  # the entry stays pending: another round (or instance) takes it over
-            log.exception("delivering queued entry %s failed", entry_id)
+            log.exception(JsonEvent.of("async_claims.delivery_failed", entry_id=entry_id))
 
     async def _settle(self, ref: StreamRef, entry_id: str, entry: QueuedEntry, result: Result,
                       outcome: str) -> None:

@@ -28,6 +28,7 @@ from mediator.config.models import PRIORITY_NAMES, AsyncSubmissionConfig, Channe
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, operation_outcome, operation_outcome_response, wants_fhir_json
 from mediator.idempotency import Idempotency
 from mediator.load_protection import LoadProtection
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.pipeline import Decision, Exchange
 from mediator.redis_store import STORE_ERRORS, RedisStore
@@ -140,7 +141,7 @@ class AsyncClaims:
                                      presettled=presettled, total=total, request_id=exchange.request_id)
         except STORE_ERRORS as exc:
             self.metrics.store_errors.labels("enqueue").inc()
-            log.warning("queue store failed on accept: %s", type(exc).__name__)
+            log.warning(JsonEvent.of("async_claims.store_failed", operation="accept", error=type(exc).__name__))
             return operation_outcome_response(503, "async.store_unavailable",
                                               "the queue cannot store this submission now; retry later",
                                               {"Retry-After": "1"})
@@ -254,7 +255,8 @@ class AsyncClaims:
     # -- final outcomes ------------------------------------------------------------------------------
 
     def _settled(self, ref: StreamRef, entry: QueuedEntry, result: Result, outcome: str, finished: bool) -> None:
-        log.info("queued claim settled: job %s entry %d %s %d", entry.job_id, entry.index, outcome, result.status)
+        log.info(JsonEvent.of("async_claims.settled", job_id=entry.job_id, entry=entry.index, outcome=outcome,
+                               status=result.status))
         if self.audit is not None:
             self.audit.record_event(final_audit_event(ref, entry, result, outcome, time.time()))
 
@@ -304,6 +306,6 @@ def final_audit_event(ref: StreamRef, entry: QueuedEntry, result: Result, outcom
 
 
 def status_error(exc: BaseException) -> web.Response:
-    log.warning("queue store failed on a status read: %s", type(exc).__name__)
+    log.warning(JsonEvent.of("async_claims.store_failed", operation="status_read", error=type(exc).__name__))
     return operation_outcome_response(503, "async.store_unavailable", "the queue cannot be read now; retry later",
                                       {"Retry-After": "1"})

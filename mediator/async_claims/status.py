@@ -24,7 +24,7 @@ from mediator.redis_store import STORE_ERRORS
 from mediator.request_view import RequestView
 from mediator.stages.channel_match import Channel
 
-log = logging.getLogger("mediator.access")
+access_log = logging.getLogger("mediator.access")
 
 GUARD_STAGES = ("client_ip", "ip", "authentication", "over_limit", "rate_limit")
 """The stages of the submission's channel a status request goes through (those the runtime built): the
@@ -55,11 +55,12 @@ def make_status_handler(parts: RuntimeParts) -> Callable[[web.Request], Any]:
         response.headers["X-Request-ID"] = exchange.request_id
         response.headers.update(exchange.response_headers)   # RateLimit of an admitted poll
         reason = exchange.decisions[-1][1].reason if exchange.decisions else "none"
-        if log.isEnabledFor(logging.INFO):
-            log.info(JsonEvent({"request_id": exchange.request_id, "client_ip": str(exchange.client_ip),
-                                "method": request.method, "channel": "async-status", "interaction": "async-status",
-                                "resource_type": None, "status": response.status, "reason": reason,
-                                "ms": round((time.perf_counter() - started) * 1000, 2)}))
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(JsonEvent({"request_id": exchange.request_id, "client_ip": str(exchange.client_ip),
+                                       "method": request.method, "channel": "async-status",
+                                       "interaction": "async-status", "resource_type": None,
+                                       "status": response.status, "reason": reason,
+                                       "ms": round((time.perf_counter() - started) * 1000, 2)}))
         return response
 
     return handle_status

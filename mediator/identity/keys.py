@@ -24,6 +24,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
 from mediator.errors import MediatorError
+from mediator.logs import JsonEvent
 
 log = logging.getLogger("mediator.identity")
 
@@ -55,7 +56,7 @@ def load_or_create_signing_key(path: Path) -> ECKey:
         else:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            log.info("generated the access-token signing key %s", path)
+            log.info(JsonEvent.of("identity.signing_key_generated", path=str(path)))
     return _read_signing_key(path)
 
 
@@ -216,5 +217,5 @@ class JwksCache:
                 self.keys = parse_jwks(json.loads(body))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # Keep the last good keys: an IdP outage must not log every user out.
-            log.warning("JWKS fetch from %s failed (%s); keeping %s", self.url, exc,
-                        "the last good keys" if self.keys else "no keys")
+            log.warning(JsonEvent.of("identity.jwks_fetch_failed", url=self.url, error=type(exc).__name__,
+                                      detail=str(exc), keeping="last_good_keys" if self.keys else "no_keys"))

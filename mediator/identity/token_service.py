@@ -126,7 +126,7 @@ async def _issue(identity: Identity, request: web.Request, client_ip_policy: Cli
         first = await identity.replay.first_use(f"assertion:{client.client_id}", jti,
                                                 float(verified.claims["exp"]) + service.leeway_s)
     except ReplayStoreUnavailable:
-        log.error("replay store unavailable; refusing the assertion")
+        log.error(JsonEvent.of("token.replay_store_unavailable", outcome="assertion_refused"))
         # authlib (1.9) has no class for RFC 6749 §4.1.2.1 temporarily_unavailable: the generic error.
         raise TokenError(oauth_errors.OAuth2Error(error="temporarily_unavailable", description="try again later",
                                                   status_code=503),
@@ -185,17 +185,16 @@ def make_handlers(get_identity: Callable[[web.Request], Identity],
             body, client_id = await _issue(identity, request, get_ip_policy(request), int(time.time()))
         except TokenError as exc:
             record(request)(STAGE, Decision.denied(exc.reason, exc.status, exc.error.description or ""))
-            log.info(JsonEvent({"event": "token_refused", "request_id": request_id, "reason": exc.reason}))
+            log.info(JsonEvent.of("token.refused", request_id=request_id, reason=exc.reason))
             response = _error_response(exc)
         except Exception:  # nothing a request does may take the process down; answer RFC 6749 JSON
-            log.exception("token endpoint error, request %s", request_id)
+            log.exception(JsonEvent.of("token.internal_error", request_id=request_id))
             record(request)(STAGE, Decision.denied("auth_token.internal_error", 500, ""))
             response = web.json_response({"error": "server_error"}, status=500,
                                          headers={"Cache-Control": "no-store"})
         else:
             record(request)(STAGE, Decision.allowed("auth_token.issued"))
-            log.info(JsonEvent({"event": "token_issued", "request_id": request_id, "client_id": client_id,
-                                 "scope": body["scope"]}))
+            log.info(JsonEvent.of("token.issued", request_id=request_id, client_id=client_id, scope=body["scope"]))
             response = _ok_response(body)
         response.headers["X-Request-ID"] = request_id
         return response

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mediator.logs import JsonEvent
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import SearchQuery
 from mediator.replica.store import ReplicaStore
@@ -46,7 +47,8 @@ class ReplicaFacilitySource:
             organizations = await self._all(state.generation, "Organization")
             roles = await self._all(state.generation, "PractitionerRole")
         except Exception as exc:   # a store failure is not the directory's: openIMIS is asked instead
-            log.warning("facility directory: replica unreadable (%s), reading openIMIS", type(exc).__name__)
+            log.warning(JsonEvent.of("facilities.replica_unreadable", error=type(exc).__name__,
+                                     effect="reading openIMIS"))
             return None
         return organizations, roles
 

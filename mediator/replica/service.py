@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from mediator.config import Config
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.replica.facilities import ReplicaFacilitySource
 from mediator.replica.policy import ReplicaPolicy
@@ -77,8 +78,8 @@ class Replica:
             # Bounded: a shutdown or a reload must never wait forever on a sync stuck in I/O.
             done, _ = await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S)
             if not done:
-                log.warning("replica: the sync task did not stop within %.0fs; closing its store anyway",
-                            CLOSE_TIMEOUT_S)
+                log.warning(JsonEvent.of("replica.sync_stop_timeout", seconds=CLOSE_TIMEOUT_S,
+                                          effect="closing its store anyway"))
             self._task = None
         await self.store.close()
 
@@ -116,14 +117,14 @@ class Replica:
                 if state is not None:
                     self.reader.last_success = state.last_success
             except SyncFailed as exc:
-                log.warning("replica: sync failed, serving the last good data: %s", exc)
+                log.warning(JsonEvent.of("replica.sync_failed", detail=str(exc), effect="serving the last good data"))
                 delay = self.policy.retry_after_failure_s
             except Exception:  # a bug must not end the schedule for the life of the process
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     # redis-py may turn our cancellation into a connection error; we are being closed.
                     raise asyncio.CancelledError from None
-                log.exception("replica: unexpected error during sync")
+                log.exception(JsonEvent.of("replica.sync_crashed"))
                 self.metrics.replica_sync_errors.labels("auto").inc()
                 delay = self.policy.retry_after_failure_s
             task = asyncio.current_task()

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 
 from mediator.errors import MediatorError
 from mediator.fhir_answers import add_zones
+from mediator.logs import JsonEvent
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import StoredResource, SyncState, build_record, is_inactive, valid_upstream_resource
 from mediator.replica.store import ReplicaStore, ReplicaStoreError
@@ -126,7 +127,8 @@ class ReplicaSyncer:
                     if valid_upstream_resource(resource, rtype):
                         resources.append(resource)
                     else:
-                        log.warning("replica: skipped a malformed %s entry on page %d", rtype, page.number)
+                        log.warning(JsonEvent.of("replica.malformed_entry_skipped", resource_type=rtype,
+                                                 page=page.number))
                 received += len(resources)
                 if received > self.policy.max_resources_per_type:
                     raise SyncFailed(f"{rtype}: more than max_resources_per_type "
@@ -222,8 +224,9 @@ class ReplicaSyncer:
                         break
                     # openIMIS 1.10 pages Practitioner/PractitionerRole wrongly for some _count values (measured:
                     # _count=15 gives 0 entries, _count>=29 gives 15 of 29); small pages come out whole.
-                    log.warning("replica: openIMIS listed %d of %d %s at _count=%d; reading again at _count=%d",
-                                count, totals[rtype], rtype, self.policy.page_size, SHORT_PAGE_FALLBACK)
+                    log.warning(JsonEvent.of("replica.short_listing", resource_type=rtype, listed=count,
+                                              total=totals[rtype], page_size=self.policy.page_size,
+                                              retry_page_size=SHORT_PAGE_FALLBACK))
                 report.counts[rtype] = await self.store.count(generation, rtype)
                 report.removed += sum(1 for rid in previous if rid not in kept)
             for path in self.policy.documents:
@@ -240,7 +243,7 @@ class ReplicaSyncer:
             await self.store.discard(generation)
             raise
         report.seconds = finished - started
-        log.info("replica: full sync done in %.1fs: %s", report.seconds, report.counts)
+        log.info(JsonEvent.of("replica.full_sync_done", seconds=round(report.seconds, 3), counts=report.counts))
         return report
 
     async def _incremental(self, state: SyncState, progress: Progress | None) -> SyncReport:
@@ -286,8 +289,8 @@ class ReplicaSyncer:
             upstream_total = await self._upstream_total(rtype)
             # With inactive: drop, openIMIS counts resources we deliberately left out; only full syncs then.
             if upstream_total is not None and upstream_total != expected[rtype] and self.policy.inactive == "keep":
-                log.info("replica: %s count differs (openIMIS %d, replica %d); full sync needed",
-                         rtype, upstream_total, expected[rtype])
+                log.info(JsonEvent.of("replica.count_differs", resource_type=rtype, openimis=upstream_total,
+                                       replica=expected[rtype], effect="full sync needed"))
                 report.full_needed = True
         counts = dict(state.counts)
         counts.update(expected)
@@ -296,6 +299,6 @@ class ReplicaSyncer:
         await self.store.apply(new_state, upserts, removals)
         report.counts, report.changed, report.removed = counts, len(upserts), len(removals)
         report.seconds = finished - started
-        log.info("replica: incremental sync done in %.1fs: %d changed, %d removed",
-                 report.seconds, report.changed, report.removed)
+        log.info(JsonEvent.of("replica.incremental_sync_done", seconds=round(report.seconds, 3), changed=report.changed,
+                               removed=report.removed))
         return report

@@ -22,6 +22,7 @@ from mediator.config import Config
 from mediator.config.authorization import AuthorizationPolicy
 from mediator.facilities import FacilityDirectory, FacilitySource
 from mediator.identity import Identity
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.pipeline import Stage
 from mediator.redis_store import RedisStore
@@ -75,8 +76,8 @@ def build_stages(config: Config, upstreams: Mapping[str, OpenImisUpstream] | Non
     users = None
     directory: FacilityDirectory | None = facility_directory
     if "authorization" not in config.policies:
-        logging.getLogger("mediator.authorization").warning(
-            "policies/authorization.yaml is absent: every request is denied (authorization.no_policy)")
+        logging.getLogger("mediator.authorization").warning(JsonEvent.of(
+            "authorization.no_policy", file="policies/authorization.yaml", effect="every request is denied"))
     if "authorization" in config.policies:
         if guards is None:
             guards = {name: UpstreamGuard.build(name, u.bulkhead, u.circuit_breaker)

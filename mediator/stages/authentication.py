@@ -250,8 +250,8 @@ async def _facility_of_vouched_user(name: str, registered: frozenset[str],
         return facility
     # SECURITY: one answer for "nobody" and "a claim administrator of a facility not yours": two answers
     # would tell the client which codes exist at other facilities. The log tells operators which it was.
-    log.info(JsonEvent({"event": "authentication.vouched_user_refused",
-                        "why": "unknown" if facility is None else "facility_not_registered"}))
+    log.info(JsonEvent.of("authentication.vouched_user_refused",
+                           why="unknown" if facility is None else "facility_not_registered"))
     return forbidden("unknown_user", f"{USER_NAME_HEADER} names no claim administrator of a health facility "
                                      "registered for this client")
 
@@ -306,8 +306,8 @@ class AuthenticationStage:
         level = logging.DEBUG if decision.allow else logging.INFO
         if not log.isEnabledFor(level):
             return decision
-        log.log(level, JsonEvent({"event": "authentication", "request_id": exchange.request_id,
-                                  "outcome": "allow" if decision.allow else "deny", "reason": decision.reason,
-                                  "client_id": principal.client_id if principal else None,
-                                  "method": principal.auth_method if principal else None}))
+        log.log(level, JsonEvent.of("authentication.decided", request_id=exchange.request_id,
+                                     outcome="allow" if decision.allow else "deny", reason=decision.reason,
+                                     client_id=principal.client_id if principal else None,
+                                     method=principal.auth_method if principal else None))
         return decision

@@ -144,9 +144,8 @@ class AuthorizationStage:
         outcome = "allow" if shadow.decision.allow else "deny"
         actual = "allow" if enforced.decision.allow else "deny"
         self.metrics.shadow.labels(shadow.rule.name, outcome, actual).inc()
-        log.info(JsonEvent({"event": "authorization.shadow", "request_id": request_id,
-                             "rule": shadow.rule.name, "would": outcome, "reason": shadow.decision.reason,
-                             "enforced": actual}))
+        log.info(JsonEvent.of("authorization.shadow", request_id=request_id, rule=shadow.rule.name, would=outcome,
+                              reason=shadow.decision.reason, enforced=actual))
 
     async def check_entry(self, principal: Principal | None, method: str, url: str,
                           resource: Mapping[str, Any] | None, *, request_id: str = "entry",

@@ -17,6 +17,7 @@ from typing import Any
 from mediator.claim_index import ClaimIndex, IndexedClaim
 from mediator.facilities import DirectoryUnavailable, FacilityDirectory, FacilitySnapshot, LookupFailed
 from mediator.facility_scope import FACILITY_BINDINGS, FacilityFacts, is_unresolved, merge, owner_facts
+from mediator.logs import JsonEvent
 from mediator.stages.authorization_policy import Access
 from mediator.upstream import OpenImisUpstream
 
@@ -119,7 +120,7 @@ class FacilityFactFinder:
         except DirectoryUnavailable:
             return FacilityFacts.failed("directory_unavailable", "the facility directory is unavailable", 503), None
         except LookupFailed as exc:
-            log.warning("ownership lookup failed, request %s: %s", request_id, exc)
+            log.warning(JsonEvent.of("authorization.ownership_lookup_failed", request_id=request_id, detail=str(exc)))
             return FacilityFacts.failed("lookup_failed", "openIMIS did not answer the ownership lookup", 502), None
 
 

@@ -40,7 +40,7 @@ class SearchResultFilter:
         try:
             await self._count(exchange, response)
         except Exception:   # count-only: a check that cannot run is logged; the enforced rule decided
-            log.exception("shadow search result check failed, request %s", exchange.request_id)
+            log.exception(JsonEvent.of("authorization.shadow_filter_failed", request_id=exchange.request_id))
         return response
 
     async def _count(self, exchange: Exchange, response: web.StreamResponse) -> None:
@@ -76,5 +76,4 @@ class SearchResultFilter:
             self.metrics.dropped.labels(self.access.resource_type, "true").inc(foreign)
             if exchange.authorization_facts is not None:
                 exchange.authorization_facts.foreign_entries = foreign
-            log.info(JsonEvent({"event": "authorization.shadow_filter", "request_id": exchange.request_id,
-                                 "would_drop": foreign}))
+            log.info(JsonEvent.of("authorization.shadow_filter", request_id=exchange.request_id, would_drop=foreign))

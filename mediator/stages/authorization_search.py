@@ -43,9 +43,10 @@ from mediator.claim_index import ClaimIndex, IndexedClaim, IndexPage
 from mediator.errors import MediatorError
 from mediator.facilities import LookupFailed
 from mediator.fhir import operation_outcome_response
+from mediator.logs import JsonEvent
 from mediator.pipeline import Decision
 from mediator.request_view import RequestView
-from mediator.upstream import OpenImisUpstream, response_document
+from mediator.upstream import OpenImisUpstream, ParsedResponse, response_document
 
 log = logging.getLogger("mediator.authorization")
 
@@ -233,7 +234,7 @@ class ScopedSearch:
             return await self._run(request, client_ip, request_id, priority, timeout_s)
         except LookupFailed as exc:
             self._count("failed")
-            log.warning("facility-scoped search failed, request %s: %s", request_id, exc)
+            log.warning(JsonEvent.of("authorization.scoped_search_failed", request_id=request_id, detail=str(exc)))
             return operation_outcome_response(502, f"{NAME}.lookup_failed",
                                               f"openIMIS did not answer the search properly; quote request id "
                                               f"{request_id}")
@@ -271,9 +272,10 @@ class ScopedSearch:
             outcome = "full" if result.served == len(page.claims) else "short"
         self._count(outcome)
         body = json.dumps(result.bundle, ensure_ascii=False, separators=(",", ":")).encode()
-        return web.Response(status=200, body=body, content_type="application/fhir+json"
-                            if "fhir+json" in request.headers.get("Accept", "") else "application/json",
-                            charset="utf-8")
+        # Parsed form along: link_rewrite puts the window's fullUrls (openIMIS's) on the public base.
+        return ParsedResponse(result.bundle, status=200, body=body, content_type="application/fhir+json"
+                              if "fhir+json" in request.headers.get("Accept", "") else "application/json",
+                              charset="utf-8")
 
     async def _window(self, request: RequestView, named: tuple[IndexedClaim, ...], client_ip: str,
                       request_id: str, priority: int, timeout_s: float) -> Mapping[str, Any]:
@@ -300,10 +302,10 @@ class ScopedSearch:
             request, path, None, client_ip, request_id, timeout_s, method="GET", raw_query=query),
             f"search-read:{self.search.resource_type}")
         if response.status != 200:
-            body = response.body if isinstance(response.body, bytes) else b""
-            # SECURITY: openIMIS's error texts can name other facilities' claims ("malformed entry …/Claim/<uuid>").
-            log.warning("facility-scoped search read answered %s, request %s: %s", response.status,
-                        request_id, body[:500].decode("utf-8", "replace"))
+            # SECURITY: openIMIS's error texts can name other facilities' claims ("malformed entry …/Claim/<uuid>"):
+            # not here (`upstream.error`, logged where the answer was received, keeps what openIMIS said).
+            log.warning(JsonEvent.of("authorization.scoped_search_read_refused", request_id=request_id,
+                                     status=response.status))
             raise LookupFailed(f"search read answered {response.status}")
         document = response_document(response)   # parsed once, on receipt
         if document is None:

@@ -31,6 +31,7 @@ from redis.commands.core import AsyncScript
 from mediator.config import Config
 from mediator.config.rate_limits import RateLimitsPolicy, Reconcile
 from mediator.gcra import GcraLimit, GcraResult, LocalGcraStore, decide, now_us
+from mediator.logs import JsonEvent
 from mediator.metrics import Metrics
 from mediator.pipeline import Decision, Exchange
 from mediator.redis_store import STORE_ERRORS, RedisStore
@@ -96,7 +97,7 @@ class RedisGcraStore:
         states = [None if int(t) == -1 else int(t) for t in reply[2:]]
         decision, _, results = decide(states, limits, redis_now, cost)
         if decision.allow != admitted:
-            log.error("rate limit: Lua and Python GCRA disagree for %s", [lim.name for lim in limits])
+            log.error(JsonEvent.of("rate_limit.gcra_disagree", limits=[lim.name for lim in limits]))
         return decision, results
 
 
@@ -182,7 +183,7 @@ class ReconciledGcraStore:
         try:
             await self.reconcile()
         except Exception:  # not a Redis error (those are handled inside): logged, the next call retries
-            log.exception("rate limit reconciliation failed")
+            log.exception(JsonEvent.of("rate_limit.reconcile_crashed"))
         finally:
             self._task = None
             if self._charged:  # admitted while this call was in flight: report them next interval
@@ -409,13 +410,13 @@ class RateLimitStage:
         until the view is older than max_stale_s (then `_store_failed` applies on_store_error)."""
         if self._metrics is not None:
             self._metrics.store_errors.labels("rate_limit", "reconcile").inc()
-        self._warn(f"rate limit reconciliation with Redis failed: {type(exc).__name__}; deciding locally")
+        self._warn(JsonEvent.of("rate_limit.reconcile_failed", error=type(exc).__name__, effect="deciding locally"))
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, event: JsonEvent) -> None:
         now = time.monotonic()
         if now - self._last_store_warning > 10:  # one line per 10 s, not one per request
             self._last_store_warning = now
-            log.warning("%s", message)
+            log.warning(event)
 
     def _store_failed(self, exc: BaseException | None, keys: list[str], limits: list[GcraLimit],
                       cost: int) -> tuple[Decision, list[GcraResult]]:
@@ -425,7 +426,7 @@ class RateLimitStage:
         if self._metrics is not None:
             self._metrics.store_errors.labels("rate_limit", mode).inc()
         cause = type(exc).__name__ if exc is not None else "no reconciliation within max_stale_s"
-        self._warn(f"rate limit store (Redis) failed: {cause}; applying on_store_error={mode}")
+        self._warn(JsonEvent.of("rate_limit.store_failed", error=cause, on_store_error=mode))
         if strict:
             return Decision.denied("rate_limit.store_unavailable", 503,
                                    f"rate limit store unavailable (limit {strict[0]} denies then)",

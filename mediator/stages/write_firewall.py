@@ -14,6 +14,7 @@ from typing import Any
 from mediator.config import Config
 from mediator.config.write_profiles import WriteProfilesPolicy
 from mediator.facilities import DirectoryUnavailable, FacilityDirectory, FacilitySnapshot
+from mediator.logs import JsonEvent
 from mediator.pipeline import Decision, Exchange
 from mediator.write_profiles import REASON, WriteCheck, check_write
 
@@ -38,7 +39,8 @@ class WriteFirewallStage:
         """Absent policies/write_profiles.yaml: no type has a profile, so every write is refused (fail
         closed, like an absent authorization policy); a WARNING at start and on every reload says why."""
         if "write_profiles" not in config.policies:
-            log.warning("policies/write_profiles.yaml is absent: every write is refused (write.no_profile)")
+            log.warning(JsonEvent.of("write.no_profile", file="policies/write_profiles.yaml",
+                                      effect="every write is refused"))
             return cls(WriteProfilesPolicy(version=1), directory)
         return cls(config.policy("write_profiles", WriteProfilesPolicy), directory)
 

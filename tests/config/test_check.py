@@ -11,6 +11,7 @@ import pytest
 
 from mediator.cli import main
 from mediator.config.models import UpstreamConfig
+from mediator.logs import JsonEvent
 from mediator.upstream import OpenImisUpstream, UpstreamLoginFailed
 from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, config_problems, write_config
 from tests.test_policy_tests import shipped_copy
@@ -180,9 +181,10 @@ async def test_at_run_time_an_unset_login_variable_is_one_clear_log_line(caplog)
     for _ in range(3):
         with pytest.raises(UpstreamLoginFailed, match="environment variable OPENIMIS_PASSWORD is not set"):
             await upstream.token()
-    assert [r.getMessage() for r in caplog.records] == [
-        "upstream openimis: environment variable OPENIMIS_PASSWORD is not set (channels.yaml "
-        "upstreams.openimis.login); cannot log in to openIMIS"]
+    assert [r.msg.fields for r in caplog.records if isinstance(r.msg, JsonEvent)] == [
+        {"event": "upstream.credentials_missing", "upstream": "openimis", "variable": "OPENIMIS_PASSWORD",
+         "setting": "upstreams.openimis.login"}]
+    assert len(caplog.records) == 1
 
 
 def test_a_missing_config_directory_is_named(tmp_path, capsys):

@@ -102,7 +102,11 @@ async def test_searches_only_show_the_callers_facility(vendors):
 
     own = await jm.request("GET", search)
     assert own.status == 200, await own.text()
-    assert jambero_entries(await own.json()) >= 1  # openIMIS does return Jambero's claims for this patient
+    own_bundle = await own.json()
+    assert jambero_entries(own_bundle) >= 1  # openIMIS does return Jambero's claims for this patient
+    # Answered by the mediator (local_answer) from openIMIS's window: its fullUrls are the mediator's.
+    assert all(e["fullUrl"].startswith(BASE) for e in own_bundle["entry"])
+    assert all(link["url"].startswith(BASE) for link in own_bundle["link"])
     foreign = await ra.request("GET", search)
     assert foreign.status == 200, await foreign.text()
     assert jambero_entries(await foreign.json()) == 0  # ...and the mediator drops them for Rapta

@@ -31,10 +31,12 @@ async def test_lines_logged_during_a_request_carry_its_id_which_openimis_also_re
         logging.getLogger("mediator").removeHandler(handler)
         logging.getLogger("mediator").setLevel(logging.NOTSET)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    by_message = {(line.get("msg") or line["event"].get("channel")): line for line in lines}
+    by_message = {(line.get("msg") or line["event"].get("event") or line["event"].get("channel")): line
+                  for line in lines}
     assert by_message["before any request"]["request_id"] is None
-    login = by_message["logged in to upstream openimis"]  # logged deep in upstream.py, not by the handler
+    login = by_message["upstream.logged_in"]  # logged deep in upstream.py, not by the handler
     assert login["request_id"] == "trace-abc-0001" and login["logger"] == "mediator.upstream"
+    assert login["event"] == {"event": "upstream.logged_in", "upstream": "openimis"}
     access = by_message["master-data"]
     assert access["request_id"] == "trace-abc-0001" and access["event"]["status"] == 200
     forwarded = [r for r in sandbox.requests if r["path"].endswith("/Medication/")]

@@ -72,7 +72,8 @@ async def test_sighup_reloads_the_policy_of_a_running_server(tmp_path, sandbox_s
         proc.send_signal(signal.SIGTERM)
         assert await wait_exit(proc) == 0
     lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
-    assert any(line.get("msg", "").startswith("configuration reloaded (sighup)") for line in lines)
+    assert any(line.get("event", {}).get("event") == "reload.done" and line["event"]["trigger"] == "sighup"
+               for line in lines)
 
 
 async def test_sigterm_drains_the_request_in_flight_then_refuses_and_exits_0(tmp_path, aiohttp_server):

@@ -44,10 +44,10 @@ async def test_an_edited_policy_applies_and_a_broken_one_is_refused_while_the_ol
     with caplog.at_level(logging.ERROR, logger="mediator.reload"):
         policy.write_text(BROKEN_POLICY)
         await eventually(lambda: _reloads(app, "failure", "file") == 1, what="the broken policy to be refused")
-    assert [r.getMessage() for r in caplog.records if r.name == "mediator.reload"] == [
-        "configuration refused, the running one stays in use: policies/ip_allowlist.yaml:8:13: "
-        "ip_sets.other.allow[0]: invalid ip or cidr range: '300.1.2.3/32' "
-        "('300.1.2.3/32' does not appear to be an IPv4 or IPv6 network)"]
+    assert [r.msg.fields for r in caplog.records if r.name == "mediator.reload"] == [
+        {"event": "reload.refused", "trigger": "file", "file": "policies/ip_allowlist.yaml", "line": 8,
+         "column": 13, "problem": "ip_sets.other.allow[0]: invalid ip or cidr range: '300.1.2.3/32' "
+                                  "('300.1.2.3/32' does not appear to be an IPv4 or IPv6 network)"}]
     assert (await client.get("/fhir/Medication/")).status == 403  # still the last good policy
     assert _reloads(app, "success", "file") == 1
 
@@ -91,7 +91,8 @@ async def test_a_reload_that_changes_the_listener_warns_that_a_restart_is_needed
     channels.write_text(channels.read_text().replace("max_body_bytes: 65536", "max_body_bytes: 4096"))
     with caplog.at_level(logging.WARNING, logger="mediator.reload"):
         assert await reloader.reload("sighup")
-    assert "server.limits changed; it takes effect at the next restart" in caplog.text
+    assert {"event": "reload.restart_needed", "setting": "server.limits"} in [
+        r.msg.fields for r in caplog.records if r.name == "mediator.reload" and r.levelname == "WARNING"]
 
 
 async def test_a_reload_naming_a_missing_key_file_is_refused_at_its_line(tmp_path, sandbox_server, aiohttp_client,
@@ -109,12 +110,13 @@ async def test_a_reload_naming_a_missing_key_file_is_refused_at_its_line(tmp_pat
                                                                            "vendor-b": "RAHOS001"}))
     with caplog.at_level(logging.ERROR, logger="mediator.reload"):
         assert not await reloader.reload("test")
-    refused = [r.getMessage() for r in caplog.records if r.name == "mediator.reload"]
+    refused = [r.msg.fields for r in caplog.records if r.name == "mediator.reload"]
     # vendor-b's key file serves for its client assertions and its users' tokens: both places are named
-    assert [line.split(": ", 3)[1:] for line in refused] == [
-        ["policies/clients.yaml:31:7", "clients.vendor-b.keys.public_key_file",
-         "keys/vendor-b.pem: cannot read (No such file or directory)"],
-        ["policies/clients.yaml:40:9", "clients.vendor-b.user_token.keys.public_key_file",
-         "keys/vendor-b.pem: cannot read (No such file or directory)"]], refused
+    assert [(e["event"], e["file"], e["line"], e["column"], e["problem"]) for e in refused] == [
+        ("reload.refused", "policies/clients.yaml", 31, 7,
+         "clients.vendor-b.keys.public_key_file: keys/vendor-b.pem: cannot read (No such file or directory)"),
+        ("reload.refused", "policies/clients.yaml", 40, 9,
+         "clients.vendor-b.user_token.keys.public_key_file: keys/vendor-b.pem: cannot read "
+         "(No such file or directory)")], refused
     assert _reloads(app, "failure", "test") == 1
     assert (await client.get("/fhir/Medication/")).status == 200   # the running configuration still serves

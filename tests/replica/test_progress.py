@@ -4,6 +4,7 @@ into the log lines the sync writes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -29,5 +30,6 @@ async def test_sync_prints_one_finished_line_per_type_and_log_lines_of_their_own
     bars = [line for line in lines if "[" in line and "/" in line and not line.startswith("{")]
     assert {line.split()[0] for line in bars} >= {"Medication", "Organization", "CodeSystem/medical-item"}
     assert all("{" not in line for line in bars)   # no log line glued onto a bar
-    assert any(line.startswith("{") and "full sync done" in line for line in lines)
+    events = [json.loads(line)["event"] for line in lines if line.startswith("{")]
+    assert any(e["event"] == "replica.full_sync_done" and e["counts"]["Medication"] >= 1 for e in events)
     assert lines[-1].startswith("full sync done in ")

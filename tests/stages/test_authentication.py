@@ -296,7 +296,7 @@ async def test_denials_are_logged_at_info_and_allows_only_at_debug(auth_mediator
         assert (await auth_mediator.get("/fhir/Medication/", headers=bearer)).status == 200
         assert (await auth_mediator.get("/fhir/Medication/")).status == 401
         events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mediator.identity"]
-        seen = [(e["outcome"], e["reason"]) for e in events if e.get("event") == "authentication"]
+        seen = [(e["outcome"], e["reason"]) for e in events if e.get("event") == "authentication.decided"]
         allowed = [("allow", "authentication.authenticated")] if level == logging.DEBUG else []
         assert seen == allowed + [("deny", "authentication.missing_credentials")]
         assert token not in caplog.text
@@ -479,8 +479,9 @@ async def test_the_log_tells_operators_why_a_vouched_user_was_refused(identity, 
     with caplog.at_level("INFO", logger="mediator.identity"):
         for name in ("NOBODY", "JHOS0011"):
             await decide(Credentials(None, _cert(identity, "vendor-b"), None, name), LOCAL, identity, _now(), USERS)
-    whys = [r.getMessage() for r in caplog.records if "vouched_user_refused" in r.getMessage()]
-    assert len(whys) == 2 and '"unknown"' in whys[0] and '"facility_not_registered"' in whys[1]
+    whys = [r.msg.fields for r in caplog.records if "vouched_user_refused" in r.getMessage()]
+    assert whys == [{"event": "authentication.vouched_user_refused", "why": "unknown"},
+                    {"event": "authentication.vouched_user_refused", "why": "facility_not_registered"}]
 
 
 async def test_a_trusted_header_user_acts_for_their_own_facility_vouched_by_the_client(identity):
@@ -608,7 +609,7 @@ async def test_mtls_clients_over_real_tls_with_uvloop(tmp_path, sandbox_server, 
         await eventually(lambda: port_open(unused_tcp_port) or process.poll() is not None, 20, "the listener")
         assert process.poll() is None, (tmp_path / "serve.log").read_text()
         await _mtls_answers(f"https://localhost:{unused_tcp_port}/fhir/Medication/", certs, tmp_path / "other-ca")
-    assert "event loop: uvloop" in (tmp_path / "serve.log").read_text()
+    assert '"event":{"event":"server.event_loop","event_loop":"uvloop"}' in (tmp_path / "serve.log").read_text()
 
 
 # --- configuration --------------------------------------------------------------------------------

@@ -392,7 +392,9 @@ async def test_absent_policy_denies_everything_and_empty_rules_deny_all(tmp_path
     assert not (root / "policies" / "authorization.yaml").exists()
     with caplog.at_level("WARNING", logger="mediator.authorization"):
         stages = build_stages(load_config(root))
-    assert any("authorization.yaml is absent" in r.getMessage() for r in caplog.records)
+    assert [r.msg.fields for r in caplog.records if r.name == "mediator.authorization"] == [
+        {"event": "authorization.no_policy", "file": "policies/authorization.yaml",
+         "effect": "every request is denied"}]
     assert [s.name for s in stages][-2:] == ["authorization", "write"]
     assert isinstance(stages[-2], NoAuthorizationPolicyStage)
     decision = await stages[-2].run(None)  # type: ignore[arg-type]  # it looks at nothing

@@ -378,7 +378,9 @@ async def test_absent_write_profiles_refuse_every_write(make_mediator, sandbox, 
     with caplog.at_level("WARNING", logger="mediator.write_firewall"):
         client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=OPEN_CHANNELS),
                                      extra_policies={"write_profiles.yaml": None})
-    assert "policies/write_profiles.yaml is absent: every write is refused (write.no_profile)" in caplog.text
+    assert {"event": "write.no_profile", "file": "policies/write_profiles.yaml",
+            "effect": "every write is refused"} in [r.msg.fields for r in caplog.records
+                                                    if r.name == "mediator.write_firewall"]
     seen = len(sandbox.requests)
     response = await client.post("/fhir/Claim", json={"resourceType": "Claim", "status": "active"})
     assert response.status == 403
