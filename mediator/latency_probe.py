@@ -105,5 +105,5 @@ class LatencyProbe:
             self._outcomes["failed"].inc()
         if not self._failing:  # once per run of failures, not once per probe
             self._failing = True
-            log.warning(JsonEvent({"event": "latency_probe.failed", "upstream": self.upstream.name,
-                                   "path": self.config.path, "why": why}))
+            log.warning(JsonEvent.of("latency_probe.failed", upstream=self.upstream.name, path=self.config.path,
+                                     detail=why))
