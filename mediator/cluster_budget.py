@@ -148,6 +148,7 @@ class ClusterBudget:
         self._release: Any = None
         self._renew: Any = None
         self._renewer: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def take(self, limit: float, priority: int = 0, waiting: int = -1) -> Lease | None:
         """A lease if fewer than the smallest live instance's limit (this one's: `limit`; at least 1) are
@@ -186,9 +187,9 @@ class ClusterBudget:
     async def _renew_while_held(self) -> None:
         if self._renew is None:
             self._renew = self._redis.client.register_script(_RENEW)
-        while self.held:
+        while self.held and not self._closed:
             await asyncio.sleep(self.config.lease_ttl_s / 3)
-            if not self.held:
+            if not self.held or self._closed:
                 return
             try:
                 await self._renew(keys=[self.key], args=[self._ttl_ms, *sorted(self.held)])
@@ -197,6 +198,9 @@ class ClusterBudget:
                 log.warning(JsonEvent.of("cluster_budget.renew_failed", error=type(exc).__name__, detail=str(exc)))
 
     async def close(self) -> None:
+        # The flag as well as the cancel: a cancellation that arrives inside a Redis call can be swallowed by
+        # the client (redis-py), and the renewer would then loop on forever with its leases.
+        self._closed = True
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
