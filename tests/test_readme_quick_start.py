@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from mediator.cli import build_parser
 from tests.conftest import SANDBOX_USER
-from tests.operations.support import free_port, port_open
+from tests.operations.support import free_port, port_open, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -72,12 +71,7 @@ def dev_mediator(tmp_path_factory):
         assert port_open(port), (root / "dev.log").read_text()
         yield root, port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

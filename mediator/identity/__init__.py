@@ -14,6 +14,7 @@ task kept), and the HTTP session the caches use.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os
@@ -86,20 +87,12 @@ class PeerCertificate:
     subject_cn: str | None
 
 
-_DESCRIBED: dict[bytes, PeerCertificate] = {}
-_MAX_DESCRIBED = 1024
-
-
+@functools.lru_cache(maxsize=1024)
 def describe_certificate(der: bytes) -> PeerCertificate:
     """The fingerprint and subject CN of a client certificate (DER). A pure function of the bytes, and a
     client sends the same certificate with every request: parsed and hashed once per certificate
-    (bounded), not once per request."""
-    described = _DESCRIBED.get(der)
-    if described is None:
-        described = _describe_certificate(der)
-        if len(_DESCRIBED) < _MAX_DESCRIBED:
-            _DESCRIBED[der] = described
-    return described
+    (bounded, least recently used out), not once per request."""
+    return _describe_certificate(der)
 
 
 def _describe_certificate(der: bytes) -> PeerCertificate:
