@@ -25,6 +25,7 @@ from mediator.fhir import (
     PLAIN_JSON,
     FhirRequest,
     MalformedRequest,
+    created_id,
     operation_outcome,
     operation_outcome_response,
     parse_fhir_path,
@@ -109,14 +110,9 @@ async def _answer(response: web.Response, resource_type: str) -> dict[str, Any]:
 
 def _created_location(status: int, resource_type: str, document: dict[str, Any] | None) -> str | None:
     """`entry.response.location` of a create openIMIS answered without a Location (it never sends one): the
-    created resource's relative URL (FHIR R4 http.html#transaction-response). openIMIS answers a created
-    Claim with its ClaimResponse, which carries the Claim's id."""
-    if status != 201 or document is None or not isinstance(document.get("id"), str):
-        return None
-    answered = document.get("resourceType")
-    if answered != resource_type and not (resource_type == "Claim" and answered == "ClaimResponse"):
-        return None
-    return f"{resource_type}/{document['id']}"
+    created resource's relative URL (FHIR R4 http.html#transaction-response)."""
+    rid = created_id(resource_type, document) if status == 201 else None
+    return f"{resource_type}/{rid}" if rid is not None else None
 
 
 async def run_batch(exchange: Exchange, channel: ChannelConfig, document: dict[str, Any],

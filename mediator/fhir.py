@@ -145,6 +145,18 @@ def wants_fhir_json(request: RequestView) -> bool:
         request.headers.get("Content-Type", "").startswith(FHIR_JSON)
 
 
+def created_id(resource_type: str, document: Any) -> str | None:
+    """The id of the resource a create of `resource_type` made, as its answer names it (None: the answer does
+    not name it). openIMIS answers a created Claim with its ClaimResponse, which carries the Claim's id."""
+    if not isinstance(document, dict) or not isinstance(document.get("id"), str):
+        return None
+    answered = document.get("resourceType")
+    if answered != resource_type and not (resource_type == "Claim" and answered == "ClaimResponse"):
+        return None
+    rid: str = document["id"]
+    return rid
+
+
 def prefer_tokens(request: RequestView) -> dict[str, str]:
     """The `Prefer` header's preferences (RFC 7240), lower-cased: {"return": "minimal", "handling": ...}.
     The first occurrence of a preference wins; values without `=` map to ""."""

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from mediator.bulkhead import UpstreamRefused
 from mediator.facility_scope import FACILITY_BOUND
-from mediator.fhir import FHIR_JSON, PLAIN_JSON, REASON_SYSTEM, prefer_tokens
+from mediator.fhir import FHIR_JSON, PLAIN_JSON, REASON_SYSTEM, created_id, prefer_tokens
 from mediator.logs import JsonEvent
 from mediator.pipeline import Exchange
 from mediator.upstream import OPENIMIS_NOT_FOUND, Guard, OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
@@ -181,13 +181,10 @@ class FhirAnswers:
         fhir, channel = exchange.fhir, exchange.channel
         assert fhir is not None and fhir.resource_type is not None and channel is not None
         rtype = fhir.resource_type
-        if not isinstance(document, dict) or not isinstance(document.get("id"), str):
+        rid = created_id(rtype, document)
+        if rid is None:
             return document
-        rid = document["id"]
-        answered_type = document.get("resourceType")
-        # openIMIS answers a created Claim with its ClaimResponse, which has the Claim's id.
-        if answered_type != rtype and not (rtype == "Claim" and answered_type == "ClaimResponse"):
-            return document
+        answered_type = document["resourceType"]   # rtype, or ClaimResponse for a created Claim
         headers.setdefault("Location", f"{self.public_base_url}{rtype}/{rid}")   # openIMIS's own, rewritten, wins
         wanted = prefer_tokens(exchange.request).get("return")
         choice = wanted if wanted in CREATE_RETURNS[:3] else channel.config.fhir_answers.create_return
@@ -216,8 +213,8 @@ class FhirAnswers:
         """The created resource as openIMIS now serves it (None if it cannot be read: then the create is
         answered with an OperationOutcome naming it). Inside the upstream's guard like every request the
         mediator sends, at the channel's priority; a refusal there (openIMIS busy) is not the create's failure."""
-        config = exchange.channel.config if exchange.channel is not None else None
-        assert config is not None
+        assert exchange.channel is not None
+        config = exchange.channel.config
         try:
             status, created = await upstream.get_document(f"{rtype}/{rid}", "", config.timeout_s, exchange.request_id,
                                                           guard, config.priority_value, f"{rtype}:read_back")
