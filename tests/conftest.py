@@ -29,6 +29,18 @@ ip_sets:
 """
 
 
+OPEN_CAPABILITIES_CHANNEL = """\
+- name: capabilities
+  path: ^/fhir/metadata/?$
+  methods: [GET]
+  upstream: openimis
+  ip_allowlist: [local]
+  authentication: none
+"""
+"""The capabilities channel (GET /fhir/metadata, no authentication) as tests write it, indented as a
+channels list at column 0 (channels_yaml dedents what it is given)."""
+
+
 def channels_yaml(upstream: str, *, extra_server: str = "", channels: str | None = None) -> str:
     if channels is None:
         channels = """\

@@ -8,7 +8,7 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
 from mediator.capabilities import OAUTH_URIS, build_statement
 from mediator.config import load_config
-from tests.conftest import channels_yaml, upstream_url
+from tests.conftest import OPEN_CAPABILITIES_CHANNEL, channels_yaml, upstream_url
 
 REPO = Path(__file__).parents[1]
 
@@ -60,20 +60,14 @@ def test_openimis_parameters_for_upstream_channels(tmp_path, sandbox_server):
 
 async def test_metadata_is_answered_by_the_mediator_and_matches_smart_configuration(sandbox, make_mediator,
                                                                                       sandbox_server):
-    channels = """\
-      - name: capabilities
-        path: ^/fhir/metadata/?$
-        methods: [GET]
-        upstream: openimis
-        ip_allowlist: [local]
-        authentication: none
-      - name: claims
-        path: ^/fhir/(Claim|ClaimResponse)(/[^/]+)?/?$
-        methods: [GET, POST]
-        upstream: openimis
-        ip_allowlist: [local]
-        authentication: none
-    """
+    channels = OPEN_CAPABILITIES_CHANNEL + """\
+- name: claims
+  path: ^/fhir/(Claim|ClaimResponse)(/[^/]+)?/?$
+  methods: [GET, POST]
+  upstream: openimis
+  ip_allowlist: [local]
+  authentication: none
+"""
     client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=channels))
     response = await client.get("/fhir/metadata", headers={"Accept": "application/fhir+json"})
     assert response.status == 200 and response.content_type == "application/fhir+json"

@@ -30,8 +30,9 @@ from fhirclient.server import FHIRPermissionDeniedException
 from fhirpy import AsyncFHIRClient, SyncFHIRClient
 from fhirpy.base.exceptions import ForbiddenError
 
+from tests.conftest import OPEN_CAPABILITIES_CHANNEL
 from tests.e2e.test_facility_searches import _db_claims
-from tests.e2e.vendors import CAPABILITIES_CHANNEL, CHANNELS, _claim_for, vendor_kit
+from tests.e2e.vendors import CHANNELS, _claim_for, vendor_kit
 
 pytestmark = [pytest.mark.openimis, pytest.mark.timeout(600)]
 
@@ -53,7 +54,7 @@ async def kit(openimis, tmp_path, make_mediator):  # type: ignore[no-untyped-def
     port = _free_port()
     origin = f"http://127.0.0.1:{port}"
     async for vendors in vendor_kit(openimis, tmp_path, make_mediator, origin=origin,
-                                    channels=CAPABILITIES_CHANNEL + CHANNELS, server_kwargs={"port": port}):
+                                    channels=OPEN_CAPABILITIES_CHANNEL + CHANNELS, server_kwargs={"port": port}):
         yield vendors
 
 

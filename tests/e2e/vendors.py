@@ -27,15 +27,6 @@ BASE = f"{ORIGIN}/fhir/"
 VENDORS = {"vendor-jm": "JMHOS001", "vendor-ra": "RAHOS001"}
 CLAIM_ADMIN = {"JMHOS001": "JHOS0011", "RAHOS001": "RHOS0011"}
 
-CAPABILITIES_CHANNEL = """\
-- name: capabilities
-  path: ^/fhir/metadata/?$
-  methods: [GET]
-  upstream: openimis
-  ip_allowlist: [local]
-  authentication: none
-"""
-
 CHANNELS = """\
 - name: master-data
   path: ^/fhir/(ActivityDefinition|Medication|Location|Organization)(/[^/]+)?/?$

@@ -19,6 +19,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from mediator.identity.client import client_assertion, token_form
+from tests.conftest import OPEN_CAPABILITIES_CHANNEL
 
 BASE = "https://mediator.example.org/fhir/"
 ORIGIN = "https://mediator.example.org"
@@ -31,13 +32,7 @@ AUTH_CHANNELS = """\
   methods: [GET]
   upstream: openimis
   ip_allowlist: [local]
-- name: capabilities
-  path: ^/fhir/metadata/?$
-  methods: [GET]
-  upstream: openimis
-  ip_allowlist: [local]
-  authentication: none
-"""
+""" + OPEN_CAPABILITIES_CHANNEL
 
 
 TLS_BLOCK = """\

@@ -32,7 +32,14 @@ from mediator.sandbox import load_fixtures
 from mediator.stages.authentication import AuthenticationStage
 from mediator.stages.authorization_policy import Access, evaluate, token_permissions
 from mediator.tls import server_context
-from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, config_problems, upstream_url, write_config
+from tests.conftest import (
+    DEFAULT_IP_POLICY,
+    OPEN_CAPABILITIES_CHANNEL,
+    channels_yaml,
+    config_problems,
+    upstream_url,
+    write_config,
+)
 from tests.identity.kit import (
     TLS_BLOCK,
     TOKEN_URL,
@@ -447,33 +454,27 @@ CALLERS = {
 }
 
 CLAIM_CHANNELS = """\
-  - name: master-data
-    path: ^/fhir/(Medication|Organization)(/[^/]+)?/?$
-    methods: [GET]
-    upstream: openimis
-    ip_allowlist: [local]
-  - name: eligibility
-    path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
-    methods: [GET, POST]
-    upstream: openimis
-    ip_allowlist: [local]
-  - name: claims
-    path: ^/fhir/(Claim|ClaimResponse|CommunicationRequest)(/[^/]+)?/?$
-    methods: [GET, POST]
-    upstream: openimis
-    ip_allowlist: [local]
-  - name: bulk
-    path: ^/fhir/?$
-    methods: [POST]
-    upstream: openimis
-    ip_allowlist: [local]
-  - name: capabilities
-    path: ^/fhir/metadata/?$
-    methods: [GET]
-    upstream: openimis
-    ip_allowlist: [local]
-    authentication: none
-"""
+- name: master-data
+  path: ^/fhir/(Medication|Organization)(/[^/]+)?/?$
+  methods: [GET]
+  upstream: openimis
+  ip_allowlist: [local]
+- name: eligibility
+  path: ^/fhir/(Patient(/[^/]+)?|CoverageEligibilityRequest)/?$
+  methods: [GET, POST]
+  upstream: openimis
+  ip_allowlist: [local]
+- name: claims
+  path: ^/fhir/(Claim|ClaimResponse|CommunicationRequest)(/[^/]+)?/?$
+  methods: [GET, POST]
+  upstream: openimis
+  ip_allowlist: [local]
+- name: bulk
+  path: ^/fhir/?$
+  methods: [POST]
+  upstream: openimis
+  ip_allowlist: [local]
+""" + OPEN_CAPABILITIES_CHANNEL
 
 
 def write_authz_config(root: Path, sandbox_server: Any, policy: str = SHIPPED_POLICY,

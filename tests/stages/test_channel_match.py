@@ -4,7 +4,7 @@ import pytest
 
 from mediator.config.models import ChannelConfig
 from mediator.stages.channel_match import Channel, ChannelTable, decide
-from tests.conftest import channels_yaml, upstream_url
+from tests.conftest import OPEN_CAPABILITIES_CHANNEL, channels_yaml, upstream_url
 
 
 def _channel(name, path, methods, **kw):
@@ -79,15 +79,7 @@ async def test_no_channel_never_reaches_openimis(sandbox, sandbox_server, make_m
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
 async def test_metadata_is_read_only_405_with_allow(sandbox, sandbox_server, make_mediator, method):
-    channels = """\
-      - name: capabilities
-        path: ^/fhir/metadata/?$
-        methods: [GET]
-        upstream: openimis
-        ip_allowlist: [local]
-        authentication: none
-    """
-    client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=channels))
+    client = await make_mediator(channels_yaml(upstream_url(sandbox_server), channels=OPEN_CAPABILITIES_CHANNEL))
     response = await client.request(method, "/fhir/metadata", data=b"{}",
                                     headers={"Content-Type": "application/fhir+json"})
     assert response.status == 405
