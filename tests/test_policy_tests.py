@@ -268,27 +268,26 @@ def test_explain_says_what_answers_a_request_openimis_never_sees(tmp_path, capsy
         "result: allowed; the live mediator would forward this request to openIMIS"
 
 
-def test_explain_with_facts_is_offline(tmp_path, capsys):
+def _explain_as_rapta_offline(tmp_path, capsys, path: str) -> tuple[int, list[str]]:
+    """explain of GET `path` by Rapta's claim administrator, with the demo facts and openIMIS unreachable."""
     root = shipped_copy(tmp_path / "config")
     channels = (root / "channels.yaml").read_text().replace("127.0.0.1:8000", "127.0.0.1:9")   # nothing there
     (root / "channels.yaml").write_text(channels)
-    code = main(["explain", "--config", str(root), "--path", "/fhir/ClaimResponse/RAD00001", "--client", "vendor-b",
+    code = main(["explain", "--config", str(root), "--path", path, "--client", "vendor-b",
                  "--roles", "hms,claim-admin", "--facility", "RAHOS001", "--user", "RHOS0011",
                  "--facts", str(REPO / "policies" / "tests" / "facts" / "demo.yaml")])
-    out = capsys.readouterr().out.splitlines()
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_explain_with_facts_is_offline(tmp_path, capsys):
+    code, out = _explain_as_rapta_offline(tmp_path, capsys, "/fhir/ClaimResponse/RAD00001")
     assert code == 0, out
     assert "assumed: claim index owner of RAD00001: owned by RAHOS001" in out[-2]
     assert out[-1] == "result: allowed; the live mediator would forward this request to openIMIS"
 
 
 def test_explain_with_facts_reports_a_scoped_search_as_not_evaluated_offline(tmp_path, capsys):
-    root = shipped_copy(tmp_path / "config")
-    channels = (root / "channels.yaml").read_text().replace("127.0.0.1:8000", "127.0.0.1:9")   # nothing there
-    (root / "channels.yaml").write_text(channels)
-    code = main(["explain", "--config", str(root), "--path", "/fhir/ClaimResponse?_count=5", "--client", "vendor-b",
-                 "--roles", "hms,claim-admin", "--facility", "RAHOS001", "--user", "RHOS0011",
-                 "--facts", str(REPO / "policies" / "tests" / "facts" / "demo.yaml")])
-    out = capsys.readouterr().out.splitlines()
+    code, out = _explain_as_rapta_offline(tmp_path, capsys, "/fhir/ClaimResponse?_count=5")
     assert code == 0, out
     assert not any("assumed:" in line for line in out)   # deciding it needs no lookup; serving it would
     assert out[-1] == ("result: allowed; the live mediator would answer this search itself from the claims of "
