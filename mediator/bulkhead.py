@@ -291,7 +291,17 @@ class Bulkhead:
         lets waiters in."""
         before = self.limit.current
         self.limit.record(rtt_s, kind)
-        current = self.limit.current
+        self._limit_recorded(before)
+
+    def record_latency_probe(self, rtt_s: float) -> None:
+        """The latency probe was answered after `rtt_s` (mediator/latency_probe.py): feeds the adaptive
+        limit's second signal; a raised limit lets waiters in."""
+        before = self.limit.current
+        self.limit.record_latency_probe(rtt_s)
+        self._limit_recorded(before)
+
+    def _limit_recorded(self, before: int) -> None:
+        """After the limit took a sample: its gauges, and waiters let in if it rose from `before`."""
         if self._metrics is not None:
             self._limit_gauge.set(self.limit.value)
             min_rtt = self.limit.min_rtt_s
@@ -299,16 +309,6 @@ class Bulkhead:
                 if self._min_rtt_gauge is None:
                     self._min_rtt_gauge = self._metrics.upstream_min_rtt.labels(self.name)
                 self._min_rtt_gauge.set(min_rtt)
-        if current > before and self.budget is None:
-            self._dispatch()
-
-    def record_latency_probe(self, rtt_s: float) -> None:
-        """The latency probe was answered after `rtt_s` (mediator/latency_probe.py): feeds the adaptive
-        limit's second signal; a raised limit lets waiters in."""
-        before = self.limit.current
-        self.limit.record_latency_probe(rtt_s)
-        if self._metrics is not None:
-            self._limit_gauge.set(self.limit.value)
         if self.limit.current > before and self.budget is None:
             self._dispatch()
 
