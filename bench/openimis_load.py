@@ -1,6 +1,7 @@
 """Do API floods make the REAL openIMIS slow for its interactive users? One run, figures side by side.
 
-    .venv/bin/python bench/openimis_load.py [--duration 20] [--rate 200] [--probe-rate 4] [--only ...]
+    .venv/bin/python bench/openimis_load.py [--duration 60] [--rate 200] [--probe-rate 4] [--only ...]
+        [--channels FILE] [--instances 1,2] [--no-straight] [--json out.json]
 
 Starts (or reuses) the real openIMIS of tests/openimis/harness.py (2 sync gunicorn workers). The
 interactive user is the openIMIS web app's insuree search (GraphQL `insurees`, as the admin UI sends it,
@@ -16,8 +17,9 @@ that loop's delays to the interactive figures). It is measured idle, then under 
 each sent (1) straight to openIMIS, (2) through one `openimis-mediator serve` with the shipped
 channels.yaml and policies (ip_allowlist, rate_limits, replica, write_profiles) plus the e2e vendors' clients and
 authorization, and (3) through two such processes sharing one Redis (server.redis + bulkhead scope
-cluster, the flood split between them). Printed: interactive p50/p95/p99 (the p99 of a 20 s phase's 80
-samples is its slowest), the API rate openIMIS served (answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
+cluster, the flood split between them). Printed: interactive p50/p95/p99 (a 60 s phase has 240 samples;
+its p99 is the third slowest — at 20 s it was the slowest, and an idle openIMIS alone sometimes answers
+one query in 0.4 s), the API rate openIMIS served (answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
 request (measured alone, in a closed loop of one, before each flood) and per refused one (the rest of the
 flood's CPU divided by its refusals), the mediator's final concurrency limit and minimum RTT, and the
 load average. A benchmark script, not a test: it asserts nothing, it prints figures. Bounded in time:
@@ -103,6 +105,8 @@ def _pct(values: list[float], q: float) -> float:
 @dataclass
 class Tally:
     latencies_ms: list[float] = field(default_factory=list)
+    timeline: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds from the phase's start to the request's due time, latency ms): when the slow ones came."""
     statuses: Counter[int] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     errors: int = 0
@@ -138,6 +142,7 @@ async def open_loop(session: aiohttp.ClientSession, rate: float, duration: float
             tally.errors += 1
             return
         tally.latencies_ms.append((loop.time() - due) * 1000)
+        tally.timeline.append((round(due - start, 3), round(tally.latencies_ms[-1], 1)))
 
     for i in range(total):
         due = start + i / rate
@@ -191,7 +196,8 @@ async def _probe_result(child: asyncio.subprocess.Process) -> Tally:
     result = json.loads(await child.stdout.read())
     await child.wait()
     statuses = Counter({int(status): count for status, count in result["statuses"].items()})
-    return Tally(latencies_ms=result["latencies_ms"], statuses=statuses, errors=result["errors"])
+    return Tally(latencies_ms=result["latencies_ms"], timeline=[tuple(p) for p in result["timeline"]],
+                 statuses=statuses, errors=result["errors"])
 
 
 async def probe_child(spec: str) -> None:
@@ -202,7 +208,7 @@ async def probe_child(spec: str) -> None:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         tally = await open_loop(session, rate, duration, lambda i: request, 50)
-    print(json.dumps({"latencies_ms": tally.latencies_ms, "statuses": tally.statuses, "errors": tally.errors}),
+    print(json.dumps({"latencies_ms": tally.latencies_ms, "timeline": tally.timeline, "statuses": tally.statuses, "errors": tally.errors}),
           flush=True)
 
 
@@ -224,9 +230,13 @@ class Vendor:
         return out
 
 
+CHANNELS_FILE = ROOT / "channels.yaml"
+"""The channels.yaml the mediators run (`--channels` names another, e.g. a bulkhead variant)."""
+
+
 def _shipped_config(root: Path, direct_base: str, vendor: Vendor, port: int, metrics_port: int,
                     redis_prefix: str | None, signing_key: bytes) -> None:
-    channels = yaml.safe_load((ROOT / "channels.yaml").read_text())
+    channels = yaml.safe_load(CHANNELS_FILE.read_text())
     channels = copy.deepcopy(channels)
     server = channels["server"]
     server["listen"] = {"host": "127.0.0.1", "port": port}
@@ -425,6 +435,9 @@ async def run(args: argparse.Namespace) -> None:
             await settle()
 
         kinds = [k for k in ("eligibility", "claims") if args.only in (None, k)]
+        # openIMIS just (re)started answers its first GraphQL queries slowly (cold caches and lazy imports in
+        # each worker, up to seconds): not its idle latency. Warm both workers before measuring anything.
+        await closed_loop(probe_session, 3, lambda i: probe_request)
         await scenario("idle", None, None)
 
         def direct_flood(kind: str) -> Callable[[], Callable[[int], Request]]:
@@ -437,7 +450,7 @@ async def run(args: argparse.Namespace) -> None:
                            ) -> Callable[[], Callable[[int], Request]]:
             return lambda: flood_requests(kind, m.base, indexed(headers))
 
-        for kind in kinds:
+        for kind in kinds if not args.no_straight else ():
             await scenario(f"{kind}: straight to openIMIS", kind, direct_flood(kind))
         if "claims" in kinds and args.one_at_a_time:
             # The best any admission control that admits claims at all can do: one claim at a time, no
@@ -445,7 +458,7 @@ async def run(args: argparse.Namespace) -> None:
             await scenario("claims: one at a time, straight", "claims", direct_flood("claims"), one_at_a_time=True)
         vendor = Vendor()
         with tempfile.TemporaryDirectory() as tmp:
-            for count in (1, 2):
+            for count in (int(c) for c in args.instances.split(",")):
                 mediators = Mediators(count, direct_base, vendor, Path(tmp))
                 try:
                     await mediators.ready(probe_session, vendor)
@@ -495,18 +508,27 @@ async def run(args: argparse.Namespace) -> None:
             "p99_ms": _pct(r.probe.latencies_ms, 0.99),
             "served_per_s": r.served_per_s("mediator" not in r.scenario), "refused": r.refusals(),
             "cpu_forwarded_ms": r.cpu_forwarded_ms, "cpu_refused_ms": r.cpu_refused_ms, "load": r.load,
-            "state": r.state} for r in rows], indent=2))
+            "state": r.state, "interactive_timeline": sorted(r.probe.timeline)} for r in rows], indent=2))
 
 
 def main() -> None:
+    global CHANNELS_FILE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=20, help="seconds per flood (and idle) phase")
+    parser.add_argument("--duration", type=float, default=60,
+                        help="seconds per flood (and idle) phase (60: 240 interactive samples, so the p99 is "
+                             "not just the slowest answer)")
     parser.add_argument("--calibrate", type=float, default=5, help="seconds of the forwarded-only CPU measurement")
     parser.add_argument("--rate", type=float, default=200, help="flood requests per second")
     parser.add_argument("--probe-rate", type=float, default=4, help="interactive requests per second")
     parser.add_argument("--max-outstanding", type=int, default=128, help="flood requests open at once, at most")
     parser.add_argument("--only", choices=["eligibility", "claims"], help="one flood only (quicker)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--channels", type=Path, default=CHANNELS_FILE,
+                        help="the channels.yaml the mediators run (default: the shipped one); its server "
+                             "listen/metrics/audit/redis and the upstream's base_url are replaced as for the shipped")
+    parser.add_argument("--no-straight", action="store_true",
+                        help="skip the floods straight to openIMIS (comparing mediator configurations)")
+    parser.add_argument("--instances", default="1,2", help="mediator instance counts to run, e.g. 1 or 1,2")
     parser.add_argument("--probe-in-loop", action="store_true",
                         help="measure the interactive user in the flood generator's own event loop")
     parser.add_argument("--one-at-a-time", action="store_true",
@@ -514,6 +536,7 @@ def main() -> None:
                              "latency with a single claim always in flight")
     parser.add_argument("--probe-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    CHANNELS_FILE = args.channels.resolve()
     if args.probe_child:
         asyncio.run(probe_child(args.probe_child))
         return
