@@ -163,7 +163,16 @@ class GradientLimit:
 
     @property
     def value(self) -> float:
-        return self.floor if self.probing else self.limit
+        return self.measuring if self.probing else self.limit
+
+    @property
+    def measuring(self) -> float:
+        """The limit while the minimum RTT is measured: the floor, but at least one request at a time. The
+        unloaded answer time is that of a request alone; a duty cycle below 1 only adds pauses between
+        such requests, which change nothing in what is measured but make the measurement last 1/floor
+        times longer (at a floor of 0.1, ten claims took ~15 s at a tenth of the admitted rate, every
+        `probe_interval_s`)."""
+        return min(self.ceiling, max(self.floor, 1.0))
 
     @property
     def current(self) -> int:

@@ -46,7 +46,7 @@ def window(limit: GradientLimit, clock: Clock, rtt_s: float, count: int = 3, sat
 
 
 def probe(limit: GradientLimit, rtt_s: float) -> None:
-    assert limit.probing and limit.current == limit.floor
+    assert limit.probing and limit.value == limit.measuring
     for _ in range(limit.params.probe_samples):
         limit.record(rtt_s)
     assert not limit.probing
@@ -209,6 +209,7 @@ async def test_the_bulkhead_follows_the_limit_down_and_up():
 
 async def test_below_one_the_limit_is_a_duty_cycle():
     bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, initial_concurrent=0.5))
+    _measured(bulkhead)
     assert bulkhead.limit.value == 0.5 and bulkhead.limit.current == 1
     first = await bulkhead.acquire(50)
     second = asyncio.create_task(bulkhead.acquire(50))
@@ -224,8 +225,17 @@ async def test_below_one_the_limit_is_a_duty_cycle():
         await _paced_without_queue()
 
 
+def _measured(bulkhead: Bulkhead) -> None:
+    """The starting minimum-RTT measurement done (it runs at 1, not at a duty cycle)."""
+    assert isinstance(bulkhead.limit, GradientLimit)
+    for _ in range(bulkhead.limit.params.probe_samples):
+        bulkhead.limit.record(0.1)
+    assert not bulkhead.limit.probing
+
+
 async def _paced_without_queue() -> None:
     bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, max_queue=0))
+    _measured(bulkhead)
     await bulkhead.release(await bulkhead.acquire(50), busy_s=5)
     try:
         await bulkhead.acquire(50)
@@ -334,7 +344,7 @@ def test_the_probe_judges_windows_without_api_answers_and_leads_below_one():
     clock = Clock()
     limit = GradientLimit(adaptive(PROBED, min_concurrent=0.2, initial_concurrent=1), clock)
     for _ in range(limit.params.probe_samples):
-        limit.record(0.300)  # the minimum RTT, measured at the floor (a duty cycle of 0.2)
+        limit.record(0.300)  # the minimum RTT, measured one request at a time
     assert not limit.probing and limit.value == 1
     limit.record_latency_probe(0.050)
     values = []
@@ -344,6 +354,25 @@ def test_the_probe_judges_windows_without_api_answers_and_leads_below_one():
     assert values == [0.5, 0.25, 0.2]  # halved per window, never below the floor
     probed_window(limit, clock, 0.060)  # openIMIS is quick again and the limit was used: doubles below 1
     assert limit.value == 0.4
+
+
+def test_the_minimum_rtt_is_measured_one_request_at_a_time_below_a_floor_of_one() -> None:
+    """A duty cycle's pauses change nothing in an answer's own time: the measurement runs at 1, not at a
+    fractional floor (which made it last 1/floor times longer); a floor of 1 or more is used as it is."""
+    clock = Clock()
+    fractional = GradientLimit(adaptive(min_concurrent=0.1, initial_concurrent=1, max_concurrent=4), clock)
+    assert fractional.probing and fractional.value == 1.0 and fractional.current == 1
+    for _ in range(fractional.params.probe_samples):
+        fractional.record(0.150)
+    assert not fractional.probing and fractional.min_rtt_s == 0.150
+    values = []
+    while not fractional.probing and len(values) < 20:
+        window(fractional, clock, 0.600)  # 4 x the unloaded time: halved every window, down to the floor
+        values.append(fractional.value)
+    assert values[:4] == [0.5, 0.25, 0.125, 0.1]
+    assert fractional.probing and fractional.value == 1.0  # at the floor for long: measured again, at 1
+    whole = GradientLimit(adaptive(min_concurrent=2, initial_concurrent=4), clock)
+    assert whole.probing and whole.value == 2.0
 
 
 def test_probes_alone_do_not_close_a_window_early_nor_while_measuring_the_minimum_rtt():
