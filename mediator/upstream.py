@@ -216,8 +216,9 @@ class OpenImisUpstream:
         self._forwarded_proto = public.scheme
         self.rewriter = BaseUrlRewriter(self.base.path, public_base_url)
         self._environ = environ if environ is not None else os.environ
-        self._client: UpstreamClient | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: UpstreamClient | None = None
+        """The pool to openIMIS (None: not started or closed)."""
+        self._aiohttp_session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         self._token_expires = 0.0
         self._login_lock = asyncio.Lock()
@@ -236,35 +237,35 @@ class OpenImisUpstream:
         await self._idle.wait()
 
     async def start(self) -> None:
-        self._client = UpstreamClient(self.config.base_url, pool_size=self.config.pool_size,
+        self._session = UpstreamClient(self.config.base_url, pool_size=self.config.pool_size,
                                       connect_timeout_s=self.config.connect_timeout_s, max_body=MAX_UPSTREAM_BODY,
                                       keepalive_s=30)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._aiohttp_session is not None:
+            await self._aiohttp_session.close()
+            self._aiohttp_session = None
 
     @property
     def client(self) -> UpstreamClient:
         """The pooled client every request to openIMIS goes through (mediator.upstream_client)."""
-        if self._client is None:
+        if self._session is None:
             raise RuntimeError("upstream not started")
-        return self._client
+        return self._session
 
     @property
     def session(self) -> aiohttp.ClientSession:
         """An aiohttp session to this upstream for occasional requests outside the mediator's own path
         (tests and tools read openIMIS directly through it); created on first use, closed with the upstream.
         The mediator's requests go through `client`."""
-        if self._client is None:
-            raise RuntimeError("upstream not started")
         if self._session is None:
-            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        return self._session
+            raise RuntimeError("upstream not started")
+        if self._aiohttp_session is None:
+            self._aiohttp_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        return self._aiohttp_session
 
     def _credentials(self) -> tuple[str, str]:
         login = self.config.login

@@ -402,3 +402,24 @@ async def test_closing_closes_every_connection(server):
     assert server.open_now == 0 and client.open_connections == 0
     with pytest.raises(ClientError):
         await client.request("GET", server.url(), {}, None, 5)
+
+
+def test_the_same_exchanges_work_on_uvloop():
+    """`serve --event-loop uvloop`: uvloop's transports are not asyncio.Transport subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        scripted = Scripted()
+        listening = await asyncio.start_server(scripted.handle, "127.0.0.1", 0)
+        scripted.port = listening.sockets[0].getsockname()[1]
+        client = UpstreamClient(str(scripted.url("")), pool_size=2, connect_timeout_s=2, max_body=1000)
+        try:
+            for _ in range(2):
+                assert (await client.request("GET", scripted.url(), {}, None, 5)).body == b'{"ok":true}'
+            assert scripted.connections == 1
+        finally:
+            await client.close()
+            listening.close()
+            await asyncio.sleep(0.05)
+
+    uvloop.run(main())
