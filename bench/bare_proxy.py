@@ -6,8 +6,6 @@ framework costs, the gap between this and the mediator is what the mediator's ow
 
 Usage: python bench/bare_proxy.py --port 18100 --upstream http://127.0.0.1:18000/api/api_fhir_r4/ --workers 2
        [--tls CERT KEY CA]   TLS that requires a client certificate chained to CA (the mediator's mTLS setup)
-       [--client thin]       the upstream client is the mediator's own (mediator/upstream_client.py, httptools)
-                             instead of aiohttp's ClientSession: what that client saves (bench/client_ab.py)
 """
 
 from __future__ import annotations
@@ -22,9 +20,7 @@ import aiohttp
 from aiohttp import web
 
 
-def build(upstream: str, client: str = "aiohttp") -> web.Application:
-    if client == "thin":
-        return build_thin(upstream)
+def build(upstream: str) -> web.Application:
     session_key = web.AppKey("session", aiohttp.ClientSession)
 
     async def forward(request: web.Request) -> web.Response:
@@ -44,29 +40,6 @@ def build(upstream: str, client: str = "aiohttp") -> web.Application:
     return app
 
 
-def build_thin(upstream: str) -> web.Application:
-    from yarl import URL
-
-    from mediator.upstream_client import UpstreamClient
-
-    client_key = web.AppKey("client", UpstreamClient)
-
-    async def forward(request: web.Request) -> web.Response:
-        url = URL(upstream + request.match_info["tail"], encoded=True)
-        reply = await request.app[client_key].request("GET", url, {"Accept": "application/json"}, None, 30)
-        return web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
-
-    async def client(app: web.Application):  # type: ignore[no-untyped-def]
-        app[client_key] = UpstreamClient(upstream, pool_size=128, connect_timeout_s=5, max_body=64 * 1_048_576)
-        yield
-        await app[client_key].close()
-
-    app = web.Application()
-    app.cleanup_ctx.append(client)
-    app.router.add_get("/fhir/{tail:.*}", forward)
-    return app
-
-
 def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
     context.load_cert_chain(cert, key)
@@ -74,8 +47,8 @@ def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
     return context
 
 
-async def serve(port: int, upstream: str, tls: list[str] | None, client: str = "aiohttp") -> None:
-    runner = web.AppRunner(build(upstream, client), access_log=None)
+async def serve(port: int, upstream: str, tls: list[str] | None) -> None:
+    runner = web.AppRunner(build(upstream), access_log=None)
     await runner.setup()
     context = tls_context(*tls) if tls else None
     await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, ssl_context=context).start()
@@ -87,13 +60,13 @@ async def serve(port: int, upstream: str, tls: list[str] | None, client: str = "
     await runner.cleanup()
 
 
-def worker(port: int, upstream: str, tls: list[str] | None, uvloop: bool, client: str = "aiohttp") -> None:
+def worker(port: int, upstream: str, tls: list[str] | None, uvloop: bool) -> None:
     if uvloop:
         import uvloop as uv
 
-        uv.run(serve(port, upstream, tls, client))
+        uv.run(serve(port, upstream, tls))
     else:
-        asyncio.run(serve(port, upstream, tls, client))
+        asyncio.run(serve(port, upstream, tls))
 
 
 def main() -> None:
@@ -103,11 +76,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"))
     parser.add_argument("--uvloop", action="store_true", help="libuv's event loop (the mediator's --event-loop uvloop)")
-    parser.add_argument("--client", choices=("aiohttp", "thin"), default="aiohttp",
-                        help="the upstream client: aiohttp's ClientSession, or mediator/upstream_client.py")
     args = parser.parse_args()
-    processes = [multiprocessing.Process(target=worker,
-                                         args=(args.port, args.upstream, args.tls, args.uvloop, args.client))
+    processes = [multiprocessing.Process(target=worker, args=(args.port, args.upstream, args.tls, args.uvloop))
                  for _ in range(args.workers)]
     for process in processes:
         process.start()

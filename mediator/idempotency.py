@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from mediator.bulkhead import UpstreamRefused
@@ -36,7 +37,6 @@ from mediator.metrics import Metrics
 from mediator.pipeline import Exchange
 from mediator.redis_store import STORE_ERRORS, RedisStore
 from mediator.upstream import UpstreamLoginFailed, UpstreamUnavailable
-from mediator.upstream_client import ConnectFailed
 
 log = logging.getLogger("mediator.idempotency")
 
@@ -191,7 +191,7 @@ def _nothing_sent(exc: BaseException) -> bool:
     """True when openIMIS cannot have received the request (so releasing the key is safe)."""
     if isinstance(exc, UpstreamRefused | UpstreamLoginFailed):
         return True
-    return isinstance(exc, UpstreamUnavailable) and isinstance(exc.__cause__, ConnectFailed)
+    return isinstance(exc, UpstreamUnavailable) and isinstance(exc.__cause__, aiohttp.ClientConnectorError)
 
 
 Send = Callable[[], Awaitable[web.Response]]

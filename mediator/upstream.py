@@ -29,7 +29,6 @@ from mediator.errors import MediatorError
 from mediator.fhir import FHIR_JSON, PLAIN_JSON, BaseUrlRewriter, operation_outcome_response, wants_fhir_json
 from mediator.logs import JsonEvent
 from mediator.request_view import RequestView
-from mediator.upstream_client import AnswerTooLarge, ClientError, UpstreamClient
 
 log = logging.getLogger("mediator.upstream")
 
@@ -216,9 +215,8 @@ class OpenImisUpstream:
         self._forwarded_proto = public.scheme
         self.rewriter = BaseUrlRewriter(self.base.path, public_base_url)
         self._environ = environ if environ is not None else os.environ
-        self._session: UpstreamClient | None = None
-        """The pool to openIMIS (None: not started or closed)."""
-        self._aiohttp_session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._token: str | None = None
         self._token_expires = 0.0
         self._login_lock = asyncio.Lock()
@@ -237,35 +235,21 @@ class OpenImisUpstream:
         await self._idle.wait()
 
     async def start(self) -> None:
-        self._session = UpstreamClient(self.config.base_url, pool_size=self.config.pool_size,
-                                      connect_timeout_s=self.config.connect_timeout_s, max_body=MAX_UPSTREAM_BODY,
-                                      keepalive_s=30)
+        connector = aiohttp.TCPConnector(limit=self.config.pool_size, keepalive_timeout=30,
+                                         enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                              cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._aiohttp_session is not None:
-            await self._aiohttp_session.close()
-            self._aiohttp_session = None
-
-    @property
-    def client(self) -> UpstreamClient:
-        """The pooled client every request to openIMIS goes through (mediator.upstream_client)."""
-        if self._session is None:
-            raise RuntimeError("upstream not started")
-        return self._session
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """An aiohttp session to this upstream for occasional requests outside the mediator's own path
-        (tests and tools read openIMIS directly through it); created on first use, closed with the upstream.
-        The mediator's requests go through `client`."""
         if self._session is None:
             raise RuntimeError("upstream not started")
-        if self._aiohttp_session is None:
-            self._aiohttp_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        return self._aiohttp_session
+        return self._session
 
     def _credentials(self) -> tuple[str, str]:
         login = self.config.login
@@ -300,15 +284,15 @@ class OpenImisUpstream:
 
     async def _login(self) -> tuple[str, float]:
         username, password = self._credentials()
-        body = json.dumps({"username": username, "password": password}).encode()
+        timeout = aiohttp.ClientTimeout(total=max(self.config.connect_timeout_s * 2, 10),
+                                        sock_connect=self.config.connect_timeout_s)
         try:
-            reply = await self.client.request("POST", self.base / "login/",
-                                              {"Accept": PLAIN_JSON, "Content-Type": PLAIN_JSON}, body,
-                                              max(self.config.connect_timeout_s * 2, 10))
-            if reply.status != 200:
-                raise UpstreamLoginFailed(f"upstream {self.name}: login answered {reply.status}")
-            data = json.loads(reply.body)
-        except (ClientError, TimeoutError, ValueError) as exc:
+            async with self.session.post(self.base / "login/", json={"username": username, "password": password},
+                                         timeout=timeout, headers={"Accept": PLAIN_JSON}) as resp:
+                if resp.status != 200:
+                    raise UpstreamLoginFailed(f"upstream {self.name}: login answered {resp.status}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise UpstreamLoginFailed(f"upstream {self.name}: login failed: {type(exc).__name__}") from exc
         token = data.get("token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
@@ -343,18 +327,29 @@ class OpenImisUpstream:
 
     async def send(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
                    timeout_s: float) -> UpstreamReply:
-        """The one seam to openIMIS: the whole answer (mediator.upstream_client: bounded, never a cut body;
-        a GET/HEAD is sent again once if its reused connection died before the answer, never a write).
-        `UpstreamUnavailable` caused by `ConnectFailed`: nothing was sent."""
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:   # one per channel timeout (a handful), not one per request
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_connect=self.config.connect_timeout_s)
         try:
-            reply = await self.client.request(method, url, headers, body, timeout_s)
+            async with self.session.request(method, url, headers=headers, data=body, timeout=timeout,
+                                            allow_redirects=False) as resp:
+                if resp.content_length is not None and resp.content_length > MAX_UPSTREAM_BODY:
+                    raise UpstreamUnavailable("upstream answer too large")
+                # Read to the end: StreamReader.read(n) returns whatever is buffered, which silently cut
+                # bodies that arrive in several segments; iter_any raises on a truncated or reset body.
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_any():
+                    size += len(chunk)
+                    if size > MAX_UPSTREAM_BODY:
+                        raise UpstreamUnavailable("upstream answer too large")
+                    chunks.append(chunk)
+                return UpstreamReply(resp.status, resp.headers.copy(), b"".join(chunks), resp.content_type)
         except TimeoutError as exc:
             raise UpstreamTimeout() from exc
-        except AnswerTooLarge as exc:
-            raise UpstreamUnavailable("upstream answer too large") from exc
-        except (ClientError, ValueError) as exc:   # ValueError: a header the client refuses to send (CR/LF)
+        except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(type(exc).__name__) from exc
-        return UpstreamReply(reply.status, reply.headers, reply.body, reply.content_type)
 
     async def call(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
                    timeout_s: float, guard: Guard | None = None, priority: int = 0, kind: str = "") -> UpstreamReply:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 from aiohttp import web
 
 from mediator.async_claims.store import QueuedEntry, Result
@@ -32,7 +33,6 @@ from mediator.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mediator.upstream_client import ConnectFailed
 
 NOT_PROCESSED_STATUSES = frozenset({408, 429, 503})
 MAYBE_PROCESSED_STATUSES = frozenset({502, 504})
@@ -84,7 +84,7 @@ async def _send(upstream: OpenImisUpstream, method: str, relative: str, query: s
 def _nothing_sent(exc: BaseException) -> bool:
     if isinstance(exc, UpstreamRefused | UpstreamLoginFailed):
         return True
-    return isinstance(exc, UpstreamUnavailable) and isinstance(exc.__cause__, ConnectFailed)
+    return isinstance(exc, UpstreamUnavailable) and isinstance(exc.__cause__, aiohttp.ClientConnectorError)
 
 
 async def attempt(upstream: OpenImisUpstream, slot: SlotCall, entry: QueuedEntry, timeout_s: float) -> Attempt:
