@@ -30,7 +30,8 @@ Environment (all optional):
     OPENIMIS_FRESH_DB=1     same as `up --fresh-db`
 Passed through to the backend (a running one started with other values is restarted):
     ROW_SECURITY (default true), AXES_ENABLED (login lockout, default false), DEBUG (default true,
-    as MODE=dev), OPENIMIS_MODULES, OPENIMIS_LOG_LEVEL, RATELIMIT_RATE, LOGIN_LOCKOUT_*.
+    as MODE=dev), OPENIMIS_MODULES, OPENIMIS_LOG_LEVEL, RATELIMIT_RATE, LOGIN_LOCKOUT_*,
+    OPENIMIS_GC_FREEZE=1 (each gunicorn worker calls gc.freeze() after the fork: backend/gunicorn_gc_freeze.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ BACKEND_ENV_KNOBS = (
     "RATELIMIT_RATE",
     "LOGIN_LOCKOUT_FAILURE_LIMIT",
     "LOGIN_LOCKOUT_COOLOFF_TIME",
+    "OPENIMIS_GC_FREEZE",
 )
 
 
@@ -772,6 +774,8 @@ def _start_server(cfg: Config, previous_port: int | None = None) -> dict:
         "--capture-output",
         "--no-control-socket",
     ]
+    if os.environ.get("OPENIMIS_GC_FREEZE") == "1":  # README "openIMIS facts the mediator lives with"
+        cmd += ["--config", str(BACKEND_DIR / "gunicorn_gc_freeze.py")]
     _say(f"starting gunicorn ({cfg.workers} workers) on {base_url}; log: {cfg.server_log}")
     started = time.monotonic()
     _run(cmd, cfg.server_log, 60, env=_server_env(cfg, port), what="gunicorn --daemon", cwd=str(BACKEND_DIR))
