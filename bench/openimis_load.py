@@ -208,8 +208,8 @@ async def probe_child(spec: str) -> None:
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         tally = await open_loop(session, rate, duration, lambda i: request, 50)
-    print(json.dumps({"latencies_ms": tally.latencies_ms, "timeline": tally.timeline, "statuses": tally.statuses, "errors": tally.errors}),
-          flush=True)
+    print(json.dumps({"latencies_ms": tally.latencies_ms, "timeline": tally.timeline, "statuses": tally.statuses,
+                      "errors": tally.errors}), flush=True)
 
 
 class Vendor:
