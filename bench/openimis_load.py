@@ -230,13 +230,13 @@ class Vendor:
         return out
 
 
-CHANNELS_FILE = ROOT / "channels.yaml"
-"""The channels.yaml the mediators run (`--channels` names another, e.g. a bulkhead variant)."""
+SHIPPED_CHANNELS = ROOT / "channels.yaml"
 
 
-def _shipped_config(root: Path, direct_base: str, vendor: Vendor, port: int, metrics_port: int,
-                    redis_prefix: str | None, signing_key: bytes) -> None:
-    channels = yaml.safe_load(CHANNELS_FILE.read_text())
+def _shipped_config(root: Path, channels_file: Path, direct_base: str, vendor: Vendor, port: int,
+                    metrics_port: int, redis_prefix: str | None, signing_key: bytes) -> None:
+    """`channels_file`: the shipped channels.yaml, or another (`--channels`, e.g. a bulkhead variant)."""
+    channels = yaml.safe_load(channels_file.read_text())
     channels = copy.deepcopy(channels)
     server = channels["server"]
     server["listen"] = {"host": "127.0.0.1", "port": port}
@@ -265,7 +265,7 @@ def _shipped_config(root: Path, direct_base: str, vendor: Vendor, port: int, met
 class Mediators:
     """`count` serve processes on the shipped configuration (their own config dirs, one Redis prefix)."""
 
-    def __init__(self, count: int, direct_base: str, vendor: Vendor, tmp: Path) -> None:
+    def __init__(self, count: int, channels_file: Path, direct_base: str, vendor: Vendor, tmp: Path) -> None:
         self.ports = [_free_port() for _ in range(count)]
         self.metrics_ports = [_free_port() for _ in range(count)]
         self.redis_prefix = f"bench-load-{uuid.uuid4().hex[:8]}:" if count > 1 else None
@@ -276,7 +276,7 @@ class Mediators:
         signing_key = ECKey.generate_key("P-256").as_pem(private=True)
         for i, (port, mport) in enumerate(zip(self.ports, self.metrics_ports, strict=True)):
             root = tmp / f"mediator-{count}-{i}"
-            _shipped_config(root, direct_base, vendor, port, mport, self.redis_prefix, signing_key)
+            _shipped_config(root, channels_file, direct_base, vendor, port, mport, self.redis_prefix, signing_key)
             self.logs.append(root / "stderr.log")
             log = (root / "stderr.log").open("wb")
             self.procs.append(subprocess.Popen(
@@ -459,7 +459,7 @@ async def run(args: argparse.Namespace) -> None:
         vendor = Vendor()
         with tempfile.TemporaryDirectory() as tmp:
             for count in (int(c) for c in args.instances.split(",")):
-                mediators = Mediators(count, direct_base, vendor, Path(tmp))
+                mediators = Mediators(count, args.channels.resolve(), direct_base, vendor, Path(tmp))
                 try:
                     await mediators.ready(probe_session, vendor)
                     await settle()
@@ -512,7 +512,6 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    global CHANNELS_FILE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60,
                         help="seconds per flood (and idle) phase (60: 240 interactive samples, so the p99 is "
@@ -523,7 +522,7 @@ def main() -> None:
     parser.add_argument("--max-outstanding", type=int, default=128, help="flood requests open at once, at most")
     parser.add_argument("--only", choices=["eligibility", "claims"], help="one flood only (quicker)")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--channels", type=Path, default=CHANNELS_FILE,
+    parser.add_argument("--channels", type=Path, default=SHIPPED_CHANNELS,
                         help="the channels.yaml the mediators run (default: the shipped one); its server "
                              "listen/metrics/audit/redis and the upstream's base_url are replaced as for the shipped")
     parser.add_argument("--no-straight", action="store_true",
@@ -536,7 +535,6 @@ def main() -> None:
                              "latency with a single claim always in flight")
     parser.add_argument("--probe-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    CHANNELS_FILE = args.channels.resolve()
     if args.probe_child:
         asyncio.run(probe_child(args.probe_child))
         return

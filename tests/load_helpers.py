@@ -18,7 +18,19 @@ from pathlib import Path
 import pytest
 import redis
 
+from mediator.bulkhead import Bulkhead
+from mediator.concurrency_limit import GradientLimit
+
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def minimum_rtt_measured(bulkhead: Bulkhead, rtt_s: float = 0.01) -> None:
+    """End an adaptive bulkhead's starting minimum-RTT measurement (it runs at 1 in flight, not at a
+    fractional floor), so its limit is the configured one from then on."""
+    assert isinstance(bulkhead.limit, GradientLimit)
+    for _ in range(bulkhead.limit.params.probe_samples):
+        bulkhead.limit.record(rtt_s)
+    assert not bulkhead.limit.probing
 
 
 def free_port() -> int:

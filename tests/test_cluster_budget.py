@@ -15,7 +15,6 @@ import pytest
 from aiohttp import web
 
 from mediator.bulkhead import Bulkhead, UpstreamRefused
-from mediator.concurrency_limit import GradientLimit
 from mediator.config.models import BulkheadConfig, ClusterBudgetConfig, RedisConfig
 from mediator.metrics import Metrics
 from mediator.redis_store import RedisStore
@@ -24,6 +23,7 @@ from tests.load_helpers import (
     SHARED_REDIS,
     free_port,
     mediator_process,
+    minimum_rtt_measured,
     private_redis,
     redis_prefix,
     redis_server_section,
@@ -286,10 +286,8 @@ async def test_a_duty_cycle_is_paced_for_the_whole_cluster(redis_prefix):
         return _cluster(1, mode="adaptive", min_concurrent=0.5, initial_concurrent=0.5)
     (a, store_a), (b, store_b) = _instance(redis_prefix, paced()), _instance(redis_prefix, paced())
     try:
-        for bulkhead in (a, b):  # the starting minimum-RTT measurement (one at a time, not paced) done
-            assert isinstance(bulkhead.limit, GradientLimit)
-            for _ in range(bulkhead.limit.params.probe_samples):
-                bulkhead.limit.record(0.01)
+        for bulkhead in (a, b):
+            minimum_rtt_measured(bulkhead)
         assert a.limit.value == 0.5 and b.limit.value == 0.5
         held = await a.acquire(50)
         await a.release(held, busy_s=0.3)

@@ -18,6 +18,7 @@ from mediator.concurrency_limit import (
 from mediator.config.models import AdaptiveLimitConfig, BulkheadConfig, LatencyProbeConfig
 from mediator.metrics import Metrics
 from tests.conftest import channels_yaml, config_problems, write_config
+from tests.load_helpers import minimum_rtt_measured
 
 
 class Clock:
@@ -209,7 +210,7 @@ async def test_the_bulkhead_follows_the_limit_down_and_up():
 
 async def test_below_one_the_limit_is_a_duty_cycle():
     bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, initial_concurrent=0.5))
-    _measured(bulkhead)
+    minimum_rtt_measured(bulkhead, 0.1)
     assert bulkhead.limit.value == 0.5 and bulkhead.limit.current == 1
     first = await bulkhead.acquire(50)
     second = asyncio.create_task(bulkhead.acquire(50))
@@ -225,17 +226,9 @@ async def test_below_one_the_limit_is_a_duty_cycle():
         await _paced_without_queue()
 
 
-def _measured(bulkhead: Bulkhead) -> None:
-    """The starting minimum-RTT measurement done (it runs at 1, not at a duty cycle)."""
-    assert isinstance(bulkhead.limit, GradientLimit)
-    for _ in range(bulkhead.limit.params.probe_samples):
-        bulkhead.limit.record(0.1)
-    assert not bulkhead.limit.probing
-
-
 async def _paced_without_queue() -> None:
     bulkhead = Bulkhead("openimis", adaptive(min_concurrent=0.5, max_queue=0))
-    _measured(bulkhead)
+    minimum_rtt_measured(bulkhead, 0.1)
     await bulkhead.release(await bulkhead.acquire(50), busy_s=5)
     try:
         await bulkhead.acquire(50)
