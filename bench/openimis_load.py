@@ -1,30 +1,35 @@
 """Do API floods make the REAL openIMIS slow for its interactive users? One run, figures side by side.
 
-    .venv/bin/python bench/openimis_load.py [--duration 60] [--rate 200] [--probe-rate 4] [--only ...]
-        [--channels FILE] [--instances 1,2] [--no-straight] [--json out.json]
+    .venv/bin/python bench/openimis_load.py [--duration 60] [--segments 4] [--rate 200] [--probe-rate 4]
+        [--only ...] [--channels FILE] [--instances 1,2] [--no-straight] [--json out.json]
 
 Starts (or reuses) the real openIMIS of tests/openimis/harness.py (2 sync gunicorn workers). The
 interactive user is the openIMIS web app's insuree search (GraphQL `insurees`, as the admin UI sends it,
 with a GraphQL JWT), sent straight to openIMIS at `--probe-rate`/s on a fixed schedule (latency measured
 from each request's due time: no coordinated omission) from a process of its own, as a web user's
 browser is not the flood's client (`--probe-in-loop`: in the flood generator's event loop, which adds
-that loop's delays to the interactive figures). It is measured idle, then under two floods at
-`--rate`/s (open loop, at most `--max-outstanding` requests open at once) by one HMS vendor with 50 users:
+that loop's delays to the interactive figures). Floods at `--rate`/s (open loop, at most
+`--max-outstanding` requests open at once) by one HMS vendor with 50 users:
 
   (a) eligibility: GET Patient/?identifier=<a demo insuree>
   (b) claims: POST Claim (a fresh claim code each)
 
 each sent (1) straight to openIMIS, (2) through one `openimis-mediator serve` with the shipped
-channels.yaml and policies (ip_allowlist, rate_limits, replica, write_profiles) plus the e2e vendors' clients and
-authorization, and (3) through two such processes sharing one Redis (server.redis + bulkhead scope
-cluster, the flood split between them). Printed: interactive p50/p95/p99 (a 60 s phase has 240 samples;
-its p99 is the third slowest — at 20 s it was the slowest, and an idle openIMIS alone sometimes answers
-one query in 0.4 s), the API rate openIMIS served (answers from openIMIS per second), refusals (429/503 by the mediator), mediator CPU per forwarded
-request (measured alone, in a closed loop of one, before each flood) and per refused one (the rest of the
-flood's CPU divided by its refusals), the mediator's final concurrency limit and minimum RTT, and the
-load average. A benchmark script, not a test: it asserts nothing, it prints figures. Bounded in time:
-about (9 × duration + 10 × calibrate + 60) seconds. The claims flood creates real claims in the openIMIS
-database: run it against a disposable one (OPENIMIS_DB_NAME), then `harness.py up --fresh-db`.
+channels.yaml and policies (ip_allowlist, rate_limits, replica, write_profiles) plus the e2e vendors'
+clients and authorization, and (3) through two such processes sharing one Redis (server.redis + bulkhead
+scope cluster, the flood split between them). Each scenario alternates idle and flood windows
+(`--segments` of each, idle first, `--duration` s of flood in all) while the interactive user is sent
+throughout; its samples are split by due time, and the flood's p99 is compared with the p99 of the
+same scenario's idle windows: this box's idle latency drifts by a quarter within minutes, so a flood
+compared with an idle phase measured minutes earlier measured the drift. Printed: interactive p50/p99
+idle and p50/p95/p99 under the flood (60 s of each: 240 samples, so a p99 is the third slowest), the
+API rate openIMIS served (answers from openIMIS per second of flood), refusals (429/503 by the mediator),
+mediator CPU per forwarded request (measured alone, in a closed loop of one, before each scenario) and
+per refused one (the rest of the flood windows' CPU divided by the refusals), the mediator's final
+concurrency limit and minimum RTT, and the load average. A benchmark script, not a test: it asserts
+nothing, it prints figures. Bounded in time: about (2 × duration + segments × 3 s + calibrate + 10 s)
+per scenario and 60 s to start. The claims flood creates real claims in the openIMIS database: run it
+against a disposable one (OPENIMIS_DB_NAME), then `harness.py up --fresh-db`.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +69,10 @@ from tests.e2e.vendors import AUTHORIZATION, BASE, CLIENTS, ORIGIN, VENDORS, _cl
 INSUREES_QUERY = ("{ insurees(first: 10, orderBy: [\"chfId\"]) { totalCount edges { node { id uuid chfId "
                   "lastName otherNames dob gender { code } family { uuid location { name } } } } } }")
 VENDOR = "vendor-jm"
+SETTLE_S = 1.0
+"""After each flood window, before the next idle one: openIMIS finishes the last answers' work."""
+MAX_SCENARIO_S = 3600.0
+"""The interactive probe's bound: a scenario stops it long before."""
 USERS = [f"bench-user-{i:02d}" for i in range(50)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -106,7 +115,8 @@ def _pct(values: list[float], q: float) -> float:
 class Tally:
     latencies_ms: list[float] = field(default_factory=list)
     timeline: list[tuple[float, float]] = field(default_factory=list)
-    """(seconds from the phase's start to the request's due time, latency ms): when the slow ones came."""
+    """(due time on CLOCK_MONOTONIC, the same clock in every process of the box; latency ms): which
+    window a sample belongs to, and when the slow ones came."""
     statuses: Counter[int] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     errors: int = 0
@@ -118,10 +128,12 @@ Request = tuple[str, str, dict[str, Any]]
 
 async def open_loop(session: aiohttp.ClientSession, rate: float, duration: float,
                     next_request: Callable[[int], Request], max_outstanding: int,
-                    record_reason: bool = False) -> Tally:
-    """`rate` requests per second for `duration` s on a fixed schedule; a request whose slot comes while
-    `max_outstanding` are open is skipped (counted). Waits for the open ones at the end (bounded)."""
-    tally = Tally()
+                    record_reason: bool = False, stop: asyncio.Event | None = None,
+                    tally: Tally | None = None) -> Tally:
+    """`rate` requests per second for `duration` s (or until `stop` is set) on a fixed schedule; a request
+    whose slot comes while `max_outstanding` are open is skipped (counted). Waits for the open ones at
+    the end (bounded). Adds to `tally` if given (one Tally for several segments)."""
+    tally = tally if tally is not None else Tally()
     outstanding: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -142,13 +154,21 @@ async def open_loop(session: aiohttp.ClientSession, rate: float, duration: float
             tally.errors += 1
             return
         tally.latencies_ms.append((loop.time() - due) * 1000)
-        tally.timeline.append((round(due - start, 3), round(tally.latencies_ms[-1], 1)))
+        tally.timeline.append((round(due, 4), round(tally.latencies_ms[-1], 1)))
 
     for i in range(total):
         due = start + i / rate
         delay = due - loop.time()
         if delay > 0:
-            await asyncio.sleep(delay)
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+        if stop is not None and stop.is_set():
+            break
         if len(outstanding) >= max_outstanding:
             tally.skipped += 1
             continue
@@ -162,10 +182,10 @@ async def open_loop(session: aiohttp.ClientSession, rate: float, duration: float
     return tally
 
 
-async def closed_loop(session: aiohttp.ClientSession, duration: float, next_request: Callable[[int], Request]
-                      ) -> Tally:
+async def closed_loop(session: aiohttp.ClientSession, duration: float, next_request: Callable[[int], Request],
+                      tally: Tally | None = None) -> Tally:
     """One request at a time for `duration` s."""
-    tally = Tally()
+    tally = tally if tally is not None else Tally()
     end = time.monotonic() + duration
     i = 0
     while time.monotonic() < end:
@@ -177,18 +197,30 @@ async def closed_loop(session: aiohttp.ClientSession, duration: float, next_requ
     return tally
 
 
-async def probe_process(graphql_url: str, token: str, rate: float, duration: float) -> asyncio.Task[Tally]:
-    """The interactive user in a process of its own (`--probe-child`), started (it printed "ready" and was
-    told to go) when this returns, so the flood and the probe overlap; the task gives its latencies."""
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--probe-child", json.dumps([graphql_url, token, rate, duration]),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert child.stdout is not None and child.stdin is not None
-    if (await child.stdout.readline()).strip() != b"ready":
-        raise SystemExit("interactive probe process failed to start")
-    child.stdin.write(b"go\n")
-    await child.stdin.drain()
-    return asyncio.create_task(_probe_result(child))
+class ProbeProcess:
+    """The interactive user in a process of its own (`--probe-child`): `start` returns once it sends
+    (it printed "ready" and was told to go), `stop` ends it and gives its samples."""
+
+    def __init__(self, child: asyncio.subprocess.Process) -> None:
+        self.child = child
+
+    @classmethod
+    async def start(cls, graphql_url: str, token: str, rate: float) -> ProbeProcess:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--probe-child", json.dumps([graphql_url, token, rate]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert child.stdout is not None and child.stdin is not None
+        if (await child.stdout.readline()).strip() != b"ready":
+            raise SystemExit("interactive probe process failed to start")
+        child.stdin.write(b"go\n")
+        await child.stdin.drain()
+        return cls(child)
+
+    async def stop(self) -> Tally:
+        assert self.child.stdin is not None
+        self.child.stdin.write(b"stop\n")
+        await self.child.stdin.drain()
+        return await _probe_result(self.child)
 
 
 async def _probe_result(child: asyncio.subprocess.Process) -> Tally:
@@ -201,13 +233,16 @@ async def _probe_result(child: asyncio.subprocess.Process) -> Tally:
 
 
 async def probe_child(spec: str) -> None:
-    graphql_url, token, rate, duration = json.loads(spec)
+    graphql_url, token, rate = json.loads(spec)
+    loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:
         request: Request = ("POST", graphql_url, {"json": {"query": INSUREES_QUERY},
                                                   "headers": {"Authorization": f"Bearer {token}"}})
         print("ready", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        tally = await open_loop(session, rate, duration, lambda i: request, 50)
+        await loop.run_in_executor(None, sys.stdin.readline)   # go
+        stop = asyncio.Event()
+        loop.run_in_executor(None, sys.stdin.readline).add_done_callback(lambda _: stop.set())   # stop
+        tally = await open_loop(session, rate, MAX_SCENARIO_S, lambda i: request, 50, stop=stop)
     print(json.dumps({"latencies_ms": tally.latencies_ms, "timeline": tally.timeline, "statuses": tally.statuses,
                       "errors": tally.errors}), flush=True)
 
@@ -347,8 +382,15 @@ def _metric(text: str, name: str) -> float:
 class Row:
     scenario: str
     probe: Tally
+    """The interactive samples due in the scenario's flood windows."""
+    idle: Tally
+    """The interactive samples due in the same scenario's idle windows, between its flood windows."""
     flood: Tally | None = None
     duration: float = 0
+    """Seconds of flood (every flood window)."""
+    windows: list[tuple[str, float, float]] = field(default_factory=list)
+    """("idle" | "flood", start, end), CLOCK_MONOTONIC."""
+    origin: float = 0.0
     cpu_forwarded_ms: float | None = None
     cpu_refused_ms: float | None = None
     state: str = ""
@@ -383,11 +425,19 @@ async def run(args: argparse.Namespace) -> None:
         async with probe_session.post(graphql_url, **probe_request[2]) as r:
             insurees = [e["node"]["chfId"] for e in (await r.json())["data"]["insurees"]["edges"]]
 
-        async def probe_phase(duration: float) -> asyncio.Task[Tally]:
+        async def probe_start() -> Callable[[], Awaitable[Tally]]:
+            """Starts the interactive user; the callable returned stops it and gives its samples."""
             if args.probe_in_loop:
-                return asyncio.create_task(open_loop(probe_session, args.probe_rate, duration,
-                                                     lambda i: probe_request, 50))
-            return await probe_process(graphql_url, gql_token, args.probe_rate, duration)
+                stop = asyncio.Event()
+                task = asyncio.create_task(open_loop(probe_session, args.probe_rate, MAX_SCENARIO_S,
+                                                     lambda i: probe_request, 50, stop=stop))
+
+                async def stop_in_loop() -> Tally:
+                    stop.set()
+                    return await task
+                return stop_in_loop
+            child = await ProbeProcess.start(graphql_url, gql_token, args.probe_rate)
+            return child.stop
 
         direct_headers = {"Authorization": f"Bearer {fhir_token}"}
 
@@ -405,7 +455,11 @@ async def run(args: argparse.Namespace) -> None:
         async def scenario(name: str, kind: str | None, make: Callable[[], Callable[[int], Request]] | None,
                            mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None,
                            one_at_a_time: bool = False) -> None:
-            row = Row(name, Tally(), duration=args.duration)
+            """Idle and flood windows in turn (`--segments` of each, idle first), the interactive user sent
+            throughout: each flood is compared with idle windows of the same minutes, so the box's drift
+            (its idle latency moves by a quarter within minutes) is in both alike."""
+            row = Row(name, Tally(), Tally(), duration=args.duration)
+            segment = args.duration / args.segments
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_outstanding),
                                              timeout=aiohttp.ClientTimeout(total=70)) as flood_session:
                 if mediators is not None and calibrate is not None:
@@ -414,20 +468,46 @@ async def run(args: argparse.Namespace) -> None:
                     forwarded = sum(n for s, n in alone.statuses.items() if s not in (429, 503))
                     row.cpu_forwarded_ms = (mediators.cpu() - before) * 1000 / max(1, forwarded)
                     await settle()
-                probe = await probe_phase(args.duration)
-                cpu_before = mediators.cpu() if mediators is not None else 0.0
-                if make is not None and one_at_a_time:
-                    row.flood = await closed_loop(flood_session, args.duration, make())
-                elif make is not None:
-                    row.flood = await open_loop(flood_session, args.rate, args.duration, make(),
-                                                args.max_outstanding, record_reason=mediators is not None)
-                row.probe = await probe
+                requests = make() if make is not None else None
+                row.flood = Tally() if requests is not None else None
+                flood_cpu = 0.0
+                stop_probe = await probe_start()
+                row.origin = time.monotonic()
+                for index in range(args.segments):
+                    start = time.monotonic()
+                    await asyncio.sleep(segment)
+                    row.windows.append(("idle", start, time.monotonic()))
+                    if requests is None or row.flood is None:
+                        continue
+                    offset = index * (int(args.rate * segment) + 1)  # a fresh user header / claim each
+
+                    def shifted(i: int, offset: int = offset) -> Request:
+                        assert requests is not None
+                        return requests(i + offset)
+                    cpu_before = mediators.cpu() if mediators is not None else 0.0
+                    start = time.monotonic()
+                    if one_at_a_time:
+                        await closed_loop(flood_session, segment, shifted, row.flood)
+                    else:
+                        await open_loop(flood_session, args.rate, segment, shifted, args.max_outstanding,
+                                        record_reason=mediators is not None, tally=row.flood)
+                    row.windows.append(("flood", start, start + segment))
+                    if mediators is not None:
+                        flood_cpu += mediators.cpu() - cpu_before
+                    await asyncio.sleep(SETTLE_S)  # what the flood left openIMIS (open_loop waited for its answers)
+                samples = await stop_probe()
+                for due, latency in samples.timeline:
+                    window = next((w for w, begin, end in row.windows if begin <= due < end), None)
+                    target = row.probe if window == "flood" else row.idle if window == "idle" else None
+                    if target is not None:
+                        target.latencies_ms.append(latency)
+                        target.timeline.append((due, latency))
+                row.probe.errors = samples.errors
                 if mediators is not None and row.flood is not None:
-                    cpu = mediators.cpu() - cpu_before
                     refused = row.refusals()
                     forwarded = sum(row.flood.statuses.values()) - refused
                     if refused and row.cpu_forwarded_ms is not None:
-                        row.cpu_refused_ms = max(0.0, cpu * 1000 - forwarded * row.cpu_forwarded_ms) / refused
+                        row.cpu_refused_ms = max(0.0, flood_cpu * 1000 - forwarded * row.cpu_forwarded_ms) / refused
                     row.state = await mediators.state(flood_session)
             row.load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
             rows.append(row)
@@ -438,7 +518,6 @@ async def run(args: argparse.Namespace) -> None:
         # openIMIS just (re)started answers its first GraphQL queries slowly (cold caches and lazy imports in
         # each worker, up to seconds): not its idle latency. Warm both workers before measuring anything.
         await closed_loop(probe_session, 3, lambda i: probe_request)
-        await scenario("idle", None, None)
 
         def direct_flood(kind: str) -> Callable[[], Callable[[int], Request]]:
             return lambda: flood_requests(kind, lambda i: direct_base, lambda i: direct_headers)
@@ -472,15 +551,16 @@ async def run(args: argparse.Namespace) -> None:
                                        flood_requests(kind, mediators.base, indexed(calib_headers)))
                 finally:
                     mediators.stop()
-    idle = rows[0].probe
-    idle_p99 = _pct(idle.latencies_ms, 0.99)
     print(f"\nReal openIMIS ({info['versions'].get('openimis-be-api_fhir_r4', '?')}, 2 sync gunicorn workers); "
-          f"interactive = GraphQL insurees at {args.probe_rate}/s; floods at {args.rate}/s for {args.duration:.0f} s "
-          f"(at most {args.max_outstanding} open); shared 2-core box, load average after each phase.")
-    print(f"{'scenario':34} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'p99/idle':>8} {'served/s':>9} {'refused':>8} "
-          f"{'cpu fwd':>8} {'cpu ref':>8} {'ref/fwd':>7}  {'goal':7} load / mediator state")
+          f"interactive = GraphQL insurees at {args.probe_rate}/s; floods at {args.rate}/s, {args.duration:.0f} s "
+          f"per scenario in {args.segments} windows, each after an idle window of the same length "
+          f"(at most {args.max_outstanding} open); shared 2-core box, load average after each scenario.")
+    print(f"{'scenario':34} {'idle p50/p99':>12} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'p99/idle':>8} "
+          f"{'served/s':>9} {'refused':>8} {'cpu fwd':>8} {'cpu ref':>8} {'ref/fwd':>7}  {'goal':7} "
+          "load / mediator state")
     for row in rows:
         p50, p95, p99 = (_pct(row.probe.latencies_ms, q) for q in (0.5, 0.95, 0.99))
+        idle_p50, idle_p99 = (_pct(row.idle.latencies_ms, q) for q in (0.5, 0.99))
         ratio = p99 / idle_p99 if idle_p99 else float("nan")
         direct = "mediator" not in row.scenario
         served = f"{row.served_per_s(direct):9.1f}" if row.flood is not None else f"{'':9}"
@@ -495,27 +575,38 @@ async def run(args: argparse.Namespace) -> None:
             met_cpu = row.cpu_refused_ms is None or (row.cpu_forwarded_ms is not None
                                                      and row.cpu_refused_ms <= row.cpu_forwarded_ms / 2)
             goal = "met" if met_latency and met_cpu else "NOT MET"
-        print(f"{row.scenario:34} {p50:7.0f} {p95:7.0f} {p99:7.0f} {ratio:8.2f} {served} {refused} {fwd} {ref} {rel}  "
-              f"{goal:7} {row.load}{' / ' + row.state if row.state else ''}")
+        idle_cell = f"{idle_p50:.0f} / {idle_p99:.0f}"
+        print(f"{row.scenario:34} {idle_cell:>12} {p50:7.0f} {p95:7.0f} {p99:7.0f} {ratio:8.2f} {served} {refused} "
+              f"{fwd} {ref} {rel}  {goal:7} {row.load}{' / ' + row.state if row.state else ''}")
         if row.flood is not None:
             extra = dict(sorted(row.flood.statuses.items()))
             print(f"{'':34} statuses {extra} reasons {dict(row.flood.reasons)} errors {row.flood.errors} "
-                  f"skipped {row.flood.skipped}; probe errors {row.probe.errors}")
+                  f"skipped {row.flood.skipped}; interactive samples {len(row.idle.latencies_ms)} idle + "
+                  f"{len(row.probe.latencies_ms)} flood, probe errors {row.probe.errors}")
     if args.json:
+        def relative(row: Row, timeline: list[tuple[float, float]]) -> list[tuple[float, float]]:
+            return sorted((round(due - row.origin, 3), latency) for due, latency in timeline)
         Path(args.json).write_text(json.dumps([{
             "scenario": r.scenario, "p50_ms": _pct(r.probe.latencies_ms, 0.5),
             "p95_ms": _pct(r.probe.latencies_ms, 0.95), "samples": len(r.probe.latencies_ms),
             "p99_ms": _pct(r.probe.latencies_ms, 0.99),
+            "idle_p50_ms": _pct(r.idle.latencies_ms, 0.5), "idle_p99_ms": _pct(r.idle.latencies_ms, 0.99),
+            "idle_samples": len(r.idle.latencies_ms),
             "served_per_s": r.served_per_s("mediator" not in r.scenario), "refused": r.refusals(),
             "cpu_forwarded_ms": r.cpu_forwarded_ms, "cpu_refused_ms": r.cpu_refused_ms, "load": r.load,
-            "state": r.state, "interactive_timeline": sorted(r.probe.timeline)} for r in rows], indent=2))
+            "state": r.state,
+            "windows": [(w, round(b - r.origin, 3), round(e - r.origin, 3)) for w, b, e in r.windows],
+            "interactive_timeline": relative(r, r.probe.timeline),
+            "idle_timeline": relative(r, r.idle.timeline)} for r in rows], indent=2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60,
-                        help="seconds per flood (and idle) phase (60: 240 interactive samples, so the p99 is "
-                             "not just the slowest answer)")
+                        help="seconds of flood per scenario, and as many of idle windows between them (60: 240 "
+                             "interactive samples each, so the p99 is not just the slowest answer)")
+    parser.add_argument("--segments", type=int, default=4,
+                        help="flood windows per scenario, each after an idle window of the same length")
     parser.add_argument("--calibrate", type=float, default=5, help="seconds of the forwarded-only CPU measurement")
     parser.add_argument("--rate", type=float, default=200, help="flood requests per second")
     parser.add_argument("--probe-rate", type=float, default=4, help="interactive requests per second")
