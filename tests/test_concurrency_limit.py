@@ -368,19 +368,56 @@ def test_the_minimum_rtt_is_measured_one_request_at_a_time_below_a_floor_of_one(
     assert whole.probing and whole.value == 2.0
 
 
-def test_probes_alone_do_not_close_a_window_early_nor_while_measuring_the_minimum_rtt():
+def test_probes_alone_do_not_close_a_window_early():
     clock = Clock()
     limit = GradientLimit(adaptive(PROBED, initial_concurrent=4), clock)
-    limit.record_latency_probe(0.050)
-    clock.now += 5
-    limit.record_latency_probe(0.500)  # still measuring the minimum RTT: the limit is the floor anyway
-    assert limit.probing and limit.probe_verdicts == 0
     probe(limit, 0.100)
-    limit.record_latency_probe(0.500)  # within window_s of the probe's end: no verdict yet
+    limit.record_latency_probe(0.050)
+    limit.record_latency_probe(0.500)  # within window_s of the measurement's end: no verdict yet
     assert limit.value == 4 and limit.probe_verdicts == 0
     clock.now += 1
     limit.record_latency_probe(0.500)
     assert limit.value == 2 and limit.probe_verdicts == 1
+
+
+def test_while_the_minimum_rtt_is_measured_the_probe_still_judges_and_slows_the_measurement_down():
+    """The measurement holds one request in flight all the time (one after the other, to be quick). When
+    the web users' probe finds openIMIS slow meanwhile, the limit comes down as in any window and the
+    measurement goes on at the limit's duty cycle, keeping the samples it has."""
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, min_concurrent=0.1, initial_concurrent=1, max_concurrent=4), clock)
+    assert limit.probing and limit.value == 1.0
+    limit.record(0.300)
+    limit.record_latency_probe(0.050)
+    clock.now += 1.0
+    limit.record_latency_probe(0.050)  # a window while measuring, the probe at its baseline: no objection
+    assert limit.probing and limit.value == 1.0 and limit.probe_verdicts == 1
+    for _ in range(2):
+        limit.record_latency_probe(0.200)  # 4 × its baseline: openIMIS is slow for its web users
+        clock.now += 1.0
+        limit.record_latency_probe(0.200)
+    assert limit.probing and limit.probe_verdicts == 3
+    assert limit.value == pytest.approx(0.25)  # halved twice, and the measurement at that duty cycle
+    for _ in range(limit.params.probe_samples - 1):
+        limit.record(0.300)
+    assert not limit.probing and limit.min_rtt_s == 0.300  # the samples from before the objection count
+    assert limit.value == pytest.approx(0.25)
+
+
+def test_a_measurement_that_starts_while_the_probe_objects_runs_at_the_limit_from_its_start():
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, min_concurrent=0.1, initial_concurrent=1, max_concurrent=4), clock)
+    probe(limit, 0.300)
+    values = []
+    while not limit.probing:  # until probe_interval_s calls for measuring again
+        limit.record_latency_probe(0.050)  # one fast answer a window keeps the baseline where it was
+        probed_window(limit, clock, 0.200)  # the window's median probe 4 × its baseline
+        values.append(limit.value)
+        assert len(values) < 100
+    assert values[:4] == [0.5, 0.25, 0.125, 0.1]
+    assert limit.value == 0.1  # the measurement runs at the floor the probe holds
+    probed_window(limit, clock, 0.050)  # openIMIS is quick again: the measurement speeds up to one at a time
+    assert limit.probing and limit.value == 1.0
 
 
 def test_the_probe_baseline_is_the_fastest_answer_of_its_window_and_follows_a_lasting_change():
