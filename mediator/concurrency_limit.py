@@ -179,7 +179,7 @@ class GradientLimit:
         openIMIS slow): then the measurement goes on at the limit's own duty cycle, slower but without
         keeping a request in flight all the time. Ten claims one after the other were 2–4 s of a claim
         always in flight, at the start of every flood after a quiet minute and once a minute during one,
-        and that is what the web users' p99 met (bench/openimis_load.py, run 13)."""
+        and that is where the web users' slow answers clustered (bench/openimis_load.py, run 13)."""
         unloaded = min(self.ceiling, max(self.floor, 1.0))
         return max(self.floor, min(unloaded, self.limit)) if self._probe_objects else unloaded
 
@@ -212,18 +212,25 @@ class GradientLimit:
             else:
                 self._close_window(now)
 
+    def _probe_gradient(self) -> float | None:
+        """The latency probe's verdict on the window (None: no probe answer in it), remembered for
+        `measuring`."""
+        probe = self.params.latency_probe
+        if probe is None or not self._probe_ratios:
+            return None
+        self.probe_verdicts += 1
+        gradient = _gradient(probe.tolerance, _percentile(self._probe_ratios, probe.percentile))
+        self._probe_objects = gradient < 1.0
+        return gradient
+
     def _judge_measurement(self, now: float) -> None:
         """While the minimum RTT is measured, the latency probe still judges every window: its objection
         lowers the limit (as in any window) and slows the measurement to that limit (`measuring`). The
         measurement's samples are kept."""
-        probe = self.params.latency_probe
-        if probe is None or not self._probe_ratios:
+        gradient = self._probe_gradient()
+        if gradient is None:
             return
-        self.probe_verdicts += 1
-        gradient = _gradient(probe.tolerance, _percentile(self._probe_ratios, probe.percentile))
-        self._probe_objects = gradient < 1.0
-        if self._probe_objects:
-            self.limit = max(self.floor, self.limit * gradient)
+        self.limit = max(self.floor, self.limit * gradient)   # 1.0 (no objection) leaves it
         self._probe_ratios.clear()
         self._window_started = now
 
@@ -275,11 +282,8 @@ class GradientLimit:
             # The window's answer times, each relative to its kind's unloaded time (1.0: unloaded).
             api_gradient = _gradient(self.params.tolerance, _percentile(self._ratios, self.params.percentile))
         gradient = api_gradient
-        probe = self.params.latency_probe
-        if probe is not None and self._probe_ratios:
-            self.probe_verdicts += 1
-            probe_gradient = _gradient(probe.tolerance, _percentile(self._probe_ratios, probe.percentile))
-            self._probe_objects = probe_gradient < 1.0
+        probe_gradient = self._probe_gradient()
+        if probe_gradient is not None:
             gradient = min(gradient, probe_gradient)
         elif not api_verdict:
             self._start_window(now)  # nothing to judge by: a window without answers
