@@ -385,7 +385,8 @@ class Row:
     """The interactive samples due in the scenario's flood windows."""
     idle: Tally
     """The interactive samples due in the same scenario's idle windows, between its flood windows."""
-    flood: Tally | None = None
+    flood: Tally
+    """The flood's answers (every flood window)."""
     duration: float = 0
     """Seconds of flood (every flood window)."""
     windows: list[tuple[str, float, float]] = field(default_factory=list)
@@ -397,15 +398,11 @@ class Row:
     load: str = ""
 
     def served_per_s(self, direct: bool) -> float:
-        if self.flood is None:
-            return 0.0
         mediator_refusals = self.refusals() if not direct else 0
         answered = sum(self.flood.statuses.values()) - mediator_refusals
         return answered / self.duration
 
     def refusals(self) -> int:
-        if self.flood is None:
-            return 0
         return sum(self.flood.reasons.values())
 
 
@@ -452,13 +449,13 @@ async def run(args: argparse.Namespace) -> None:
         async def settle() -> None:
             await asyncio.sleep(3)  # openIMIS finishes what the last phase left it
 
-        async def scenario(name: str, kind: str | None, make: Callable[[], Callable[[int], Request]] | None,
+        async def scenario(name: str, make: Callable[[], Callable[[int], Request]],
                            mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None,
                            one_at_a_time: bool = False) -> None:
             """Idle and flood windows in turn (`--segments` of each, idle first), the interactive user sent
             throughout: each flood is compared with idle windows of the same minutes, so the box's drift
             (its idle latency moves by a quarter within minutes) is in both alike."""
-            row = Row(name, Tally(), Tally(), duration=args.duration)
+            row = Row(name, Tally(), Tally(), Tally(), duration=args.duration)
             segment = args.duration / args.segments
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.max_outstanding),
                                              timeout=aiohttp.ClientTimeout(total=70)) as flood_session:
@@ -468,8 +465,7 @@ async def run(args: argparse.Namespace) -> None:
                     forwarded = sum(n for s, n in alone.statuses.items() if s not in (429, 503))
                     row.cpu_forwarded_ms = (mediators.cpu() - before) * 1000 / max(1, forwarded)
                     await settle()
-                requests = make() if make is not None else None
-                row.flood = Tally() if requests is not None else None
+                requests = make()
                 flood_cpu = 0.0
                 stop_probe = await probe_start()
                 row.origin = time.monotonic()
@@ -477,12 +473,9 @@ async def run(args: argparse.Namespace) -> None:
                     start = time.monotonic()
                     await asyncio.sleep(segment)
                     row.windows.append(("idle", start, time.monotonic()))
-                    if requests is None or row.flood is None:
-                        continue
                     offset = index * (int(args.rate * segment) + 1)  # a fresh user header / claim each
 
                     def shifted(i: int, offset: int = offset) -> Request:
-                        assert requests is not None
                         return requests(i + offset)
                     cpu_before = mediators.cpu() if mediators is not None else 0.0
                     start = time.monotonic()
@@ -503,7 +496,7 @@ async def run(args: argparse.Namespace) -> None:
                         target.latencies_ms.append(latency)
                         target.timeline.append((due, latency))
                 row.probe.errors = samples.errors
-                if mediators is not None and row.flood is not None:
+                if mediators is not None:
                     refused = row.refusals()
                     forwarded = sum(row.flood.statuses.values()) - refused
                     if refused and row.cpu_forwarded_ms is not None:
@@ -530,11 +523,11 @@ async def run(args: argparse.Namespace) -> None:
             return lambda: flood_requests(kind, m.base, indexed(headers))
 
         for kind in kinds if not args.no_straight else ():
-            await scenario(f"{kind}: straight to openIMIS", kind, direct_flood(kind))
+            await scenario(f"{kind}: straight to openIMIS", direct_flood(kind))
         if "claims" in kinds and args.one_at_a_time:
             # The best any admission control that admits claims at all can do: one claim at a time, no
             # pause between them, straight to openIMIS (a free worker is always left to the web users).
-            await scenario("claims: one at a time, straight", "claims", direct_flood("claims"), one_at_a_time=True)
+            await scenario("claims: one at a time, straight", direct_flood("claims"), one_at_a_time=True)
         vendor = Vendor()
         with tempfile.TemporaryDirectory() as tmp:
             for count in (int(c) for c in args.instances.split(",")):
@@ -546,7 +539,7 @@ async def run(args: argparse.Namespace) -> None:
                         n = int(args.rate * args.duration) + 10
                         calib_headers = vendor.user_headers(int(args.calibrate * 100))
                         flood_headers = vendor.user_headers(n)
-                        await scenario(f"{kind}: mediator x{count}", kind,
+                        await scenario(f"{kind}: mediator x{count}",
                                        mediator_flood(kind, mediators, flood_headers), mediators,
                                        flood_requests(kind, mediators.base, indexed(calib_headers)))
                 finally:
@@ -563,14 +556,14 @@ async def run(args: argparse.Namespace) -> None:
         idle_p50, idle_p99 = (_pct(row.idle.latencies_ms, q) for q in (0.5, 0.99))
         ratio = p99 / idle_p99 if idle_p99 else float("nan")
         direct = "mediator" not in row.scenario
-        served = f"{row.served_per_s(direct):9.1f}" if row.flood is not None else f"{'':9}"
-        refused = f"{row.refusals():8d}" if row.flood is not None and not direct else f"{'':8}"
+        served = f"{row.served_per_s(direct):9.1f}"
+        refused = f"{row.refusals():8d}" if not direct else f"{'':8}"
         fwd = f"{row.cpu_forwarded_ms:8.2f}" if row.cpu_forwarded_ms is not None else f"{'':8}"
         ref = f"{row.cpu_refused_ms:8.2f}" if row.cpu_refused_ms is not None else f"{'':8}"
         rel = f"{row.cpu_refused_ms / row.cpu_forwarded_ms:7.2f}" \
             if row.cpu_refused_ms is not None and row.cpu_forwarded_ms else f"{'':7}"
         goal = ""
-        if not direct and row.flood is not None:
+        if not direct:
             met_latency = ratio <= 1.5
             met_cpu = row.cpu_refused_ms is None or (row.cpu_forwarded_ms is not None
                                                      and row.cpu_refused_ms <= row.cpu_forwarded_ms / 2)
@@ -578,11 +571,10 @@ async def run(args: argparse.Namespace) -> None:
         idle_cell = f"{idle_p50:.0f} / {idle_p99:.0f}"
         print(f"{row.scenario:34} {idle_cell:>12} {p50:7.0f} {p95:7.0f} {p99:7.0f} {ratio:8.2f} {served} {refused} "
               f"{fwd} {ref} {rel}  {goal:7} {row.load}{' / ' + row.state if row.state else ''}")
-        if row.flood is not None:
-            extra = dict(sorted(row.flood.statuses.items()))
-            print(f"{'':34} statuses {extra} reasons {dict(row.flood.reasons)} errors {row.flood.errors} "
-                  f"skipped {row.flood.skipped}; interactive samples {len(row.idle.latencies_ms)} idle + "
-                  f"{len(row.probe.latencies_ms)} flood, probe errors {row.probe.errors}")
+        extra = dict(sorted(row.flood.statuses.items()))
+        print(f"{'':34} statuses {extra} reasons {dict(row.flood.reasons)} errors {row.flood.errors} "
+              f"skipped {row.flood.skipped}; interactive samples {len(row.idle.latencies_ms)} idle + "
+              f"{len(row.probe.latencies_ms)} flood, probe errors {row.probe.errors}")
     if args.json:
         def relative(row: Row, timeline: list[tuple[float, float]]) -> list[tuple[float, float]]:
             return sorted((round(due - row.origin, 3), latency) for due, latency in timeline)
