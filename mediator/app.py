@@ -278,8 +278,10 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.router.add_get("/.well-known/jwks.json", auth["jwks"])
     app.router.add_get("/.well-known/smart-configuration", auth["smart_configuration"])
     app.router.add_get(f"{prefix}.well-known/smart-configuration", auth["smart_configuration"])
-    app.router.add_get(f"{prefix}_async/{{job_id}}", make_status_handler(
-        lambda r: (r.app[RUNTIME].current.async_claims, r.app[RUNTIME].current.pipeline.stages)))
+    status = make_status_handler(lambda r: (r.app[RUNTIME].current.async_claims,
+                                            r.app[RUNTIME].current.pipeline.stages))
+    app.router.add_get(f"{prefix}_async/{{channel}}/{{job_id}}", status)
+    app.router.add_get(f"{prefix}_async/{{job_id}}", status)   # the URL form issued before the channel was in it
     app.router.add_route("*", "/{tail:.*}", handle_fhir)
     return app
 

@@ -12,8 +12,10 @@ import uuid
 
 import pytest
 from aiohttp import web
+from joserfc.jwk import ECKey
 from multidict import CIMultiDict
 
+import tests.e2e.conftest  # noqa: F401  (before the e2e kits, which import it: as pytest loads them)
 from mediator.async_claims.delivery import backoff_s, code_of
 from mediator.async_claims.drain import DrainChannel, Drainer
 from mediator.async_claims.metrics import async_metrics
@@ -27,7 +29,9 @@ from mediator.metrics import Metrics
 from mediator.pipeline import Principal
 from mediator.redis_store import RedisStore
 from mediator.upstream import OpenImisUpstream
-from tests.conftest import channels_yaml, config_problems, write_config
+from tests.conftest import DEFAULT_IP_POLICY, channels_yaml, config_problems, write_config
+from tests.e2e.async_kit import CHANNELS, POLICIES
+from tests.e2e.vendors import Vendor, _reason
 
 CLAIMS = """\
 - name: claims
@@ -278,7 +282,7 @@ def test_which_requests_are_queued(tmp_path):
     assert not service.wants(_exchange("POST", "/fhir/Claim", {}, claims))  # on_request: synchronous
     assert service.wants(_exchange("POST", "/fhir/", {}, always))  # mode: always
     assert not service.wants(_exchange("POST", "/fhir/CoverageEligibilityRequest", prefer, eligibility))
-    assert service.status_url("ab" * 16) == "https://mediator.example.org/fhir/_async/" + "ab" * 16
+    assert service.status_url("claims", "ab" * 16) == "https://mediator.example.org/fhir/_async/claims/" + "ab" * 16
 
 
 class AnsweringOpenImis:
@@ -369,3 +373,47 @@ async def test_an_unreachable_openimis_is_retried_then_given_up_as_not_submitted
     retries = {s.labels["reason"]: s.value for family in metrics.registry.collect()
                if family.name == "mediator_async_retries" for s in family.samples if s.name.endswith("_total")}
     assert sum(retries.values()) >= 2 and set(retries) <= {"upstream.login_failed", "upstream.circuit_open"}
+
+
+STORE_DOWN = "redis: {url: \"redis://127.0.0.1:1/0\", timeout_s: 0.5}\n"   # nothing listens there
+
+
+async def _status_mediator(tmp_path, make_mediator, ip_policy: str):  # type: ignore[no-untyped-def]
+
+
+    key = ECKey.generate_key("P-256")
+    (tmp_path / "config" / "keys").mkdir(parents=True)
+    for name in ("vendor-jm", "vendor-ra"):
+        (tmp_path / "config" / "keys" / f"{name}.pem").write_bytes(key.as_pem(private=False))
+    client = await make_mediator(channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/", channels=CHANNELS,
+                                               extra_server=STORE_DOWN), ip_policy, POLICIES)
+    return Vendor(client, "vendor-jm", key)
+
+
+async def test_a_status_url_is_guarded_before_the_job_is_read(tmp_path, make_mediator):
+    """Redis is down, so a poll that reaches the job read answers 503 async.store_unavailable: only a
+    caller the channel admits gets that far. Anyone else is refused as on any request of the channel,
+    without a Redis read, and cannot tell whether the store is up."""
+    jm = await _status_mediator(tmp_path, make_mediator, DEFAULT_IP_POLICY)
+    await jm.login()
+    for path in (f"/fhir/_async/claims/{uuid.uuid4().hex}", f"/fhir/_async/{uuid.uuid4().hex}",
+                 f"/fhir/_async/no-such-channel/{uuid.uuid4().hex}"):
+        anonymous = await jm.client.get(path)
+        assert anonymous.status == 401, path
+        assert _reason(await anonymous.json()).startswith("authentication."), path
+        admitted = await jm.request("GET", path)
+        assert admitted.status == 503, path
+        assert _reason(await admitted.json()) == "async.store_unavailable"
+    malformed = await jm.request("GET", "/fhir/_async/claims/not-an-id")
+    assert malformed.status == 404   # no read for an id that cannot exist
+    cancel = await jm.request("DELETE", f"/fhir/_async/claims/{uuid.uuid4().hex}")   # not offered
+    assert (cancel.status, _reason(await cancel.json())) == (400, "channel.malformed_path")
+
+
+async def test_a_status_url_refuses_a_caller_outside_the_channels_networks_without_reading(tmp_path, make_mediator):
+    elsewhere = "version: 1\ntrusted_proxies: []\nunlisted_channels: deny\nip_sets:\n  local:\n" \
+                "    allow: [\"10.9.9.0/24\"]\n"
+    jm = await _status_mediator(tmp_path, make_mediator, elsewhere)
+    refused = await jm.client.get(f"/fhir/_async/claims/{uuid.uuid4().hex}")
+    assert refused.status == 403
+    assert _reason(await refused.json()).startswith("ip.")

@@ -112,14 +112,16 @@ class AsyncClaims:
         settings = self.channels[channel.name].settings
         return settings.mode == "always" or prefers_async(exchange.request.headers)
 
-    def status_url(self, job_id: str) -> str:
-        return f"{self.public_base_url}{STATUS_SEGMENT}/{job_id}"
+    def status_url(self, channel_name: str, job_id: str) -> str:
+        """`<public_base_url>_async/<channel>/<id>`: the channel names the guards a poll passes before the
+        job is read (mediator.async_claims.status)."""
+        return f"{self.public_base_url}{STATUS_SEGMENT}/{channel_name}/{job_id}"
 
-    def _accepted(self, job_id: str, settings: AsyncSubmissionConfig) -> web.Response:
+    def _accepted(self, channel_name: str, job_id: str, settings: AsyncSubmissionConfig) -> web.Response:
         body = operation_outcome(202, "async.accepted", "accepted for delivery to openIMIS; poll Content-Location "
                                  "for the outcome", severity="information")
         return web.Response(status=202, text=json.dumps(body, separators=(",", ":")), content_type=FHIR_JSON,
-                            charset="utf-8", headers={"Content-Location": self.status_url(job_id),
+                            charset="utf-8", headers={"Content-Location": self.status_url(channel_name, job_id),
                                                       "Retry-After": str(settings.status_retry_after_s)})
 
     def _entry(self, exchange: Exchange, job_id: str, index: int, resource_type: str,
@@ -169,7 +171,7 @@ class AsyncClaims:
             async def queue_claim() -> web.Response:
                 refused = await self._enqueue(exchange, job_id, "single",
                                               [self._entry(exchange, job_id, 0, "Claim", resource, raw)], {}, 1)
-                return refused or self._accepted(job_id, settings)
+                return refused or self._accepted(channel.name, job_id, settings)
             response = await idempotency.create(exchange, channel.config, "Claim", resource,
                                                 exchange.request.headers.get("Idempotency-Key"), queue_claim)
         if response.status == ACCEPTED_MARK:
@@ -204,13 +206,14 @@ class AsyncClaims:
         entries = [self._entry(exchange, job_id, index, entry.fhir.resource_type or "Claim", entry.resource or {})
                    for index, entry in sorted(queued.items()) if entry.fhir is not None]
         refused = await self._enqueue(exchange, job_id, "batch", entries, presettled, len(bundle["entry"]))
-        return refused or self._accepted(job_id, settings)
+        return refused or self._accepted(channel.name, job_id, settings)
 
     # -- the status URL ------------------------------------------------------------------------------
 
     def status_channel(self, channel_name: str | None) -> ChannelConfig:
-        """The channel whose network and authentication rules guard a status URL: the one the submission
-        came through; for an unknown id the first async channel (so the answer reveals nothing)."""
+        """The channel whose network, authentication and rate-limit rules guard a status URL: the one the
+        URL names; for a name that is no async channel (or none: a URL of the earlier form) the first async
+        channel, so that a made-up URL is refused or counted like any other."""
         if channel_name in self.channels:
             return self.channels[channel_name].config
         return next(iter(self.channels.values())).config

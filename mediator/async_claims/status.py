@@ -1,9 +1,15 @@
-"""`GET <base>_async/<id>`: the status URL of a queued submission.
+"""`GET <base>_async/<channel>/<id>`: the status URL of a queued submission.
 
-The same network, authentication and rate-limit stages as the submission's channel run first (client IP,
-ip allowlist, authentication, over_limit, rate_limit). Then the submission is shown only to its submitting
-client, and only to a caller bound to every health facility the submitter was bound to (the submitting
-user's facility's users); anyone else, and an unknown or expired id, gets the same 404 async.not_found.
+The network, authentication and rate-limit stages of the channel the URL names run first (client IP, ip
+allowlist, authentication, over_limit, rate_limit), **before the job is read**: a caller the channel
+refuses costs no Redis read and learns nothing, not even whether the store is up. Then the job must have
+come through that channel, and it is shown only to its submitting client, and only to a caller bound to
+every health facility the submitter was bound to (the submitting user's facility's users); anyone else,
+and an unknown or expired id, gets the same 404 async.not_found.
+
+`GET <base>_async/<id>` (the form issued before the channel was in the URL, answered while such jobs may
+still be retained, e.g. in a rolling upgrade): guarded by the first async channel; a job of another
+channel must then pass that channel's network and authentication stages as well.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from mediator.async_claims.service import AsyncClaims, status_error
+from mediator.config.models import ChannelConfig
 from mediator.fhir import operation_outcome_response
 from mediator.logs import JsonEvent
 from mediator.pipeline import Decision, Exchange, Principal, Stage, request_id_for
@@ -27,8 +34,10 @@ from mediator.stages.channel_match import Channel
 access_log = logging.getLogger("mediator.access")
 
 GUARD_STAGES = ("client_ip", "ip", "authentication", "over_limit", "rate_limit")
-"""The stages of the submission's channel a status request goes through (those the runtime built): the
-network checks, authentication and the channel's rate limits (a poll counts 1, like any request on it)."""
+"""The stages of the URL's channel a status request goes through (those the runtime built): the network
+checks, authentication and the channel's rate limits (a poll counts 1, like any request on it)."""
+IDENTITY_STAGES = GUARD_STAGES[:3]
+"""Those a job of another channel reached through the earlier URL form passes as well (no second charge)."""
 
 
 def may_see(principal: Principal | None, job: Any) -> bool:
@@ -71,16 +80,37 @@ async def _answer(request: web.Request, exchange: Exchange, service: AsyncClaims
     if service is None:
         exchange.decisions.append(("async", Decision.denied("async.not_found", 404, "")))
         return _not_found()
+    named = request.match_info.get("channel")
+    config = service.status_channel(named)
+    by_name = {s.name: s for s in stages}
+    refused = await _guard(exchange, config, by_name, GUARD_STAGES)
+    if refused is not None:
+        return refused
     job_id = request.match_info.get("job_id", "")
     try:
         job = await service.job_for(job_id) if job_id.isalnum() and len(job_id) == 32 else None
     except STORE_ERRORS as exc:
         exchange.decisions.append(("async", Decision.denied("async.store_unavailable", 503, "")))
         return status_error(exc)
-    config = service.status_channel(job.channel if job is not None else None)
+    if job is not None and job.channel != config.name:
+        if named is not None:
+            job = None  # the URL names another channel than the job came through: not this URL's job
+        else:
+            refused = await _guard(exchange, service.status_channel(job.channel), by_name, IDENTITY_STAGES)
+            if refused is not None:
+                return refused
+    if job is None or not may_see(exchange.principal, job):
+        exchange.decisions.append(("async", Decision.denied("async.not_found", 404, "")))
+        return _not_found()
+    exchange.decisions.append(("async", Decision.allowed(f"async.{job.state}")))
+    return service.status_response(exchange.request, job)
+
+
+async def _guard(exchange: Exchange, config: ChannelConfig, by_name: dict[str, Stage],
+                 names: tuple[str, ...]) -> web.Response | None:
+    """Run the stages `names` (those the runtime built) as on channel `config`: the first refusal's answer."""
     exchange.channel = Channel(config, re.compile(config.path))
-    by_name = {s.name: s for s in stages}
-    for name in GUARD_STAGES:
+    for name in names:
         stage = by_name.get(name)
         if stage is None:
             continue
@@ -88,8 +118,4 @@ async def _answer(request: web.Request, exchange: Exchange, service: AsyncClaims
         exchange.decisions.append((name, decision))
         if not decision.allow:
             return operation_outcome_response(decision.status, decision.reason, decision.message, decision.headers)
-    if job is None or not may_see(exchange.principal, job):
-        exchange.decisions.append(("async", Decision.denied("async.not_found", 404, "")))
-        return _not_found()
-    exchange.decisions.append(("async", Decision.allowed(f"async.{job.state}")))
-    return service.status_response(exchange.request, job)
+    return None

@@ -56,7 +56,7 @@ async def test_a_queued_claim_is_accepted_then_delivered_once(queued, openimis):
     accepted = await jm.request("POST", "/fhir/Claim", json=claim, headers=PREFER_ASYNC)
     assert accepted.status == 202, await accepted.text()
     status_url = accepted.headers["Content-Location"]
-    assert status_url.startswith("https://mediator.example.org/fhir/_async/")
+    assert status_url.startswith("https://mediator.example.org/fhir/_async/claims/")
     assert _reason(await accepted.json()) == "async.accepted"
     path = status_url.removeprefix("https://mediator.example.org")
 
@@ -88,7 +88,7 @@ async def test_the_status_url_answers_only_the_submitter(queued):
     accepted = await jm.request("POST", "/fhir/Claim", json=_claim_for("JMHOS001"), headers=PREFER_ASYNC)
     assert accepted.status == 202
     path = accepted.headers["Content-Location"].removeprefix("https://mediator.example.org")
-    unknown = f"/fhir/_async/{uuid.uuid4().hex}"
+    unknown = f"/fhir/_async/claims/{uuid.uuid4().hex}"
     # Another vendor: the same 404 as an unknown id.
     for response in (await ra.request("GET", path), await ra.request("GET", unknown)):
         assert response.status == 404
@@ -105,6 +105,13 @@ async def test_the_status_url_answers_only_the_submitter(queued):
     cancel = await jm.request("DELETE", path)  # cancelling is not offered
     assert cancel.status == 400 and _reason(await cancel.json()) == "channel.malformed_path"
     assert (await wait_settled(lambda url: jm.request("GET", url), path)).status == 201
+    # The id under another async channel's name is not that URL's job; the earlier URL form (no channel)
+    # still answers the submitter, and nobody else.
+    job_id = path.rsplit("/", 1)[1]
+    other_channel = await jm.request("GET", f"/fhir/_async/claim-batch/{job_id}")
+    assert (other_channel.status, _reason(await other_channel.json())) == (404, "async.not_found")
+    assert (await jm.request("GET", f"/fhir/_async/{job_id}")).status == 201
+    assert (await ra.request("GET", f"/fhir/_async/{job_id}")).status == 404
 
 
 POLL_LIMIT = {"rate_limits.yaml": per_user_budget(3, ("claims",))}
@@ -114,7 +121,7 @@ POLL_LIMIT = {"rate_limits.yaml": per_user_budget(3, ("claims",))}
 async def test_status_polls_count_in_the_channels_rate_limits(queued):
     vendors, _ = queued
     jm = vendors["vendor-jm"]
-    unknown = f"/fhir/_async/{uuid.uuid4().hex}"   # an unknown id is judged by the first async channel's limits
+    unknown = f"/fhir/_async/claims/{uuid.uuid4().hex}"   # an unknown id is judged by its URL's channel's limits
     polls = [await jm.request("GET", unknown) for _ in range(3)]
     assert [p.status for p in polls] == [404, 404, 404]
     assert [int(p.headers["RateLimit"].split(";r=")[1].split(";")[0]) for p in polls] == [2, 1, 0]
