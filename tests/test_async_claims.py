@@ -417,3 +417,47 @@ async def test_a_status_url_refuses_a_caller_outside_the_channels_networks_witho
     refused = await jm.client.get(f"/fhir/_async/claims/{uuid.uuid4().hex}")
     assert refused.status == 403
     assert _reason(await refused.json()).startswith("ip.")
+
+
+SPLIT_NETWORKS = CHANNELS.replace("""- name: claim-batch
+  path: ^/fhir/?$
+  methods: [POST]
+  upstream: openimis
+  timeout_s: 30
+  ip_allowlist: [local]""", """- name: claim-batch
+  path: ^/fhir/?$
+  methods: [POST]
+  upstream: openimis
+  timeout_s: 30
+  ip_allowlist: [elsewhere]""")
+TWO_SETS = DEFAULT_IP_POLICY + "  elsewhere:\n    allow: [\"10.9.9.0/24\"]\n"
+
+
+async def test_each_status_url_form_is_guarded_by_the_channel_its_job_came_through(store, tmp_path, make_mediator):
+    """Batch submissions are only for callers in `elsewhere`, claims for `local`. A batch job polled from
+    127.0.0.1 is refused by its channel's allowlist under its own URL (before the read), is not the job of
+    the claims channel's URL, and under the earlier URL form (guarded first by the claims channel) still
+    has to pass the batch channel's allowlist."""
+    assert "ip_allowlist: [elsewhere]" in SPLIT_NETWORKS
+    key = ECKey.generate_key("P-256")
+    (tmp_path / "config" / "keys").mkdir(parents=True)
+    (tmp_path / "config" / "keys" / "vendor-jm.pem").write_bytes(key.as_pem(private=False))
+    (tmp_path / "config" / "keys" / "vendor-ra.pem").write_bytes(key.as_pem(private=False))
+    redis = f"redis: {{url: \"redis://127.0.0.1:6379/0\", key_prefix: \"{store.redis.config.key_prefix}\"}}\n"
+    client = await make_mediator(channels_yaml("http://127.0.0.1:1/api/api_fhir_r4/", channels=SPLIT_NETWORKS,
+                                               extra_server=redis), TWO_SETS, POLICIES)
+    jm = Vendor(client, "vendor-jm", key)
+    await jm.login()
+    batch_job, claim_job = uuid.uuid4().hex, uuid.uuid4().hex
+    for job_id, channel in ((batch_job, "claim-batch"), (claim_job, "claims")):
+        await store.enqueue(job_id, channel=channel, client="vendor-jm", facilities=frozenset({"JMHOS001"}),
+                            kind="single", entries=[_entry(job_id)], presettled={}, total=1, request_id="r")
+    own_url = await jm.request("GET", f"/fhir/_async/claim-batch/{batch_job}")
+    assert (own_url.status, _reason(await own_url.json())) == (403, "ip.denied")
+    other_channel = await jm.request("GET", f"/fhir/_async/claims/{batch_job}")
+    assert (other_channel.status, _reason(await other_channel.json())) == (404, "async.not_found")
+    earlier_form = await jm.request("GET", f"/fhir/_async/{batch_job}")
+    assert (earlier_form.status, _reason(await earlier_form.json())) == (403, "ip.denied")
+    # The claims job is seen under both forms (queued or being delivered: 202).
+    for path in (f"/fhir/_async/claims/{claim_job}", f"/fhir/_async/{claim_job}"):
+        assert (await jm.request("GET", path)).status == 202, path
