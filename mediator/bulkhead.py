@@ -286,9 +286,11 @@ class Bulkhead:
             return
         self._dispatch()
 
-    def record(self, rtt_s: float, kind: str = "") -> None:
+    def record(self, rtt_s: float, kind: str | None = "") -> None:
         """openIMIS answered a request of `kind` after `rtt_s`: feeds the adaptive limit; a raised limit
-        lets waiters in."""
+        lets waiters in. `kind` None: not an answer time to learn from (it held a slot, that is all)."""
+        if kind is None:
+            return
         before = self.limit.current
         self.limit.record(rtt_s, kind)
         self._limit_recorded(before)
@@ -428,7 +430,7 @@ class UpstreamGuard:
             raise
 
     @asynccontextmanager
-    async def slot(self, priority: int, kind: str = "") -> AsyncIterator[None]:
+    async def slot(self, priority: int, kind: str | None = "") -> AsyncIterator[None]:
         """`async with guard.slot(priority):` — one place with openIMIS, for callers that send by other
         means than `call` (a queue drain). Raises UpstreamRefused (nothing may be sent). The time inside
         feeds the adaptive limit; the breaker is asked before, but its outcome is the caller's to report
@@ -441,10 +443,11 @@ class UpstreamGuard:
         finally:
             await self.bulkhead.release(slot, time.monotonic() - started)
 
-    async def call(self, priority: int, send: Callable[[], Awaitable[AnswerT]], kind: str = "") -> AnswerT:
-        """`send` is any request to openIMIS: a forwarded request, an ownership lookup, a search window.
-        `kind`: what sort of request (channel:interaction, or the lookup's name), so the adaptive limit
-        compares its answer time with the same kind's unloaded time."""
+    async def call(self, priority: int, send: Callable[[], Awaitable[AnswerT]], kind: str | None = "") -> AnswerT:
+        """`send` is any request to openIMIS: a forwarded request, an ownership lookup, a search window, a
+        replica page. `kind`: what sort of request (channel:interaction, or the lookup's name), so the
+        adaptive limit compares its answer time with the same kind's unloaded time; None: its time is not
+        learnt from (a replica page, whose size varies a hundredfold)."""
         breaker = self.breaker
         slot = await self._admit(priority)
         started = time.monotonic()

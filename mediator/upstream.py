@@ -138,7 +138,7 @@ class Guard(Protocol):
     """What guards a request to openIMIS (mediator.bulkhead.UpstreamGuard: breaker + bulkhead)."""
 
     async def call(self, priority: int, send: Callable[[], Awaitable[UpstreamReply]],
-                   kind: str = "") -> UpstreamReply: ...
+                   kind: str | None = "") -> UpstreamReply: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +352,8 @@ class OpenImisUpstream:
             raise UpstreamUnavailable(type(exc).__name__) from exc
 
     async def call(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
-                   timeout_s: float, guard: Guard | None = None, priority: int = 0, kind: str = "") -> UpstreamReply:
+                   timeout_s: float, guard: Guard | None = None, priority: int = 0,
+                   kind: str | None = "") -> UpstreamReply:
         """One request as the mediator's own openIMIS user: the one re-login rule. A 401 (token revoked,
         openIMIS restarted with new keys) means openIMIS processed nothing, so it is sent again once with a
         fresh login; repeating even a POST cannot submit twice. Sets `headers["Authorization"]`. `guard`:
@@ -374,7 +375,7 @@ class OpenImisUpstream:
 
     async def get_document(self, relative_path: str, query: str, timeout_s: float,
                            request_id: str, guard: Guard | None = None, priority: int = 0,
-                           kind: str = "") -> tuple[int, Any]:
+                           kind: str | None = "") -> tuple[int, Any]:
         """GET a FHIR path as the mediator's own user: (status, the parsed JSON document, or None when the
         answer is empty or not JSON: the caller judges the status). Raises UpstreamTimeout/Unavailable."""
         url = self.upstream_url(relative_path, query)
@@ -387,7 +388,7 @@ class OpenImisUpstream:
 
     async def pages(self, resource_type: str, params: Mapping[str, str], page_size: int, timeout_s: float,
                     request_id: str, max_pages: int, guard: Guard | None = None,
-                    priority: int = 0, kind: str = "") -> AsyncGenerator[Page, None]:
+                    priority: int = 0, kind: str | None = "") -> AsyncGenerator[Page, None]:
         """The one page iterator: `_count` and `page-offset` pages of a search, as the mediator's own user.
         Stops after a page without a `next` link or any answer that is not a 200 Bundle (yielded, for the
         caller to judge); raises UpstreamInvalidAnswer past `max_pages`. SECURITY: openIMIS's `next` URLs

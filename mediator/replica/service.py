@@ -23,7 +23,7 @@ from mediator.replica.records import SyncState
 from mediator.replica.serve import ReplicaReader
 from mediator.replica.store import MemoryReplicaStore, RedisReplicaStore, ReplicaStore
 from mediator.replica.sync import Progress, ReplicaSyncer, SyncBusy, SyncFailed, SyncReport
-from mediator.upstream import OpenImisUpstream
+from mediator.upstream import Guard, OpenImisUpstream
 
 log = logging.getLogger("mediator.replica")
 
@@ -41,12 +41,12 @@ def store_for(config: Config, policy: ReplicaPolicy) -> ReplicaStore:
 
 class Replica:
     def __init__(self, policy: ReplicaPolicy, store: ReplicaStore, upstream: OpenImisUpstream, metrics: Metrics,
-                 public_base_url: str, clock: Callable[[], float] = time.time) -> None:
+                 public_base_url: str, clock: Callable[[], float] = time.time, guard: Guard | None = None) -> None:
         self.policy = policy
         self.store = store
         self.metrics = metrics
         self.clock = clock
-        self.syncer = ReplicaSyncer(policy, store, upstream, clock)
+        self.syncer = ReplicaSyncer(policy, store, upstream, clock, guard)
         self.reader = ReplicaReader(policy, store, metrics, public_base_url, clock)
         self.facilities = ReplicaFacilitySource(policy, store, clock)
         """What the facility directory reads instead of openIMIS when the replica holds it."""
@@ -54,12 +54,13 @@ class Replica:
 
     @classmethod
     def from_config(cls, config: Config, upstreams: Mapping[str, OpenImisUpstream],
-                    metrics: Metrics) -> Replica | None:
+                    metrics: Metrics, guards: Mapping[str, Guard] | None = None) -> Replica | None:
+        """`guards`: the runtime's per upstream (the sync's pages wait for a slot of its upstream's)."""
         policy = config.policies.get("replica")
         if not isinstance(policy, ReplicaPolicy):
             return None
         return cls(policy, store_for(config, policy), upstreams[policy.upstream], metrics,
-                   config.channels.server.public_base_url)
+                   config.channels.server.public_base_url, guard=(guards or {}).get(policy.upstream))
 
     def _lag(self) -> float:
         last = self.reader.last_success

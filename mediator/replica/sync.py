@@ -8,6 +8,13 @@ for every type, all changes applied in one step. openIMIS lists only current row
 so deletions are invisible here: after applying, each type's count is compared with openIMIS's `total`
 and a mismatch asks for a full sync at once.
 Either way, a failure anywhere leaves the last good data untouched.
+
+Every page waits for a slot of the upstream's bulkhead (`guard`, at `bulk` priority, as an HMS's master-data
+pull): a sync is API load on openIMIS like any other, so it never takes the worker the limit leaves to
+openIMIS's web users, it is paced by a duty cycle, and claims and eligibility go before it. A page
+refused there (queue full, waited max_wait_s, breaker open) fails the sync, which is retried after
+`retry_after_failure_s`; its answer times are not samples of the adaptive limit (a page of 100 Medications
+and one of 3 InsurancePlans differ a hundredfold).
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from mediator.bulkhead import UpstreamRefused
+from mediator.config.models import PRIORITY_NAMES
 from mediator.errors import MediatorError
 from mediator.fhir_answers import add_zones
 from mediator.logs import JsonEvent
 from mediator.replica.policy import ReplicaPolicy
 from mediator.replica.records import StoredResource, SyncState, build_record, is_inactive, valid_upstream_resource
 from mediator.replica.store import ReplicaStore, ReplicaStoreError
-from mediator.upstream import OpenImisUpstream, UpstreamInvalidAnswer, UpstreamTimeout, UpstreamUnavailable
+from mediator.upstream import Guard, OpenImisUpstream, UpstreamInvalidAnswer, UpstreamTimeout, UpstreamUnavailable
 
 SHORT_PAGE_FALLBACK = 10
 """Page size of the second pass when openIMIS's pages add up to less than the total it announced."""
@@ -72,12 +81,17 @@ class ReplicaSyncer:
     """Runs syncs for one replica. Not reentrant: the service runs one sync at a time per process, and the
     store's lock keeps other instances (sharing Redis) from syncing at the same moment."""
 
+    priority = PRIORITY_NAMES["bulk"]
+
     def __init__(self, policy: ReplicaPolicy, store: ReplicaStore, upstream: OpenImisUpstream,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, guard: Guard | None = None) -> None:
         self.policy = policy
         self.store = store
         self.upstream = upstream
         self.clock = clock
+        self.guard = guard
+        """The upstream's bulkhead + breaker (None: unguarded, `openimis-mediator sync` run by an operator).
+        A runtime that keeps this replica across a reload hands it its own guard."""
         self._zone = ZoneInfo(upstream.config.time_zone)
 
     async def _get(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
@@ -86,7 +100,9 @@ class ReplicaSyncer:
         raw_query = "&".join(f"{k}={v}" for k, v in query.items())
         try:
             return await self.upstream.get_document(path, raw_query, self.policy.request_timeout_s,
-                                                    self._request_id())
+                                                    self._request_id(), self.guard, self.priority, None)
+        except UpstreamRefused as exc:
+            raise SyncFailed(f"{path}: not sent, openIMIS busy ({exc.reason})") from exc
         except UpstreamTimeout as exc:
             raise SyncFailed(f"{path}: openIMIS did not answer in time") from exc
         except UpstreamUnavailable as exc:
@@ -106,7 +122,7 @@ class ReplicaSyncer:
         size = page_size or self.policy.page_size
         max_pages = self.policy.max_resources_per_type // size + 2   # beyond it max_resources_per_type failed
         pages = self.upstream.pages(rtype, extra, size, self.policy.request_timeout_s, self._request_id(),
-                                    max_pages)
+                                    max_pages, self.guard, self.priority, None)
         try:
             async for page in pages:
                 if page.status == 404 and page.number > 1:
@@ -142,6 +158,8 @@ class ReplicaSyncer:
                     await self.store.refresh_lock()
         except UpstreamInvalidAnswer as exc:
             raise SyncFailed(f"{rtype}: {exc}") from exc
+        except UpstreamRefused as exc:
+            raise SyncFailed(f"{rtype}: not sent, openIMIS busy ({exc.reason})") from exc
         except UpstreamTimeout as exc:
             raise SyncFailed(f"{rtype}: openIMIS did not answer in time") from exc
         except UpstreamUnavailable as exc:

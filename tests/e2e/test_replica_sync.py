@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mediator.bulkhead import UpstreamGuard
 from mediator.config import load_config
 from mediator.metrics import Metrics
 from mediator.replica.service import Replica, store_for
@@ -42,8 +43,11 @@ async def test_full_then_incremental_sync_from_openimis(openimis, tmp_path):
     config = load_config(root)
     policy = config.policies["replica"]
     server = config.channels.server
-    upstream = OpenImisUpstream("openimis", config.channels.upstreams["openimis"], server.public_base_url)
-    replica = Replica(policy, store_for(config, policy), upstream, Metrics(), server.public_base_url)
+    upstream_config = config.channels.upstreams["openimis"]
+    upstream = OpenImisUpstream("openimis", upstream_config, server.public_base_url)
+    # As a server runs it: every request of the sync inside the upstream's bulkhead and breaker.
+    guard = UpstreamGuard.build("openimis", upstream_config.bulkhead, upstream_config.circuit_breaker)
+    replica = Replica(policy, store_for(config, policy), upstream, Metrics(), server.public_base_url, guard=guard)
     await upstream.start()
     await replica.start()
     try:
@@ -56,6 +60,9 @@ async def test_full_then_incremental_sync_from_openimis(openimis, tmp_path):
         incremental = await replica.sync(full=False)
         assert incremental.kind == "incremental"
         assert {t: incremental.counts.get(t, full.counts[t]) for t in types} == totals
+        # openIMIS's 500 to Organization?_lastUpdated (read whole instead) is no failure for the breaker.
+        assert guard.breaker is not None and guard.breaker.state == "closed" and guard.breaker.failures == 0
+        assert guard.bulkhead.in_flight == 0
     finally:
         await replica.close()
         await upstream.close()

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from mediator.bulkhead import UpstreamGuard
 from mediator.config import load_config
+from mediator.config.models import AdaptiveLimitConfig, BulkheadConfig
 from mediator.metrics import Metrics
 from mediator.replica.records import INACTIVE_TAG, SearchQuery
 from mediator.replica.service import Replica, store_for
@@ -33,7 +35,8 @@ def replica_yaml(store: str = "memory", extra: str = "") -> str:
 async def make_replica(tmp_path: Path, sandbox_server, redis_prefix):
     made: list[tuple[Replica, OpenImisUpstream]] = []
 
-    async def factory(store: str = "memory", extra: str = "", time_zone: str | None = None) -> Replica:
+    async def factory(store: str = "memory", extra: str = "", time_zone: str | None = None,
+                      guard: UpstreamGuard | None = None) -> Replica:
         server = f"redis:\n  url: \"{REDIS_URL}\"\n  key_prefix: \"{redis_prefix}\"\n"
         channels = channels_yaml(upstream_url(sandbox_server), extra_server=server)
         if time_zone is not None:   # the upstream's time_zone (channels.yaml)
@@ -47,7 +50,7 @@ async def make_replica(tmp_path: Path, sandbox_server, redis_prefix):
                                     config.channels.server.public_base_url)
         await upstream.start()
         replica = Replica(policy, store_for(config, policy), upstream, Metrics(),  # type: ignore[arg-type]
-                          config.channels.server.public_base_url)
+                          config.channels.server.public_base_url, guard=guard)
         await replica.start()
         made.append((replica, upstream))
         return replica
@@ -182,6 +185,57 @@ async def test_an_unreachable_openimis_is_a_failed_sync(make_replica, sandbox_se
         assert await replica.store.state() is None
     finally:
         await replica.close()
+
+
+async def _until(condition, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+class CountingGuard(UpstreamGuard):
+    """The real guard, counting the requests sent through it."""
+
+    calls = 0
+
+    async def call(self, priority, send, kind=""):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return await super().call(priority, send, kind)
+
+
+async def test_a_sync_waits_for_a_slot_of_the_upstreams_bulkhead_after_claims(sandbox, make_replica):
+    """openIMIS's one API slot is held by a claim: the sync's first page waits (nothing is sent), a claim
+    that arrives later still goes first (the sync is bulk), every request of the sync went through the
+    guard, and the pages' answer times do not feed the adaptive limit (its minimum-RTT measurement of 3
+    samples gets only the two claims)."""
+    limit = AdaptiveLimitConfig(probe_samples=3)
+    built = UpstreamGuard.build("openimis", BulkheadConfig(mode="adaptive", min_concurrent=1, max_concurrent=1,
+                                                           adaptive=limit, max_queue=8), None)
+    guard = CountingGuard(built.name, built.bulkhead, built.breaker)
+    replica = await make_replica(guard=guard)
+    order: list[str] = []
+
+    async def claim() -> None:
+        async with guard.slot(50, "claims:create"):
+            order.append("second claim")
+
+    async with guard.slot(50, "claims:create"):
+        sync = asyncio.create_task(replica.sync())
+        await _until(lambda: guard.bulkhead.queued == 1)
+        second = asyncio.create_task(claim())
+        await _until(lambda: guard.bulkhead.queued == 2)
+        await asyncio.sleep(0.1)
+        assert not sync.done() and sandbox.requests == []   # not one page sent yet
+        order.append("first claim done")
+    await second
+    report = await sync
+    assert order == ["first claim done", "second claim"]
+    assert report.kind == "full" and await replica.store.state() is not None
+    reads = [r for r in sandbox.requests if r["method"] == "GET"]
+    assert len(reads) >= 9 and guard.calls == len(reads)   # 7 types and 2 code systems, each guarded
+    assert guard.bulkhead.in_flight == 0
+    assert guard.bulkhead.limit.probes == 0   # type: ignore[attr-defined]  # 2 of 3 samples: the claims
 
 
 @pytest.mark.parametrize("store_kind", ["memory", "redis"])
