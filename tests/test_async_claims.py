@@ -458,6 +458,9 @@ async def test_each_status_url_form_is_guarded_by_the_channel_its_job_came_throu
     assert (other_channel.status, _reason(await other_channel.json())) == (404, "async.not_found")
     earlier_form = await jm.request("GET", f"/fhir/_async/{batch_job}")
     assert (earlier_form.status, _reason(await earlier_form.json())) == (403, "ip.denied")
-    # The claims job is seen under both forms (queued or being delivered: 202).
+    # The claims job is seen under both forms (queued or being delivered: 202), not under a made-up name
+    # (guarded like the first async channel, which the job came through, but not its URL).
     for path in (f"/fhir/_async/claims/{claim_job}", f"/fhir/_async/{claim_job}"):
         assert (await jm.request("GET", path)).status == 202, path
+    made_up = await jm.request("GET", f"/fhir/_async/no-such-channel/{claim_job}")
+    assert (made_up.status, _reason(await made_up.json())) == (404, "async.not_found")

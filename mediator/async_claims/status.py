@@ -92,13 +92,12 @@ async def _answer(request: web.Request, exchange: Exchange, service: AsyncClaims
     except STORE_ERRORS as exc:
         exchange.decisions.append(("async", Decision.denied("async.store_unavailable", 503, "")))
         return status_error(exc)
-    if job is not None and job.channel != config.name:
-        if named is not None:
-            job = None  # the URL names another channel than the job came through: not this URL's job
-        else:
-            refused = await _guard(exchange, service.status_channel(job.channel), by_name, IDENTITY_STAGES)
-            if refused is not None:
-                return refused
+    if job is not None and named is not None and job.channel != named:
+        job = None  # the URL names another channel than the job came through: not this URL's job
+    elif job is not None and named is None and job.channel != config.name:
+        refused = await _guard(exchange, service.status_channel(job.channel), by_name, IDENTITY_STAGES)
+        if refused is not None:
+            return refused
     if job is None or not may_see(exchange.principal, job):
         exchange.decisions.append(("async", Decision.denied("async.not_found", 404, "")))
         return _not_found()
