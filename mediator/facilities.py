@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from mediator.bulkhead import UpstreamGuard
+from mediator.bulkhead import UpstreamGuard, UpstreamRefused
+from mediator.config.models import PRIORITY_NAMES
 from mediator.errors import MediatorError
 from mediator.logs import JsonEvent
 from mediator.upstream import OpenImisUpstream, UpstreamTimeout, UpstreamUnavailable
@@ -183,6 +184,9 @@ class UpstreamFacilityDirectory:
     """
 
     MAX_PAGES = 1000
+    PRIORITY = PRIORITY_NAMES["interactive"]
+    """A reload holds up every facility-checked request (claims, eligibility): it waits for the bulkhead at
+    their priority, ahead of master-data pulls."""
 
     def __init__(self, upstream: OpenImisUpstream, ttl_s: float, max_stale_s: float,
                  page_size: int, timeout_s: float, guard: UpstreamGuard | None = None,
@@ -240,12 +244,14 @@ class UpstreamFacilityDirectory:
         try:
             async for page in self.upstream.pages(resource_type, params, self.page_size, self.timeout_s,
                                                   "facility-directory", self.MAX_PAGES, self.guard,
-                                                  kind=f"lookup:{resource_type}"):
+                                                  self.PRIORITY, f"lookup:{resource_type}"):
                 if page.bundle is None:
                     raise LookupFailed(f"{resource_type} list answered {page.status}")
                 found += page.resources(resource_type)
         except (UpstreamUnavailable, UpstreamTimeout) as exc:   # UpstreamInvalidAnswer: too many pages
             raise LookupFailed(f"{resource_type} list: {exc or type(exc).__name__}") from exc
+        except UpstreamRefused as exc:   # openIMIS busy (queue full, waited too long): the copy still held serves
+            raise LookupFailed(f"{resource_type} list not sent: {exc.reason}") from exc
         return found
 
 
