@@ -314,8 +314,12 @@ async def test_a_full_queue_is_shed_early_though_this_instance_has_nothing_in_fl
         held = await a.acquire(50)  # the whole budget, at the other instance
         assert not b.sheds(50)  # empty queue, a local slot: worth asking Redis
         waiters = [asyncio.create_task(b.acquire(10)) for _ in range(2)]
-        await asyncio.sleep(0.05)
-        assert b.queued == 2 and b.in_flight == 0
+        # Both waiting; b's pump holds a local slot only while it asks Redis for a lease (then gives it
+        # back, the budget being spent): wait for a moment between two asks.
+        deadline = time.monotonic() + 3
+        while not (b.queued == 2 and b.in_flight == 0):
+            assert time.monotonic() < deadline, (b.queued, b.in_flight)
+            await asyncio.sleep(0.001)
         assert b.sheds(10)  # full, and nobody of lower priority to evict
         assert not b.sheds(50)  # a claim would evict a bulk waiter
         await a.release(held)
