@@ -91,7 +91,10 @@ class Bulkhead:
         self.limit: ConcurrencyLimit = build_limit(config, clock)
         self.budget = ClusterBudget(name, config.cluster, redis) \
             if config.scope == "cluster" and redis is not None and redis.configured else None
-        self.in_flight = 0
+        self._in_flight = 0
+        self.activity = 0
+        """Counts every change of `in_flight`: unchanged across a span with nothing in flight at its start
+        means no request of this instance was with openIMIS during it (the latency probe's idle answers)."""
         self.queued = 0
         self._queue: list[_Waiter] = []
         self._seq = itertools.count()
@@ -111,6 +114,20 @@ class Bulkhead:
                                         for why in REFUSAL_MESSAGES}
             self._store_errors = metrics.store_errors.labels("upstream_budget", config.cluster.on_store_error)
             self._limit_gauge.set(self.limit.value)
+
+    @property
+    def in_flight(self) -> int:
+        """This instance's requests with openIMIS now (forwarded and the mediator's own)."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._in_flight = value
+        self.activity += 1
+
+    def idle_since(self, activity: int) -> bool:
+        """Nothing in flight now and no change since `activity` was read (with nothing in flight then)."""
+        return self._in_flight == 0 and self.activity == activity
 
     def _observe(self) -> None:
         if self._metrics is not None:
@@ -295,11 +312,12 @@ class Bulkhead:
         self.limit.record(rtt_s, kind)
         self._limit_recorded(before)
 
-    def record_latency_probe(self, rtt_s: float) -> None:
-        """The latency probe was answered after `rtt_s` (mediator/latency_probe.py): feeds the adaptive
-        limit's second signal; a raised limit lets waiters in."""
+    def record_latency_probe(self, rtt_s: float, idle: bool = False) -> None:
+        """The latency probe was answered after `rtt_s` (mediator/latency_probe.py), `idle`: with no request
+        of this instance with openIMIS meanwhile. Feeds the adaptive limit's second signal; a raised limit
+        lets waiters in."""
         before = self.limit.current
-        self.limit.record_latency_probe(rtt_s)
+        self.limit.record_latency_probe(rtt_s, idle)
         self._limit_recorded(before)
 
     def _limit_recorded(self, before: int) -> None:

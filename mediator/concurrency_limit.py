@@ -13,7 +13,13 @@ Why not Gradient2's long-term average RTT as the baseline: under a sustained flo
 up with the queue it should detect; the periodic minimum-RTT probe does not.
 
 With `adaptive.latency_probe`, a second signal: the answer times of a cheap read the mediator sends
-itself (mediator/latency_probe.py), each over its baseline (the fastest of the last baseline_window_s).
+itself (mediator/latency_probe.py), each over its baseline: the same percentile of the probe's answers
+while no API request was with openIMIS (`IdleReference`: what a web user gets when the mediator sends
+nothing), so that a window's verdict compares like with like. The fastest answer of the last
+baseline_window_s (until enough idle answers) is a baseline the probe's own spread already exceeds:
+on a box whose probe answered in 43–90 ms with nothing in flight, "the slower of two probes over 1.5 ×
+the fastest of two minutes" objected in idle windows and walked the limit to its floor with no API
+traffic at all (README "Load protection against the real openIMIS", run 25).
 The API requests' own times are a poor signal for what openIMIS's web users feel — a claim is slow
 anyway, and it loads openIMIS's CPU and database more than its own answer time shows — whereas the probe
 waits for a free openIMIS worker and shares its CPU exactly as a web user's request does. Like Envoy's
@@ -64,8 +70,9 @@ class ConcurrencyLimit(Protocol):
         """openIMIS answered (or timed out) a request of `kind` after `rtt_s` of being sent, not counting
         the queue."""
 
-    def record_latency_probe(self, rtt_s: float) -> None:
-        """The latency probe (mediator/latency_probe.py) was answered after `rtt_s` (or timed out)."""
+    def record_latency_probe(self, rtt_s: float, idle: bool = False) -> None:
+        """The latency probe (mediator/latency_probe.py) was answered after `rtt_s` (or timed out); `idle`:
+        no API request of this instance was with openIMIS while it was out."""
 
     @property
     def latency_baseline_s(self) -> float | None:
@@ -92,6 +99,29 @@ class WindowedMinimum:
         return self._values[0][1] if self._values else None
 
 
+class IdleReference:
+    """The latency probe's answers while no API request was with openIMIS: what its web users get when the
+    mediator sends nothing. The last `span_s` of them, but never fewer than the `keep` most recent (a
+    flood that keeps a request in flight for minutes leaves no new ones, and the reference must outlast
+    it); at most `cap`."""
+
+    def __init__(self, span_s: float, keep: int = 20, cap: int = 1000) -> None:
+        self.span_s = span_s
+        self.keep = keep
+        self._values: deque[tuple[float, float]] = deque(maxlen=cap)
+
+    def add(self, now: float, value: float) -> None:
+        self._values.append((now, value))
+        while len(self._values) > self.keep and self._values[0][0] < now - self.span_s:
+            self._values.popleft()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def percentile(self, fraction: float) -> float:
+        return _percentile([v for _, v in self._values], fraction)
+
+
 class StaticLimit:
     """`mode: static`: `max_concurrent`, always."""
 
@@ -116,7 +146,7 @@ class StaticLimit:
     def record(self, rtt_s: float, kind: str = "") -> None:
         pass
 
-    def record_latency_probe(self, rtt_s: float) -> None:
+    def record_latency_probe(self, rtt_s: float, idle: bool = False) -> None:
         pass
 
     @property
@@ -156,7 +186,8 @@ class GradientLimit:
         self._next_probe = 0.0
         self._floor_windows = 0
         probe = self.params.latency_probe
-        self._probe_baseline = WindowedMinimum(probe.baseline_window_s if probe is not None else 0.0)
+        self._probe_fastest = WindowedMinimum(probe.baseline_window_s if probe is not None else 0.0)
+        self._probe_idle = IdleReference(probe.baseline_window_s if probe is not None else 0.0)
         self._probe_ratios: list[float] = []
         self.probe_verdicts = 0
         """Windows whose verdict included the latency probe's (a counter for tests)."""
@@ -192,17 +223,38 @@ class GradientLimit:
         return self.min_rtt
 
     @property
+    def idle_probe_answers(self) -> int:
+        """The latency probe's answers in the idle reference now (for tests)."""
+        return len(self._probe_idle)
+
+    IDLE_REFERENCE_SAMPLES = 10
+    """Idle answers needed before the latency probe is judged against them (before: answers with API
+    requests in flight are judged against its fastest answer, idle ones build the reference)."""
+
+    @property
     def latency_baseline_s(self) -> float | None:
-        return self._probe_baseline.value
+        """The probe's `percentile` while the API was idle (like for like: a window's probes at that
+        percentile against the same percentile with no API load); until IDLE_REFERENCE_SAMPLES idle
+        answers, its fastest answer of the last baseline_window_s."""
+        probe = self.params.latency_probe
+        if probe is not None and len(self._probe_idle) >= self.IDLE_REFERENCE_SAMPLES:
+            return self._probe_idle.percentile(probe.percentile)
+        return self._probe_fastest.value
 
     def saturated(self) -> None:
         self._used_whole_limit = True
 
-    def record_latency_probe(self, rtt_s: float) -> None:
+    def record_latency_probe(self, rtt_s: float, idle: bool = False) -> None:
         now = self._clock()
-        self._probe_baseline.add(now, rtt_s)
-        baseline = self._probe_baseline.value
-        if baseline is not None and baseline > 0:
+        self._probe_fastest.add(now, rtt_s)
+        judged = not idle or len(self._probe_idle) >= self.IDLE_REFERENCE_SAMPLES
+        baseline = self.latency_baseline_s  # before this answer joins the reference
+        if idle:
+            self._probe_idle.add(now, rtt_s)
+        # An idle answer before the reference exists only builds it; every other answer is judged (an idle
+        # one too: openIMIS slow for other reasons, a report, still lowers the limit until the reference
+        # has followed it, after baseline_window_s).
+        if judged and baseline is not None and baseline > 0:
             self._probe_ratios.append(rtt_s / baseline)
         # The probe closes windows by itself: a flood of slow claims at a duty cycle answers too rarely
         # for min_samples per window, and the probe's verdict must not wait for them.

@@ -6,7 +6,9 @@ user (`OpenImisUpstream.call`: the same login and re-login rule as forwarded req
 bulkhead**: it must not wait in the mediator's queue, it measures openIMIS's — a free sync worker, the
 host's CPU and the database, exactly what a web user's request meets. Its answer time feeds the
 adaptive limit (`Bulkhead.record_latency_probe`, README "Load protection"), which compares it with a
-learned baseline and lowers the limit of every kind of request when openIMIS is slow.
+learned baseline and lowers the limit of every kind of request when openIMIS is slow. The baseline is
+learnt from the probes answered while no request of this instance was with openIMIS (`idle`: nothing in
+flight when it was sent and no slot taken or freed until its answer).
 
 One probe at a time: a probe still out when the next is due delays it (a queue at openIMIS is never
 deepened by probes). A timeout counts as an answer of `timeout_s` (the strongest sign of a queue); a
@@ -75,11 +77,12 @@ class LatencyProbe:
     async def probe_once(self) -> float | None:
         """Send one probe; its answer time as fed to the limit (None: no sample)."""
         headers = {"Accept": PLAIN_JSON, "X-Request-ID": "latency-probe"}
+        activity = self.bulkhead.activity if self.bulkhead.in_flight == 0 else -1
         started = self._clock()
         try:
             reply = await self.upstream.call("GET", self.url, headers, None, self.config.timeout_s)
         except UpstreamTimeout:
-            return self._sample(self.config.timeout_s, "timeout")
+            return self._sample(self.config.timeout_s, "timeout", self.bulkhead.idle_since(activity))
         except UpstreamUnavailable as exc:
             self._failed(f"{type(exc).__name__}")
             return None
@@ -87,11 +90,11 @@ class LatencyProbe:
             self._failed(f"status {reply.status}")
             return None
         self.answered += 1
-        return self._sample(self._clock() - started, "answered")
+        return self._sample(self._clock() - started, "answered", self.bulkhead.idle_since(activity))
 
-    def _sample(self, rtt_s: float, outcome: str) -> float:
+    def _sample(self, rtt_s: float, outcome: str, idle: bool) -> float:
         self._failing = False
-        self.bulkhead.record_latency_probe(rtt_s)
+        self.bulkhead.record_latency_probe(rtt_s, idle)
         if self._outcomes:
             self._outcomes[outcome].inc()
             self._seconds.observe(rtt_s)

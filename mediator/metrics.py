@@ -173,7 +173,7 @@ class Metrics:
             ["upstream"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.latency_probe_baseline = Gauge(
             "mediator_latency_probe_baseline_seconds",
-            "The latency probe's baseline: its fastest answer of the last baseline_window_s", ["upstream"],
+            "The latency probe's baseline: its answers' percentile with no API request in flight", ["upstream"],
             registry=self.registry)
         self.circuit_state = Gauge(
             "mediator_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["upstream"],

@@ -11,6 +11,7 @@ from mediator.bulkhead import Bulkhead, Slot, UpstreamGuard, UpstreamRefused
 from mediator.concurrency_limit import (
     FLOOR_WINDOWS_BEFORE_PROBE,
     GradientLimit,
+    IdleReference,
     StaticLimit,
     WindowedMinimum,
     build_limit,
@@ -482,3 +483,49 @@ def test_a_floor_the_probe_holds_does_not_call_for_measuring_the_minimum_rtt_aga
     for _ in range(FLOOR_WINDOWS_BEFORE_PROBE + 2):
         probed_window(limit, clock, 0.200, api_s=0.100)  # claims unloaded, the probe 4 × its baseline
     assert limit.current == 1 and not limit.probing
+
+
+SPREAD_MS = (43, 55, 60, 70, 90)
+"""A probe's answers with nothing in flight, as on the benchmark box of runs 18–25 (43–90 ms)."""
+P90 = LatencyProbeConfig(tolerance=1.5, percentile=0.9, baseline_window_s=120)
+
+
+def _idle_then_windows(idle: bool, window_ms: tuple[int, int], windows: int = 6) -> GradientLimit:
+    """20 probes of the spread with nothing in flight (`idle` as the probe reports it), then `windows`
+    windows of two probes each of `window_ms` answered while an API request was with openIMIS."""
+    clock = Clock()
+    limit = GradientLimit(adaptive(P90, min_concurrent=0.1, initial_concurrent=1, max_concurrent=1), clock)
+    for _ in range(limit.params.probe_samples):
+        limit.record(0.300)
+    for i in range(20):
+        clock.now += 0.5
+        limit.record_latency_probe(SPREAD_MS[i % len(SPREAD_MS)] / 1000, idle=idle)
+    for _ in range(windows):
+        for ms in window_ms:
+            clock.now += 0.5
+            limit.record_latency_probe(ms / 1000, idle=False)
+    return limit
+
+
+def test_the_probe_is_judged_against_its_idle_answers_not_its_fastest():
+    # The probe's own spread against its fastest answer (43 ms): "the slower of two over 1.5 x" objects
+    # whenever it is at the slow end, with nothing in flight too, and walks the limit to its floor ...
+    fastest = _idle_then_windows(idle=False, window_ms=(60, 90))
+    assert fastest.latency_baseline_s == 0.043 and fastest.value == pytest.approx(0.1)
+    # ... whereas against the answers with nothing in flight (their p90: 90 ms), windows as slow as that,
+    # with API traffic or without, leave the limit alone.
+    reference = _idle_then_windows(idle=True, window_ms=(60, 90))
+    assert reference.latency_baseline_s == 0.090 and reference.value == 1.0
+    # Twice the idle p90 while API requests are in flight (a queue, or CPU they take) objects.
+    loaded = _idle_then_windows(idle=True, window_ms=(120, 180), windows=1)
+    assert loaded.value == pytest.approx(1.5 / 2)
+
+
+def test_the_idle_reference_outlasts_a_long_flood():
+    """A flood that keeps a request in flight leaves no idle answers: the reference keeps the most recent
+    ones past baseline_window_s, so the probe keeps judging."""
+    reference = IdleReference(span_s=120, keep=20)
+    for i in range(50):
+        reference.add(float(i), 0.050 + i / 1000)
+    reference.add(10_000.0, 0.200)   # much later: one new idle answer
+    assert len(reference) == 20 and reference.percentile(0.0) == pytest.approx(0.081)

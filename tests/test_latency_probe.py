@@ -90,6 +90,41 @@ async def test_the_probe_goes_outside_the_queue_as_the_logged_in_user_and_feeds_
         await upstream.close()
 
 
+async def test_only_answers_with_nothing_of_ours_in_flight_join_the_idle_reference(timed_upstream):
+    timing, base = timed_upstream
+    probe_config = LatencyProbeConfig(interval_s=0.05, timeout_s=1)
+    bulkhead_config = _bulkhead(probe_config, max_concurrent=1, initial_concurrent=1, max_queue=2)
+    upstream = OpenImisUpstream("openimis", UpstreamConfig.model_validate(
+        {"base_url": base, "login": {"username_env": "OPENIMIS_USERNAME", "password_env": "OPENIMIS_PASSWORD"},
+         "bulkhead": bulkhead_config.model_dump()}), "https://mediator.example.org/fhir/")
+    await upstream.start()
+    bulkhead = Bulkhead("openimis", bulkhead_config)
+    probe = LatencyProbe(upstream, probe_config, bulkhead)
+    limit = bulkhead.limit
+    assert isinstance(limit, GradientLimit)
+    try:
+        timing.delay_s = 0.05
+        held = await bulkhead.acquire(50)   # an API request with openIMIS for the whole probe
+        await probe.probe_once()
+        await bulkhead.release(held)
+        assert limit.idle_probe_answers == 0
+
+        async def request_during_the_probe() -> None:   # one taken and given back while the probe is out
+            await asyncio.sleep(0.01)
+            await bulkhead.release(await bulkhead.acquire(50))
+
+        during = asyncio.create_task(request_during_the_probe())
+        await probe.probe_once()
+        await during
+        assert limit.idle_probe_answers == 0
+        await probe.probe_once()   # nothing of ours with openIMIS
+        assert limit.idle_probe_answers == 1
+    finally:
+        await probe.close()
+        await bulkhead.close()
+        await upstream.close()
+
+
 async def test_a_timeout_counts_as_timeout_s_and_a_failure_as_no_sample(timed_upstream, caplog):
     timing, base = timed_upstream
     probe_config = LatencyProbeConfig(interval_s=0.05, timeout_s=0.2)
@@ -146,9 +181,10 @@ async def test_the_running_mediator_probes_and_a_slow_openimis_lowers_the_limit_
             while not check():
                 await asyncio.sleep(0.02)
 
-    await until(lambda: len(timing.probes) >= 5)  # no request was sent by anyone: the probe runs by itself
+    # No request was sent by anyone: the probe runs by itself, its answers the idle reference (20 of them).
+    await until(lambda: len(timing.probes) >= 20)
     assert limit.value == 2  # quick answers, but the limit was never used: no growth
-    timing.delay_s = 0.2  # openIMIS is ten times slower (someone else loads it)
+    timing.delay_s = 0.2  # openIMIS is ten times slower (someone else loads it): slower than its reference
     await until(lambda: limit.value == 0.25)
     assert registry.get_sample_value("mediator_concurrency_limit", labels) == 0.25
     baseline = registry.get_sample_value("mediator_latency_probe_baseline_seconds", labels)

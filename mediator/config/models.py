@@ -168,11 +168,14 @@ class LatencyProbeConfig(Strict):
     tolerance: float = Field(1.5, ge=1, le=10)
     """A window whose probes took (their `percentile`) up to this × the baseline leaves the limit as it is."""
     percentile: float = Field(0.5, gt=0, le=1)
-    """Which of a window's probe times stands for the window."""
+    """Which of a window's probe times stands for the window, and which of the idle answers is the
+    baseline (like for like)."""
     baseline_window_s: PositiveSeconds = 120
-    """The baseline is the fastest probe answer of the last baseline_window_s: a flood the limit keeps in
-    check leaves fast answers in it (it does not drift up with the queue, as an average would), and a
-    baseline that grew for good (a bigger database) is followed after this long."""
+    """The baseline is the `percentile` of the probe's idle answers (answered while no API request of
+    this instance was with openIMIS) of the last baseline_window_s, and of the 20 most recent whatever
+    their age (a flood that keeps a request in flight leaves no new ones); until 10 idle answers, the
+    fastest answer of the last baseline_window_s. What openIMIS gives its web users when the mediator
+    sends nothing: the API traffic is judged by how much slower than that they are now."""
 
     @field_validator("path")
     @classmethod
