@@ -41,6 +41,9 @@ from typing import Protocol
 
 from mediator.config.models import BulkheadConfig
 
+IDLE_REFERENCE_LAG_S = 30.0
+"""How old an idle answer of the latency probe must be to count in its reference (at most a quarter of
+baseline_window_s)."""
 FLOOR_WINDOWS_BEFORE_PROBE = 5
 """Windows in a row at the floor after which the minimum RTT is measured again (Envoy does the same):
 the unloaded time may have grown for good (a bigger database), and a stale low minimum would pin the
@@ -103,10 +106,13 @@ class IdleReference:
     """The latency probe's answers while no API request was with openIMIS: what its web users get when the
     mediator sends nothing. The last `span_s` of them, but never fewer than the `keep` most recent (a
     flood that keeps a request in flight for minutes leaves no new ones, and the reference must outlast
-    it); at most `cap`."""
+    it); at most `cap`. Only answers at least `lag_s` old count: a sudden slowdown (a report, many web
+    users) is judged against the answers from before it for that long, instead of being taken into the
+    reference's upper percentiles within a few answers."""
 
-    def __init__(self, span_s: float, keep: int = 20, cap: int = 1000) -> None:
+    def __init__(self, span_s: float, lag_s: float, keep: int = 20, cap: int = 1000) -> None:
         self.span_s = span_s
+        self.lag_s = lag_s
         self.keep = keep
         self._values: deque[tuple[float, float]] = deque(maxlen=cap)
 
@@ -115,11 +121,13 @@ class IdleReference:
         while len(self._values) > self.keep and self._values[0][0] < now - self.span_s:
             self._values.popleft()
 
+    def settled(self, now: float) -> list[float]:
+        """The answers that count now (at least lag_s old)."""
+        until = now - self.lag_s
+        return [v for t, v in self._values if t <= until]
+
     def __len__(self) -> int:
         return len(self._values)
-
-    def percentile(self, fraction: float) -> float:
-        return _percentile([v for _, v in self._values], fraction)
 
 
 class StaticLimit:
@@ -187,7 +195,8 @@ class GradientLimit:
         self._floor_windows = 0
         probe = self.params.latency_probe
         self._probe_fastest = WindowedMinimum(probe.baseline_window_s if probe is not None else 0.0)
-        self._probe_idle = IdleReference(probe.baseline_window_s if probe is not None else 0.0)
+        span = probe.baseline_window_s if probe is not None else 0.0
+        self._probe_idle = IdleReference(span, lag_s=min(IDLE_REFERENCE_LAG_S, span / 4))
         self._probe_ratios: list[float] = []
         self.probe_verdicts = 0
         """Windows whose verdict included the latency probe's (a counter for tests)."""
@@ -228,17 +237,19 @@ class GradientLimit:
         return len(self._probe_idle)
 
     IDLE_REFERENCE_SAMPLES = 10
-    """Idle answers needed before the latency probe is judged against them (before: answers with API
-    requests in flight are judged against its fastest answer, idle ones build the reference)."""
+    """Settled idle answers needed before the latency probe is judged against them (before: against its
+    fastest answer, as every answer was before the reference existed)."""
 
     @property
     def latency_baseline_s(self) -> float | None:
         """The probe's `percentile` while the API was idle (like for like: a window's probes at that
-        percentile against the same percentile with no API load); until IDLE_REFERENCE_SAMPLES idle
-        answers, its fastest answer of the last baseline_window_s."""
+        percentile against the same percentile with no API load), from IDLE_REFERENCE_SAMPLES idle answers
+        at least the reference's lag old; until then its fastest answer of the last baseline_window_s."""
         probe = self.params.latency_probe
-        if probe is not None and len(self._probe_idle) >= self.IDLE_REFERENCE_SAMPLES:
-            return self._probe_idle.percentile(probe.percentile)
+        if probe is not None:
+            settled = self._probe_idle.settled(self._clock())
+            if len(settled) >= self.IDLE_REFERENCE_SAMPLES:
+                return _percentile(settled, probe.percentile)
         return self._probe_fastest.value
 
     def saturated(self) -> None:
@@ -247,14 +258,12 @@ class GradientLimit:
     def record_latency_probe(self, rtt_s: float, idle: bool = False) -> None:
         now = self._clock()
         self._probe_fastest.add(now, rtt_s)
-        judged = not idle or len(self._probe_idle) >= self.IDLE_REFERENCE_SAMPLES
-        baseline = self.latency_baseline_s  # before this answer joins the reference
         if idle:
             self._probe_idle.add(now, rtt_s)
-        # An idle answer before the reference exists only builds it; every other answer is judged (an idle
-        # one too: openIMIS slow for other reasons, a report, still lowers the limit until the reference
-        # has followed it, after baseline_window_s).
-        if judged and baseline is not None and baseline > 0:
+        # Every answer is judged, an idle one too: openIMIS slow for other reasons (a report) lowers the
+        # limit until the reference has followed it (its lag, then its percentile of baseline_window_s).
+        baseline = self.latency_baseline_s
+        if baseline is not None and baseline > 0:
             self._probe_ratios.append(rtt_s / baseline)
         # The probe closes windows by itself: a flood of slow claims at a duty cycle answers too rarely
         # for min_samples per window, and the probe's verdict must not wait for them.

@@ -490,16 +490,17 @@ SPREAD_MS = (43, 55, 60, 70, 90)
 P90 = LatencyProbeConfig(tolerance=1.5, percentile=0.9, baseline_window_s=120)
 
 
-def _idle_then_windows(idle: bool, window_ms: tuple[int, int], windows: int = 6) -> GradientLimit:
-    """20 probes of the spread with nothing in flight (`idle` as the probe reports it), then `windows`
-    windows of two probes each of `window_ms` answered while an API request was with openIMIS."""
+def _idle_then_windows(idle: bool, window_ms: tuple[int, int], windows: int = 8) -> GradientLimit:
+    """100 s of probes of the spread with nothing in flight (`idle` as the probe reports it), then
+    `windows` windows of two probes each of `window_ms` answered while an API request was with openIMIS."""
     clock = Clock()
     limit = GradientLimit(adaptive(P90, min_concurrent=0.1, initial_concurrent=1, max_concurrent=1), clock)
     for _ in range(limit.params.probe_samples):
         limit.record(0.300)
-    for i in range(20):
+    for i in range(200):
         clock.now += 0.5
         limit.record_latency_probe(SPREAD_MS[i % len(SPREAD_MS)] / 1000, idle=idle)
+    limit.limit = 1.0   # whatever the first 30 s did (the old rule, until idle answers have settled)
     for _ in range(windows):
         for ms in window_ms:
             clock.now += 0.5
@@ -512,8 +513,8 @@ def test_the_probe_is_judged_against_its_idle_answers_not_its_fastest():
     # whenever it is at the slow end, with nothing in flight too, and walks the limit to its floor ...
     fastest = _idle_then_windows(idle=False, window_ms=(60, 90))
     assert fastest.latency_baseline_s == 0.043 and fastest.value == pytest.approx(0.1)
-    # ... whereas against the answers with nothing in flight (their p90: 90 ms), windows as slow as that,
-    # with API traffic or without, leave the limit alone.
+    # ... whereas against the answers with nothing in flight (their p90: 90 ms), windows as slow as that
+    # leave the limit alone.
     reference = _idle_then_windows(idle=True, window_ms=(60, 90))
     assert reference.latency_baseline_s == 0.090 and reference.value == 1.0
     # Twice the idle p90 while API requests are in flight (a queue, or CPU they take) objects.
@@ -521,11 +522,34 @@ def test_the_probe_is_judged_against_its_idle_answers_not_its_fastest():
     assert loaded.value == pytest.approx(1.5 / 2)
 
 
+def test_a_sudden_slowdown_is_judged_against_the_idle_answers_from_before_it():
+    """openIMIS ten times slower with nothing of ours in flight (a report): the reference counts answers
+    only once they are 30 s old, so the slow ones are judged against the fast ones for that long and the
+    limit goes to its floor; then the reference has followed and the verdicts stop."""
+    clock = Clock()
+    limit = GradientLimit(adaptive(P90, min_concurrent=0.1, initial_concurrent=1, max_concurrent=1), clock)
+    for _ in range(limit.params.probe_samples):
+        limit.record(0.300)
+    for _ in range(200):
+        clock.now += 0.5
+        limit.record_latency_probe(0.050, idle=True)
+    limit.limit = 1.0
+    for _ in range(20):   # 10 s of a slow openIMIS
+        clock.now += 0.5
+        limit.record_latency_probe(0.500, idle=True)
+    assert limit.latency_baseline_s == 0.050 and limit.value == pytest.approx(0.1)
+    for _ in range(120):   # a minute more: the slow answers have settled into the reference's p90
+        clock.now += 0.5
+        limit.record_latency_probe(0.500, idle=True)
+    assert limit.latency_baseline_s == 0.500
+
+
 def test_the_idle_reference_outlasts_a_long_flood():
     """A flood that keeps a request in flight leaves no idle answers: the reference keeps the most recent
-    ones past baseline_window_s, so the probe keeps judging."""
-    reference = IdleReference(span_s=120, keep=20)
+    ones past baseline_window_s, so the probe keeps judging; answers count once lag_s old."""
+    reference = IdleReference(span_s=120, lag_s=30, keep=20)
     for i in range(50):
         reference.add(float(i), 0.050 + i / 1000)
-    reference.add(10_000.0, 0.200)   # much later: one new idle answer
-    assert len(reference) == 20 and reference.percentile(0.0) == pytest.approx(0.081)
+    assert len(reference.settled(50.0)) == 21   # 0..20 s are at least 30 s old at 50 s
+    reference.add(10_000.0, 0.200)   # much later: one new idle answer, not settled yet
+    assert len(reference) == 20 and min(reference.settled(10_000.0)) == pytest.approx(0.081)
