@@ -173,8 +173,9 @@ class LatencyProbeConfig(Strict):
     baseline_window_s: PositiveSeconds = 120
     """The baseline is the `percentile` of the probe's idle answers (answered while no API request of
     this instance was with openIMIS) of the last baseline_window_s, and of the 20 most recent whatever
-    their age (a flood that keeps a request in flight leaves no new ones); until 10 idle answers, the
-    fastest answer of the last baseline_window_s. What openIMIS gives its web users when the mediator
+    their age (a flood that keeps a request in flight leaves no new ones), each counted once 30 s old (a
+    quarter of this at most: a sudden slowdown is judged against the answers from before it); until 10
+    such answers, the fastest answer of the last baseline_window_s. What openIMIS gives its web users when the mediator
     sends nothing: the API traffic is judged by how much slower than that they are now."""
 
     @field_validator("path")
