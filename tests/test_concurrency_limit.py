@@ -490,17 +490,25 @@ SPREAD_MS = (43, 55, 60, 70, 90)
 P90 = LatencyProbeConfig(tolerance=1.5, percentile=0.9, baseline_window_s=120)
 
 
-def _idle_then_windows(idle: bool, window_ms: tuple[int, int], windows: int = 8) -> GradientLimit:
-    """100 s of probes of the spread with nothing in flight (`idle` as the probe reports it), then
-    `windows` windows of two probes each of `window_ms` answered while an API request was with openIMIS."""
+def _after_idle_probes(idle_ms: tuple[int, ...], idle: bool = True) -> tuple[GradientLimit, Clock]:
+    """A limit whose minimum RTT is measured, after 100 s of probes every 0.5 s cycling through `idle_ms`
+    with nothing in flight (`idle` as the probe reports it), set back to 1 (whatever its first 30 s did
+    by the old rule, until idle answers have settled)."""
     clock = Clock()
     limit = GradientLimit(adaptive(P90, min_concurrent=0.1, initial_concurrent=1, max_concurrent=1), clock)
     for _ in range(limit.params.probe_samples):
         limit.record(0.300)
     for i in range(200):
         clock.now += 0.5
-        limit.record_latency_probe(SPREAD_MS[i % len(SPREAD_MS)] / 1000, idle=idle)
-    limit.limit = 1.0   # whatever the first 30 s did (the old rule, until idle answers have settled)
+        limit.record_latency_probe(idle_ms[i % len(idle_ms)] / 1000, idle=idle)
+    limit.limit = 1.0
+    return limit, clock
+
+
+def _idle_then_windows(idle: bool, window_ms: tuple[int, int], windows: int = 8) -> GradientLimit:
+    """The spread's idle probes, then `windows` windows of two probes each of `window_ms` answered while
+    an API request was with openIMIS."""
+    limit, clock = _after_idle_probes(SPREAD_MS, idle)
     for _ in range(windows):
         for ms in window_ms:
             clock.now += 0.5
@@ -526,14 +534,7 @@ def test_a_sudden_slowdown_is_judged_against_the_idle_answers_from_before_it():
     """openIMIS ten times slower with nothing of ours in flight (a report): the reference counts answers
     only once they are 30 s old, so the slow ones are judged against the fast ones for that long and the
     limit goes to its floor; then the reference has followed and the verdicts stop."""
-    clock = Clock()
-    limit = GradientLimit(adaptive(P90, min_concurrent=0.1, initial_concurrent=1, max_concurrent=1), clock)
-    for _ in range(limit.params.probe_samples):
-        limit.record(0.300)
-    for _ in range(200):
-        clock.now += 0.5
-        limit.record_latency_probe(0.050, idle=True)
-    limit.limit = 1.0
+    limit, clock = _after_idle_probes((50,))
     for _ in range(20):   # 10 s of a slow openIMIS
         clock.now += 0.5
         limit.record_latency_probe(0.500, idle=True)

@@ -60,14 +60,19 @@ def _bulkhead(probe: LatencyProbeConfig, **overrides: object) -> BulkheadConfig:
                              **overrides})  # type: ignore[arg-type]
 
 
-async def test_the_probe_goes_outside_the_queue_as_the_logged_in_user_and_feeds_the_baseline(timed_upstream):
-    timing, base = timed_upstream
-    probe_config = LatencyProbeConfig(interval_s=0.05, timeout_s=1)
-    bulkhead_config = _bulkhead(probe_config, max_concurrent=1, initial_concurrent=1, max_queue=0)
+async def _started_upstream(base: str, bulkhead_config: BulkheadConfig) -> OpenImisUpstream:
     upstream = OpenImisUpstream("openimis", UpstreamConfig.model_validate(
         {"base_url": base, "login": {"username_env": "OPENIMIS_USERNAME", "password_env": "OPENIMIS_PASSWORD"},
          "bulkhead": bulkhead_config.model_dump()}), "https://mediator.example.org/fhir/")
     await upstream.start()
+    return upstream
+
+
+async def test_the_probe_goes_outside_the_queue_as_the_logged_in_user_and_feeds_the_baseline(timed_upstream):
+    timing, base = timed_upstream
+    probe_config = LatencyProbeConfig(interval_s=0.05, timeout_s=1)
+    bulkhead_config = _bulkhead(probe_config, max_concurrent=1, initial_concurrent=1, max_queue=0)
+    upstream = await _started_upstream(base, bulkhead_config)
     metrics = Metrics()
     bulkhead = Bulkhead("openimis", bulkhead_config, metrics)
     probe = LatencyProbe(upstream, probe_config, bulkhead, metrics)
@@ -94,10 +99,7 @@ async def test_only_answers_with_nothing_of_ours_in_flight_join_the_idle_referen
     timing, base = timed_upstream
     probe_config = LatencyProbeConfig(interval_s=0.05, timeout_s=1)
     bulkhead_config = _bulkhead(probe_config, max_concurrent=1, initial_concurrent=1, max_queue=2)
-    upstream = OpenImisUpstream("openimis", UpstreamConfig.model_validate(
-        {"base_url": base, "login": {"username_env": "OPENIMIS_USERNAME", "password_env": "OPENIMIS_PASSWORD"},
-         "bulkhead": bulkhead_config.model_dump()}), "https://mediator.example.org/fhir/")
-    await upstream.start()
+    upstream = await _started_upstream(base, bulkhead_config)
     bulkhead = Bulkhead("openimis", bulkhead_config)
     probe = LatencyProbe(upstream, probe_config, bulkhead)
     limit = bulkhead.limit
@@ -129,10 +131,7 @@ async def test_a_timeout_counts_as_timeout_s_and_a_failure_as_no_sample(timed_up
     timing, base = timed_upstream
     probe_config = LatencyProbeConfig(interval_s=0.05, timeout_s=0.2)
     bulkhead_config = _bulkhead(probe_config)
-    upstream = OpenImisUpstream("openimis", UpstreamConfig.model_validate(
-        {"base_url": base, "login": {"username_env": "OPENIMIS_USERNAME", "password_env": "OPENIMIS_PASSWORD"}}),
-        "https://mediator.example.org/fhir/")
-    await upstream.start()
+    upstream = await _started_upstream(base, bulkhead_config)
     metrics = Metrics()
     bulkhead = Bulkhead("openimis", bulkhead_config, metrics)
     probe = LatencyProbe(upstream, probe_config, bulkhead, metrics)
