@@ -15,11 +15,11 @@ up with the queue it should detect; the periodic minimum-RTT probe does not.
 With `adaptive.latency_probe`, a second signal: the answer times of a cheap read the mediator sends
 itself (mediator/latency_probe.py), each over its baseline: the same percentile of the probe's answers
 while no API request was with openIMIS (`IdleReference`: what a web user gets when the mediator sends
-nothing), so that a window's verdict compares like with like. The fastest answer of the last
-baseline_window_s (until enough idle answers) is a baseline the probe's own spread already exceeds:
-on a box whose probe answered in 43–90 ms with nothing in flight, "the slower of two probes over 1.5 ×
-the fastest of two minutes" objected in idle windows and walked the limit to its floor with no API
-traffic at all (README "Load protection against the real openIMIS", run 25).
+nothing), so that a window's verdict compares like with like. The baseline used before, and still until
+enough idle answers have settled, the fastest answer of the last baseline_window_s, is one the probe's
+own spread exceeds: on a box whose probe answered in 43–90 ms with nothing in flight, "the slower of two
+probes over 1.5 × the fastest of two minutes" objected in idle windows and walked the limit to its floor
+with no API traffic at all (README "Load protection against the real openIMIS", run 25).
 The API requests' own times are a poor signal for what openIMIS's web users feel — a claim is slow
 anyway, and it loads openIMIS's CPU and database more than its own answer time shows — whereas the probe
 waits for a free openIMIS worker and shares its CPU exactly as a web user's request does. Like Envoy's
@@ -194,8 +194,8 @@ class GradientLimit:
         self._next_probe = 0.0
         self._floor_windows = 0
         probe = self.params.latency_probe
-        self._probe_fastest = WindowedMinimum(probe.baseline_window_s if probe is not None else 0.0)
         span = probe.baseline_window_s if probe is not None else 0.0
+        self._probe_fastest = WindowedMinimum(span)
         self._probe_idle = IdleReference(span, lag_s=min(IDLE_REFERENCE_LAG_S, span / 4))
         self._probe_ratios: list[float] = []
         self.probe_verdicts = 0
