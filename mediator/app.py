@@ -95,9 +95,9 @@ class Runtime:
         # One guard per upstream for everything sent to it: forwarded requests and the stages' own lookups.
         guards = LoadProtection.build_guards(config, redis, metrics, kept_guards)
         replica = previous.replica if previous is not None and _replica_unchanged(previous, config, upstreams) \
-            else Replica.from_config(config, upstreams, metrics, guards)
-        if replica is not None and replica is (previous.replica if previous is not None else None):
-            replica.syncer.guard = guards.get(replica.policy.upstream)   # kept: its syncs wait in today's bulkhead
+            else Replica.from_config(config, upstreams, metrics)
+        if replica is not None:   # new or kept: its syncs wait in this runtime's bulkhead
+            replica.syncer.guard = guards.get(replica.policy.upstream)
         stages = build_stages(config, upstreams, metrics.registry, identity, redis=redis, metrics=metrics,
                               guards=guards,
                               facility_source=replica.facilities if replica is not None else None)

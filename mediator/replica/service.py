@@ -54,13 +54,13 @@ class Replica:
 
     @classmethod
     def from_config(cls, config: Config, upstreams: Mapping[str, OpenImisUpstream],
-                    metrics: Metrics, guards: Mapping[str, Guard] | None = None) -> Replica | None:
-        """`guards`: the runtime's per upstream (the sync's pages wait for a slot of its upstream's)."""
+                    metrics: Metrics) -> Replica | None:
+        """Unguarded: the Runtime gives its syncer the upstream's guard (`ReplicaSyncer.guard`)."""
         policy = config.policies.get("replica")
         if not isinstance(policy, ReplicaPolicy):
             return None
         return cls(policy, store_for(config, policy), upstreams[policy.upstream], metrics,
-                   config.channels.server.public_base_url, guard=(guards or {}).get(policy.upstream))
+                   config.channels.server.public_base_url)
 
     def _lag(self) -> float:
         last = self.reader.last_success

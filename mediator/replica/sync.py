@@ -90,8 +90,9 @@ class ReplicaSyncer:
         self.upstream = upstream
         self.clock = clock
         self.guard = guard
-        """The upstream's bulkhead + breaker (None: unguarded, `openimis-mediator sync` run by an operator).
-        A runtime that keeps this replica across a reload hands it its own guard."""
+        """The upstream's bulkhead + breaker, set by the Runtime that uses this replica (a new one, or the
+        next runtime keeping it across a reload); None: unguarded (`openimis-mediator sync`, run by an
+        operator)."""
         self._zone = ZoneInfo(upstream.config.time_zone)
 
     async def _get(self, path: str, query: dict[str, str]) -> tuple[int, Any]:

@@ -227,6 +227,8 @@ async def test_the_replica_keeps_its_data_and_its_sync_task_across_a_reload(
         {"replica.yaml": replica_policy})
     replica = app[RUNTIME].current.replica
     assert replica is not None
+    # Its syncs wait in the runtime's bulkhead for the upstream, before and after the reload.
+    assert replica.syncer.guard is app[RUNTIME].current.protection.guards["openimis"]
     await eventually(lambda: replica.reader.last_success is not None, what="the scheduled first sync")
     schedule = replica._task
     sandbox.requests.clear()
@@ -235,6 +237,7 @@ async def test_the_replica_keeps_its_data_and_its_sync_task_across_a_reload(
     assert await reloader.reload("test")
 
     assert app[RUNTIME].current.replica is replica
+    assert replica.syncer.guard is app[RUNTIME].current.protection.guards["openimis"]
     assert replica._task is schedule and not schedule.done()
     rid = next(iter(sandbox.store["Medication"]))
     response = await client.get(f"/fhir/Medication/{rid}")
