@@ -77,6 +77,15 @@ def upstream_time(epoch: float, zone: str) -> str:
     return datetime.fromtimestamp(epoch, ZoneInfo(zone)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+def _failed(what: str, exc: UpstreamRefused | UpstreamTimeout | UpstreamUnavailable) -> SyncFailed:
+    """The sync's failure for a request about `what` that openIMIS did not answer (or was not sent)."""
+    if isinstance(exc, UpstreamRefused):
+        return SyncFailed(f"{what}: not sent, openIMIS busy ({exc.reason})")
+    if isinstance(exc, UpstreamTimeout):
+        return SyncFailed(f"{what}: openIMIS did not answer in time")
+    return SyncFailed(f"{what}: openIMIS unavailable ({exc})")
+
+
 class ReplicaSyncer:
     """Runs syncs for one replica. Not reentrant: the service runs one sync at a time per process, and the
     store's lock keeps other instances (sharing Redis) from syncing at the same moment."""
@@ -102,12 +111,8 @@ class ReplicaSyncer:
         try:
             return await self.upstream.get_document(path, raw_query, self.policy.request_timeout_s,
                                                     self._request_id(), self.guard, self.priority, None)
-        except UpstreamRefused as exc:
-            raise SyncFailed(f"{path}: not sent, openIMIS busy ({exc.reason})") from exc
-        except UpstreamTimeout as exc:
-            raise SyncFailed(f"{path}: openIMIS did not answer in time") from exc
-        except UpstreamUnavailable as exc:
-            raise SyncFailed(f"{path}: openIMIS unavailable ({exc})") from exc
+        except (UpstreamRefused, UpstreamTimeout, UpstreamUnavailable) as exc:
+            raise _failed(path, exc) from exc
 
     @staticmethod
     def _request_id() -> str:
@@ -159,12 +164,8 @@ class ReplicaSyncer:
                     await self.store.refresh_lock()
         except UpstreamInvalidAnswer as exc:
             raise SyncFailed(f"{rtype}: {exc}") from exc
-        except UpstreamRefused as exc:
-            raise SyncFailed(f"{rtype}: not sent, openIMIS busy ({exc.reason})") from exc
-        except UpstreamTimeout as exc:
-            raise SyncFailed(f"{rtype}: openIMIS did not answer in time") from exc
-        except UpstreamUnavailable as exc:
-            raise SyncFailed(f"{rtype}: openIMIS unavailable ({exc})") from exc
+        except (UpstreamRefused, UpstreamTimeout, UpstreamUnavailable) as exc:
+            raise _failed(rtype, exc) from exc
         finally:
             await pages.aclose()
 
