@@ -125,9 +125,13 @@ class Bulkhead:
         self._in_flight = value
         self.activity += 1
 
-    def idle_since(self, activity: int) -> bool:
-        """Nothing in flight now and no change since `activity` was read (with nothing in flight then)."""
-        return self._in_flight == 0 and self.activity == activity
+    def idle_mark(self) -> int:
+        """For `idle_since`: the activity now if nothing is in flight, else a mark that is never idle."""
+        return self.activity if self._in_flight == 0 else -1
+
+    def idle_since(self, mark: int) -> bool:
+        """No request of this instance was with openIMIS since `idle_mark()` gave `mark`."""
+        return self._in_flight == 0 and self.activity == mark
 
     def _observe(self) -> None:
         if self._metrics is not None:

@@ -77,12 +77,12 @@ class LatencyProbe:
     async def probe_once(self) -> float | None:
         """Send one probe; its answer time as fed to the limit (None: no sample)."""
         headers = {"Accept": PLAIN_JSON, "X-Request-ID": "latency-probe"}
-        activity = self.bulkhead.activity if self.bulkhead.in_flight == 0 else -1
+        mark = self.bulkhead.idle_mark()
         started = self._clock()
         try:
             reply = await self.upstream.call("GET", self.url, headers, None, self.config.timeout_s)
         except UpstreamTimeout:
-            return self._sample(self.config.timeout_s, "timeout", self.bulkhead.idle_since(activity))
+            return self._sample(self.config.timeout_s, "timeout", self.bulkhead.idle_since(mark))
         except UpstreamUnavailable as exc:
             self._failed(f"{type(exc).__name__}")
             return None
@@ -90,7 +90,7 @@ class LatencyProbe:
             self._failed(f"status {reply.status}")
             return None
         self.answered += 1
-        return self._sample(self._clock() - started, "answered", self.bulkhead.idle_since(activity))
+        return self._sample(self._clock() - started, "answered", self.bulkhead.idle_since(mark))
 
     def _sample(self, rtt_s: float, outcome: str, idle: bool) -> float:
         self._failing = False
