@@ -202,6 +202,8 @@ class GradientLimit:
         """Windows whose verdict included the latency probe's (a counter for tests)."""
         self._probe_objects = False
         """The latency probe's last verdict asked for less (openIMIS is slow for its web users)."""
+        self._probe_saw_load = False
+        """A probe of this window was out while an API request of this instance was with openIMIS."""
 
     @property
     def value(self) -> float:
@@ -260,6 +262,8 @@ class GradientLimit:
         self._probe_fastest.add(now, rtt_s)
         if idle:
             self._probe_idle.add(now, rtt_s)
+        else:
+            self._probe_saw_load = True
         # Every answer is judged, an idle one too: openIMIS slow for other reasons (a report) lowers the
         # limit until the reference has followed it (its lag, then its percentile of baseline_window_s).
         baseline = self.latency_baseline_s
@@ -293,6 +297,7 @@ class GradientLimit:
             return
         self.limit = max(self.floor, self.limit * gradient)   # 1.0 (no objection) leaves it
         self._probe_ratios.clear()
+        self._probe_saw_load = False
         self._window_started = now
 
     def record(self, rtt_s: float, kind: str = "") -> None:
@@ -324,6 +329,7 @@ class GradientLimit:
         self._probe_samples.clear()
         self._ratios.clear()
         self._probe_ratios.clear()
+        self._probe_saw_load = False
         self._unknown_kinds = 0
         self._window_started = now
         self._used_whole_limit = False
@@ -350,8 +356,14 @@ class GradientLimit:
             self._start_window(now)  # nothing to judge by: a window without answers
             return
         if gradient >= 1.0:
-            # +1 per window; below 1 (a duty cycle) doubling, so a fractional floor is left as fast
-            growth = min(1.0, self.limit) if self._used_whole_limit else 0.0
+            # +1 per window; below 1 (a duty cycle) doubling, so a fractional floor is left as fast.
+            # Only on evidence that the load is harmless: a window that used the whole limit and, when the
+            # probe answered in it, a probe that met API load. At a duty cycle most probes fall into its
+            # pauses, where openIMIS has nothing of ours; their silence used to double the limit back
+            # within a few windows of every objection (README "Load protection against the real
+            # openIMIS", runs 26-29), so the limit never held what the probe had found.
+            earned = self._used_whole_limit and (probe_gradient is None or self._probe_saw_load)
+            growth = min(1.0, self.limit) if earned else 0.0
             new_limit = self.limit + growth
         else:
             new_limit = self.limit * gradient

@@ -487,6 +487,35 @@ def test_a_floor_the_probe_holds_does_not_call_for_measuring_the_minimum_rtt_aga
 
 SPREAD_MS = (43, 55, 60, 70, 90)
 """A probe's answers with nothing in flight, as on the benchmark box of runs 18–25 (43–90 ms)."""
+def test_below_one_only_a_probe_that_met_api_load_lets_the_limit_grow_back():
+    """At a duty cycle most probes fall into its pauses, with nothing of ours at openIMIS: their quick
+    answers say nothing of what the API load does, and used to double the limit back within a few windows
+    of every objection. A window grows only when one of its probes was out while an API request was."""
+    clock = Clock()
+    limit = GradientLimit(adaptive(PROBED, min_concurrent=0.1, initial_concurrent=1), clock)
+    for _ in range(limit.params.probe_samples):
+        limit.record(0.300)
+    limit.record_latency_probe(0.050)
+    probed_window(limit, clock, 0.200)  # the probe objects: halved
+    assert limit.value == 0.5
+    for _ in range(5):  # the whole limit used, every probe quick but in a pause: no evidence, no growth
+        limit.saturated()
+        limit.record_latency_probe(0.050, idle=True)
+        clock.now += 1.0
+        limit.record_latency_probe(0.050, idle=True)
+    assert limit.value == 0.5
+    limit.saturated()
+    limit.record_latency_probe(0.050, idle=True)
+    clock.now += 1.0
+    limit.record_latency_probe(0.060, idle=False)  # one probe met a claim at openIMIS and was quick
+    assert limit.value == 1.0
+    for _ in range(3):  # idle probes still object when openIMIS is slow for other reasons (a report)
+        limit.record_latency_probe(0.200, idle=True)
+        clock.now += 1.0
+        limit.record_latency_probe(0.200, idle=True)
+    assert limit.value == pytest.approx(0.125)
+
+
 P90 = LatencyProbeConfig(tolerance=1.5, percentile=0.9, baseline_window_s=120)
 
 
