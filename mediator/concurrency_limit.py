@@ -26,7 +26,8 @@ waits for a free openIMIS worker and shares its CPU exactly as a web user's requ
 minRTT windows this is a measurement of openIMIS, not of the traffic; unlike them it needs no dip to
 the floor, because the probe is not API traffic. A window's verdict is the stricter of the two
 gradients, so either signal lowers the limit (of every kind: there is one limit per upstream) and the
-limit grows only when neither objects.
+limit grows only when neither objects and, if the probe answered in the window, one of its answers was
+out while an API request was with openIMIS (an answer in a duty cycle's pause is no evidence for more).
 
 Pure and single-threaded: `clock` is injectable, nothing here does I/O, so tests drive it step by step.
 """
