@@ -362,7 +362,7 @@ class GradientLimit:
             # probe answered in it, a probe that met API load. At a duty cycle most probes fall into its
             # pauses, where openIMIS has nothing of ours; their silence used to double the limit back
             # within a few windows of every objection (README "Load protection against the real
-            # openIMIS", runs 26-29), so the limit never held what the probe had found.
+            # openIMIS", runs 26-29), so a cut did not hold for long.
             earned = self._used_whole_limit and (probe_gradient is None or self._probe_saw_load)
             growth = min(1.0, self.limit) if earned else 0.0
             new_limit = self.limit + growth
