@@ -90,7 +90,8 @@ class ReplicaSyncer:
     """Runs syncs for one replica. Not reentrant: the service runs one sync at a time per process, and the
     store's lock keeps other instances (sharing Redis) from syncing at the same moment."""
 
-    priority = PRIORITY_NAMES["bulk"]
+    PRIORITY = PRIORITY_NAMES["bulk"]
+    """A sync page waits for the bulkhead as an HMS's master-data pull does: behind claims and eligibility."""
 
     def __init__(self, policy: ReplicaPolicy, store: ReplicaStore, upstream: OpenImisUpstream,
                  clock: Callable[[], float] = time.time, guard: Guard | None = None) -> None:
@@ -110,7 +111,7 @@ class ReplicaSyncer:
         raw_query = "&".join(f"{k}={v}" for k, v in query.items())
         try:
             return await self.upstream.get_document(path, raw_query, self.policy.request_timeout_s,
-                                                    self._request_id(), self.guard, self.priority, None)
+                                                    self._request_id(), self.guard, self.PRIORITY, None)
         except (UpstreamRefused, UpstreamTimeout, UpstreamUnavailable) as exc:
             raise _failed(path, exc) from exc
 
@@ -128,7 +129,7 @@ class ReplicaSyncer:
         size = page_size or self.policy.page_size
         max_pages = self.policy.max_resources_per_type // size + 2   # beyond it max_resources_per_type failed
         pages = self.upstream.pages(rtype, extra, size, self.policy.request_timeout_s, self._request_id(),
-                                    max_pages, self.guard, self.priority, None)
+                                    max_pages, self.guard, self.PRIORITY, None)
         try:
             async for page in pages:
                 if page.status == 404 and page.number > 1:
