@@ -66,6 +66,9 @@ from mediator.identity.client import client_assertion, token_form  # noqa: E402
 from tests.e2e.conftest import harness  # noqa: E402
 from tests.e2e.vendors import AUTHORIZATION, BASE, CLIENTS, ORIGIN, VENDORS, _claim_for  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/window_stats.py
+from window_stats import idle_halves_ratio, percentile, percentile_ratio_interval, window_samples  # noqa: E402
+
 INSUREES_QUERY = ("{ insurees(first: 10, orderBy: [\"chfId\"]) { totalCount edges { node { id uuid chfId "
                   "lastName otherNames dob gender { code } family { uuid location { name } } } } } }")
 VENDOR = "vendor-jm"
@@ -102,13 +105,6 @@ def _cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / CLK_TCK
     return total
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]
 
 
 @dataclass
@@ -405,6 +401,16 @@ class Row:
     def refusals(self) -> int:
         return sum(self.flood.reasons.values())
 
+    def statistics(self) -> dict[str, Any]:
+        """How far the ratios to idle can be trusted (percentile_ratio_interval, idle_halves_ratio)."""
+        idle = window_samples(self.idle.timeline, self.windows, "idle")
+        flood = window_samples(self.probe.timeline, self.windows, "flood")
+        return {"p99_ratio_interval": percentile_ratio_interval(idle, flood, 0.99),
+                "p90_ratio_interval": percentile_ratio_interval(idle, flood, 0.9),
+                "idle_halves_p99_ratio": idle_halves_ratio(idle, 0.99),
+                "idle_halves_p90_ratio": idle_halves_ratio(idle, 0.9),
+                "idle_windows": len(idle), "flood_windows": len(flood)}
+
 
 async def run(args: argparse.Namespace) -> None:
     info = harness.ensure_running()
@@ -548,13 +554,15 @@ async def run(args: argparse.Namespace) -> None:
           f"interactive = GraphQL insurees at {args.probe_rate}/s; floods at {args.rate}/s, {args.duration:.0f} s "
           f"per scenario in {args.segments} windows, each after an idle window of the same length "
           f"(at most {args.max_outstanding} open); shared 2-core box, load average after each scenario.")
-    print(f"{'scenario':34} {'idle p50/p99':>12} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'p99/idle':>8} "
-          f"{'served/s':>9} {'refused':>8} {'cpu fwd':>8} {'cpu ref':>8} {'ref/fwd':>7}  {'goal':7} "
-          "load / mediator state")
+    print(f"{'scenario':34} {'idle p50/p90/p99':>16} {'p50 ms':>7} {'p90 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+          f"{'p90/idle':>8} {'p99/idle':>8} {'served/s':>9} {'refused':>8} {'cpu fwd':>8} {'cpu ref':>8} "
+          f"{'ref/fwd':>7}  {'goal':7} load / mediator state")
     for row in rows:
-        p50, p95, p99 = (_pct(row.probe.latencies_ms, q) for q in (0.5, 0.95, 0.99))
-        idle_p50, idle_p99 = (_pct(row.idle.latencies_ms, q) for q in (0.5, 0.99))
+        p50, p90, p95, p99 = (percentile(row.probe.latencies_ms, q) for q in (0.5, 0.9, 0.95, 0.99))
+        idle_p50, idle_p90, idle_p99 = (percentile(row.idle.latencies_ms, q) for q in (0.5, 0.9, 0.99))
         ratio = p99 / idle_p99 if idle_p99 else float("nan")
+        ratio_p90 = p90 / idle_p90 if idle_p90 else float("nan")
+        stats = row.statistics()
         direct = "mediator" not in row.scenario
         served = f"{row.served_per_s(direct):9.1f}"
         refused = f"{row.refusals():8d}" if not direct else f"{'':8}"
@@ -568,22 +576,30 @@ async def run(args: argparse.Namespace) -> None:
             met_cpu = row.cpu_refused_ms is None or (row.cpu_forwarded_ms is not None
                                                      and row.cpu_refused_ms <= row.cpu_forwarded_ms / 2)
             goal = "met" if met_latency and met_cpu else "NOT MET"
-        idle_cell = f"{idle_p50:.0f} / {idle_p99:.0f}"
-        print(f"{row.scenario:34} {idle_cell:>12} {p50:7.0f} {p95:7.0f} {p99:7.0f} {ratio:8.2f} {served} {refused} "
-              f"{fwd} {ref} {rel}  {goal:7} {row.load}{' / ' + row.state if row.state else ''}")
+        idle_cell = f"{idle_p50:.0f} / {idle_p90:.0f} / {idle_p99:.0f}"
+        print(f"{row.scenario:34} {idle_cell:>16} {p50:7.0f} {p90:7.0f} {p95:7.0f} {p99:7.0f} {ratio_p90:8.2f} "
+              f"{ratio:8.2f} {served} {refused} {fwd} {ref} {rel}  {goal:7} "
+              f"{row.load}{' / ' + row.state if row.state else ''}")
         extra = dict(sorted(row.flood.statuses.items()))
         print(f"{'':34} statuses {extra} reasons {dict(row.flood.reasons)} errors {row.flood.errors} "
               f"skipped {row.flood.skipped}; interactive samples {len(row.idle.latencies_ms)} idle + "
               f"{len(row.probe.latencies_ms)} flood, probe errors {row.probe.errors}")
+        (lo99, hi99), (lo90, hi90) = stats["p99_ratio_interval"], stats["p90_ratio_interval"]
+        print(f"{'':34} 90% intervals (window bootstrap, {stats['idle_windows']} idle and {stats['flood_windows']} "
+              f"flood windows): p99/idle {lo99:.2f}-{hi99:.2f}, p90/idle {lo90:.2f}-{hi90:.2f}; no flood at all, "
+              f"odd / even idle windows: p99 {stats['idle_halves_p99_ratio']:.2f}, "
+              f"p90 {stats['idle_halves_p90_ratio']:.2f}")
     if args.json:
         def relative(row: Row, timeline: list[tuple[float, float]]) -> list[tuple[float, float]]:
             return sorted((round(due - row.origin, 3), latency) for due, latency in timeline)
         Path(args.json).write_text(json.dumps([{
-            "scenario": r.scenario, "p50_ms": _pct(r.probe.latencies_ms, 0.5),
-            "p95_ms": _pct(r.probe.latencies_ms, 0.95), "samples": len(r.probe.latencies_ms),
-            "p99_ms": _pct(r.probe.latencies_ms, 0.99),
-            "idle_p50_ms": _pct(r.idle.latencies_ms, 0.5), "idle_p99_ms": _pct(r.idle.latencies_ms, 0.99),
+            "scenario": r.scenario, "p50_ms": percentile(r.probe.latencies_ms, 0.5),
+            "p95_ms": percentile(r.probe.latencies_ms, 0.95), "samples": len(r.probe.latencies_ms),
+            "p99_ms": percentile(r.probe.latencies_ms, 0.99),
+            "idle_p50_ms": percentile(r.idle.latencies_ms, 0.5), "idle_p99_ms": percentile(r.idle.latencies_ms, 0.99),
             "idle_samples": len(r.idle.latencies_ms),
+            "p90_ms": percentile(r.probe.latencies_ms, 0.9), "idle_p90_ms": percentile(r.idle.latencies_ms, 0.9),
+            **r.statistics(),
             "served_per_s": r.served_per_s("mediator" not in r.scenario), "refused": r.refusals(),
             "cpu_forwarded_ms": r.cpu_forwarded_ms, "cpu_refused_ms": r.cpu_refused_ms, "load": r.load,
             "state": r.state,
