@@ -21,8 +21,10 @@ scope cluster, the flood split between them). Each scenario alternates idle and 
 (`--segments` of each, idle first, `--duration` s of flood in all) while the interactive user is sent
 throughout; its samples are split by due time, and the flood's p99 is compared with the p99 of the
 same scenario's idle windows: this box's idle latency drifts by a quarter within minutes, so a flood
-compared with an idle phase measured minutes earlier measured the drift. Printed: interactive p50/p99
-idle and p50/p95/p99 under the flood (60 s of each: 240 samples, so a p99 is the third slowest), the
+compared with an idle phase measured minutes earlier measured the drift. Printed: interactive
+p50/p90/p99 idle and p50/p90/p95/p99 under the flood (60 s of each: 240 samples, so a p99 is the third
+slowest), each ratio to idle with a 90 % interval (a bootstrap over whole windows: bench/window_stats.py)
+and the same ratio between the odd and the even idle windows (no flood on either side), the
 API rate openIMIS served (answers from openIMIS per second of flood), refusals (429/503 by the mediator),
 mediator CPU per forwarded request (measured alone, in a closed loop of one, before each scenario) and
 per refused one (the rest of the flood windows' CPU divided by the refusals), the mediator's final
@@ -522,7 +524,7 @@ async def run(args: argparse.Namespace) -> None:
             return lambda: flood_requests(kind, lambda i: direct_base, lambda i: direct_headers)
 
         def indexed(headers: list[dict[str, str]]) -> Callable[[int], dict[str, str]]:
-            return lambda i: headers[i]
+            return lambda i: headers[i % len(headers)]   # a calibration of quick refusals outruns its list
 
         def mediator_flood(kind: str, m: Mediators, headers: list[dict[str, str]]
                            ) -> Callable[[], Callable[[int], Request]]:
