@@ -333,6 +333,11 @@ class Mediators:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.1)
+        await self.sign_in(session, vendor)
+
+    async def sign_in(self, session: aiohttp.ClientSession, vendor: Vendor) -> None:
+        """A fresh access token for the vendor: called before each scenario, since one lasts minutes and a
+        scenario of --duration 150 outlived it (every later request a 401)."""
         async with session.post(f"http://127.0.0.1:{self.ports[0]}/auth/token", data=token_form(
                 client_assertion(VENDOR, vendor.key, f"{ORIGIN}/auth/token"),
                 "system/*.read system/Claim.write system/CoverageEligibilityRequest.write")) as r:
@@ -545,6 +550,7 @@ async def run(args: argparse.Namespace) -> None:
                     await settle()
                     for kind in kinds:
                         n = int(args.rate * args.duration) + 10
+                        await mediators.sign_in(probe_session, vendor)
                         calib_headers = vendor.user_headers(int(args.calibrate * 100))
                         flood_headers = vendor.user_headers(n)
                         await scenario(f"{kind}: mediator x{count}",
