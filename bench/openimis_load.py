@@ -584,6 +584,8 @@ async def run(args: argparse.Namespace) -> None:
             met_cpu = row.cpu_refused_ms is None or (row.cpu_forwarded_ms is not None
                                                      and row.cpu_refused_ms <= row.cpu_forwarded_ms / 2)
             goal = "met" if met_latency and met_cpu else "NOT MET"
+            if row.flood.statuses[401] + row.flood.statuses[403] > 0.01 * sum(row.flood.statuses.values()):
+                goal = "INVALID"   # the bench's own credentials were refused: no flood reached openIMIS
         idle_cell = f"{idle_p50:.0f} / {idle_p90:.0f} / {idle_p99:.0f}"
         print(f"{row.scenario:34} {idle_cell:>16} {p50:7.0f} {p90:7.0f} {p95:7.0f} {p99:7.0f} {ratio_p90:8.2f} "
               f"{ratio:8.2f} {served} {refused} {fwd} {ref} {rel}  {goal:7} "
