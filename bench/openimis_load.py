@@ -258,8 +258,7 @@ class Vendor:
             claims = {"iss": f"https://sso.{VENDOR}.example", "aud": BASE, "iat": now, "exp": now + 600,
                       "preferred_username": USERS[i % len(USERS)], "roles": ["claim-admin"],
                       "hf": VENDORS[VENDOR], "jti": uuid.uuid4().hex}
-            out.append({"Authorization": f"Bearer {self.access_token}",
-                        "X-User-Token": jwt.encode({"alg": "ES256"}, claims, self.key)})
+            out.append({"X-User-Token": jwt.encode({"alg": "ES256"}, claims, self.key)})
         return out
 
 
@@ -336,8 +335,8 @@ class Mediators:
         await self.sign_in(session, vendor)
 
     async def sign_in(self, session: aiohttp.ClientSession, vendor: Vendor) -> None:
-        """A fresh access token for the vendor: called before each scenario, since one lasts minutes and a
-        scenario of --duration 150 outlived it (every later request a 401)."""
+        """A fresh access token for the vendor: called before each flood window, since one lasts 300 s and
+        a scenario of --duration 150 outlived it (every later request a 401)."""
         async with session.post(f"http://127.0.0.1:{self.ports[0]}/auth/token", data=token_form(
                 client_assertion(VENDOR, vendor.key, f"{ORIGIN}/auth/token"),
                 "system/*.read system/Claim.write system/CoverageEligibilityRequest.write")) as r:
@@ -462,6 +461,8 @@ async def run(args: argparse.Namespace) -> None:
         async def settle() -> None:
             await asyncio.sleep(3)  # openIMIS finishes what the last phase left it
 
+        vendor = Vendor()
+
         async def scenario(name: str, make: Callable[[], Callable[[int], Request]],
                            mediators: Mediators | None = None, calibrate: Callable[[int], Request] | None = None,
                            one_at_a_time: bool = False) -> None:
@@ -490,6 +491,8 @@ async def run(args: argparse.Namespace) -> None:
 
                     def shifted(i: int, offset: int = offset) -> Request:
                         return requests(i + offset)
+                    if mediators is not None:
+                        await mediators.sign_in(flood_session, vendor)
                     cpu_before = mediators.cpu() if mediators is not None else 0.0
                     start = time.monotonic()
                     if one_at_a_time:
@@ -529,7 +532,9 @@ async def run(args: argparse.Namespace) -> None:
             return lambda: flood_requests(kind, lambda i: direct_base, lambda i: direct_headers)
 
         def indexed(headers: list[dict[str, str]]) -> Callable[[int], dict[str, str]]:
-            return lambda i: headers[i % len(headers)]   # a calibration of quick refusals outruns its list
+            # The access token of the moment (renewed before every flood window: it lasts 300 s, a scenario
+            # longer); `%`: a calibration of quick refusals outruns its list.
+            return lambda i: {**headers[i % len(headers)], "Authorization": f"Bearer {vendor.access_token}"}
 
         def mediator_flood(kind: str, m: Mediators, headers: list[dict[str, str]]
                            ) -> Callable[[], Callable[[int], Request]]:
@@ -541,7 +546,6 @@ async def run(args: argparse.Namespace) -> None:
             # The best any admission control that admits claims at all can do: one claim at a time, no
             # pause between them, straight to openIMIS (a free worker is always left to the web users).
             await scenario("claims: one at a time, straight", direct_flood("claims"), one_at_a_time=True)
-        vendor = Vendor()
         with tempfile.TemporaryDirectory() as tmp:
             for count in (int(c) for c in args.instances.split(",")):
                 mediators = Mediators(count, args.channels.resolve(), direct_base, vendor, Path(tmp))
@@ -550,7 +554,6 @@ async def run(args: argparse.Namespace) -> None:
                     await settle()
                     for kind in kinds:
                         n = int(args.rate * args.duration) + 10
-                        await mediators.sign_in(probe_session, vendor)
                         calib_headers = vendor.user_headers(int(args.calibrate * 100))
                         flood_headers = vendor.user_headers(n)
                         await scenario(f"{kind}: mediator x{count}",
