@@ -2,7 +2,7 @@
 valgrind's callgrind, in one run (README "Benchmarks"): issue 18's CPU ratio without the ±15 % that CPU
 time moves by between rounds of the same code on this shared 2-core box.
 
-    .venv/bin/python bench/instructions.py [--duration 20] [--json out.json]
+    .venv/bin/python bench/instructions.py [--duration 20] [--json out.json] [--dumps DIR]
 
 Each target runs as ONE process under `valgrind --tool=callgrind --instr-atstart=no` (the bare proxy's
 worker in-process; the mediator `serve --workers 1`), behind the same fast openIMIS imitation
@@ -83,6 +83,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=20, help="seconds of counted load per target (max 120)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--dumps", type=Path,
+                        help="keep the callgrind dumps in this folder (callgrind_annotate shows where they differ)")
     args = parser.parse_args()
     if not 1 <= args.duration <= 120:
         parser.error("--duration 1..120")
@@ -148,6 +150,10 @@ def main() -> int:
               f"{row['instructions_per_request'] / bare_ipr:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+    if args.dumps:
+        args.dumps.mkdir(parents=True, exist_ok=True)
+        for dump in tmp.glob("callgrind.*.*"):
+            shutil.copy(dump, args.dumps / dump.name)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
