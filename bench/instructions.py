@@ -61,7 +61,9 @@ def counted(pid: int, out_prefix: Path) -> int:
         raise SystemExit(f"no callgrind dump of {pid}")
     text = dumps[-1].read_text(errors="replace")
     match = re.search(r"^(?:totals|summary): (\d+)", text, re.MULTILINE)
-    return int(match.group(1)) if match else 0
+    if match is None:
+        raise SystemExit(f"{dumps[-1]}: no instruction total in the dump")
+    return int(match.group(1))
 
 
 def measure(name: str, pid: int, url: str, warm: Path, mix: Path, duration: int, out_prefix: Path) -> dict[str, float]:
